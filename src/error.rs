@@ -1,0 +1,167 @@
+//! Errors: [`Error`] for what the queue and worker report to their caller, [`JobError`]
+//! for what a handler reports about one attempt.
+
+use std::time::Duration;
+
+use crate::job::{JobId, JobState};
+
+/// What went wrong talking to the queue.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The Redis URL or cluster configuration was refused, or the first connection failed.
+    #[error("cannot connect to Redis: {0}")]
+    Connect(#[source] redis::RedisError),
+    /// A command or script failed (server error, lost connection, response timeout).
+    #[error("Redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Queue names become part of every key and its hash tag.
+    #[error(
+        "invalid queue name {0:?}: it must be 1 to 128 characters without '{{', '}}', ':' or whitespace"
+    )]
+    InvalidQueueName(String),
+    /// The key prefix may not carry a hash tag of its own.
+    #[error("invalid key prefix {0:?}: it must be non-empty without '{{', '}}' or whitespace")]
+    InvalidPrefix(String),
+    /// Caller-chosen ids must be printable and short.
+    #[error("invalid job id {0:?}: it must be 1 to 256 characters without control characters")]
+    InvalidJobId(String),
+    /// A builder was given a value it cannot work with.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// The job could not be serialised to JSON.
+    #[error("cannot serialise job: {0}")]
+    Serialize(#[source] serde_json::Error),
+    /// Something stored in Redis could not be read back (a corrupt record or result).
+    #[error("corrupt data in Redis for job {id}: {reason}")]
+    Corrupt {
+        /// The job whose data is unreadable.
+        id: JobId,
+        /// What failed to parse.
+        reason: String,
+    },
+    /// A script answered with something this version does not understand.
+    #[error("unexpected reply from Redis: {0}")]
+    Protocol(String),
+    /// No job with this id exists (never enqueued, or swept after its retention).
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    /// The job did not finish within the time the caller was willing to wait.
+    #[error("timed out waiting for job {0}")]
+    WaitTimeout(JobId),
+    /// The job finished, but not with a result.
+    #[error("job {id} ended {state}{}", last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default())]
+    JobFailed {
+        /// The job.
+        id: JobId,
+        /// Its terminal state (dead, cancelled or expired).
+        state: JobState,
+        /// The last recorded error, if any.
+        last_error: Option<String>,
+    },
+}
+
+impl Error {
+    /// Whether the failure was the connection's (worth retrying the same call later),
+    /// as opposed to bad input or bad data.
+    pub fn is_connection_error(&self) -> bool {
+        match self {
+            Error::Connect(_) => true,
+            Error::Redis(e) => e.is_io_error() || e.is_timeout() || e.is_connection_dropped(),
+            _ => false,
+        }
+    }
+
+    /// Whether waiting timed out (the job may still finish).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::WaitTimeout(_))
+    }
+}
+
+/// Why one attempt of a job failed; the kind decides what happens next.
+///
+/// Retry code asks [`JobError::is_retryable`], never the message text.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JobError {
+    /// May pass on another attempt (a busy GPU, a network blip): retried while the
+    /// job has attempts left.
+    #[error("{0}")]
+    Transient(String),
+    /// Will fail again whatever we do (bad input): the job goes to the dead letters.
+    #[error("{0}")]
+    Permanent(String),
+    /// Transient, and the handler knows when to try again (a rate-limited upstream).
+    #[error("{message} (retry after {after:?})")]
+    RetryAfter {
+        /// What happened.
+        message: String,
+        /// How long to wait before the next attempt, overriding the retry policy.
+        after: Duration,
+    },
+    /// The handler stopped because its cancellation token fired.
+    #[error("cancelled")]
+    Cancelled,
+    /// The attempt outlived its timeout.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The handler panicked; the message is the panic's.
+    #[error("handler panicked: {0}")]
+    Panic(String),
+    /// The payload in Redis does not decode as the worker's job type.
+    #[error("payload does not decode: {0}")]
+    Decode(String),
+}
+
+impl JobError {
+    /// A failure that may pass on another attempt.
+    pub fn transient(message: impl std::fmt::Display) -> Self {
+        JobError::Transient(message.to_string())
+    }
+
+    /// A failure that no retry will fix.
+    pub fn permanent(message: impl std::fmt::Display) -> Self {
+        JobError::Permanent(message.to_string())
+    }
+
+    /// A transient failure with a known time to wait.
+    pub fn retry_after(message: impl std::fmt::Display, after: Duration) -> Self {
+        JobError::RetryAfter {
+            message: message.to_string(),
+            after,
+        }
+    }
+
+    /// Whether another attempt may succeed. Timeouts and panics count as transient:
+    /// both are often caused by load rather than by the job.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            JobError::Transient(_)
+                | JobError::RetryAfter { .. }
+                | JobError::Timeout(_)
+                | JobError::Panic(_)
+        )
+    }
+
+    /// The delay the handler asked for, overriding the retry policy.
+    pub fn retry_delay(&self) -> Option<Duration> {
+        match self {
+            JobError::RetryAfter { after, .. } => Some(*after),
+            _ => None,
+        }
+    }
+
+    /// A short stable name for the kind, stored with the error history.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JobError::Transient(_) => "transient",
+            JobError::Permanent(_) => "permanent",
+            JobError::RetryAfter { .. } => "retry_after",
+            JobError::Cancelled => "cancelled",
+            JobError::Timeout(_) => "timeout",
+            JobError::Panic(_) => "panic",
+            JobError::Decode(_) => "decode",
+        }
+    }
+}

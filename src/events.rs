@@ -1,0 +1,233 @@
+//! Job events: every transition appends one entry to the queue's capped stream, so a
+//! listener that joins late can still read what it missed, and `wait_result` is woken
+//! by Redis instead of polling.
+
+use std::time::{Duration, SystemTime};
+
+use redis::Value;
+use redis::streams::{StreamReadOptions, StreamReadReply};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
+use crate::job::{JobId, ms_to_time};
+use crate::redis::{Conn, Connector};
+
+/// What happened to a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// Ready for a worker (enqueued, or a delay or retry came due).
+    Queued,
+    /// Enqueued with a delay.
+    Scheduled,
+    /// A worker started an attempt; `data` is the worker id.
+    Active,
+    /// The handler reported progress; `data` is the percentage.
+    Progress,
+    /// Finished with a result.
+    Completed,
+    /// An attempt failed and another is scheduled; `data` is the error.
+    Retrying,
+    /// The worker's lease ran out and the job went back to ready; `data` says why.
+    Stalled,
+    /// A stopping worker handed the job back.
+    Released,
+    /// Cancellation of an active job was requested.
+    Cancelling,
+    /// Cancelled.
+    Cancelled,
+    /// Not started within its time-to-live.
+    Expired,
+    /// Failed for good; `data` is the reason.
+    Dead,
+    /// An event this version does not know (written by a newer one).
+    Other(String),
+}
+
+impl EventKind {
+    fn parse(s: &str) -> Self {
+        match s {
+            "queued" => EventKind::Queued,
+            "scheduled" => EventKind::Scheduled,
+            "active" => EventKind::Active,
+            "progress" => EventKind::Progress,
+            "completed" => EventKind::Completed,
+            "retrying" => EventKind::Retrying,
+            "stalled" => EventKind::Stalled,
+            "released" => EventKind::Released,
+            "cancelling" => EventKind::Cancelling,
+            "cancelled" => EventKind::Cancelled,
+            "expired" => EventKind::Expired,
+            "dead" => EventKind::Dead,
+            other => EventKind::Other(other.to_owned()),
+        }
+    }
+
+    /// Whether the job reached a terminal state with this event.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            EventKind::Completed | EventKind::Cancelled | EventKind::Expired | EventKind::Dead
+        )
+    }
+}
+
+/// One entry of a queue's event stream.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct JobEvent {
+    /// The stream entry id: pass it back to read from here on.
+    pub stream_id: String,
+    /// What happened.
+    pub kind: EventKind,
+    /// To which job.
+    pub job_id: JobId,
+    /// When.
+    pub at: SystemTime,
+    /// Detail that depends on the kind (worker id, progress, error message).
+    pub data: Option<String>,
+}
+
+impl JobEvent {
+    fn from_entry(
+        stream_id: String,
+        map: &std::collections::HashMap<String, Value>,
+    ) -> Option<Self> {
+        let text = |k: &str| {
+            map.get(k)
+                .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+        };
+        Some(JobEvent {
+            kind: EventKind::parse(&text("type")?),
+            job_id: JobId::from_stored(text("id")?),
+            at: ms_to_time(text("at").and_then(|s| s.parse().ok()).unwrap_or(0)),
+            data: text("data"),
+            stream_id,
+        })
+    }
+}
+
+/// A live subscription to a queue's events.
+///
+/// Events are fanned out from one stream reader per [`Queue`](crate::Queue) value, so
+/// a thousand waiting API requests cost one Redis connection, not a thousand.
+#[derive(Debug)]
+pub struct EventStream {
+    rx: broadcast::Receiver<JobEvent>,
+    missed: u64,
+}
+
+impl EventStream {
+    /// The next event; `None` once the queue is dropped. A subscriber that falls more
+    /// than the buffer behind skips ahead (see [`EventStream::missed`]).
+    pub async fn recv(&mut self) -> Option<JobEvent> {
+        loop {
+            match self.rx.recv().await {
+                Ok(event) => return Some(event),
+                Err(broadcast::error::RecvError::Lagged(n)) => self.missed += n,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// Events skipped because this subscriber was too slow.
+    pub fn missed(&self) -> u64 {
+        self.missed
+    }
+
+    pub(crate) fn raw(&mut self) -> &mut broadcast::Receiver<JobEvent> {
+        &mut self.rx
+    }
+}
+
+/// The one stream reader of a queue value.
+#[derive(Debug)]
+pub(crate) struct EventHub {
+    tx: broadcast::Sender<JobEvent>,
+    stop: CancellationToken,
+}
+
+impl Drop for EventHub {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl EventHub {
+    /// Starts reading at the stream's current end. The position is fixed before this
+    /// returns, so any event appended afterwards reaches every later subscriber.
+    pub(crate) async fn start(connector: &Connector, key: String) -> Result<Self, Error> {
+        let mut conn = connector.connect_blocking().await?;
+        let last = last_id(&mut conn, &key).await?;
+        let (tx, _) = broadcast::channel(4096);
+        let stop = CancellationToken::new();
+        tokio::spawn(read_loop(conn, key, last, tx.clone(), stop.clone()));
+        Ok(EventHub { tx, stop })
+    }
+
+    pub(crate) fn subscribe(&self) -> EventStream {
+        EventStream {
+            rx: self.tx.subscribe(),
+            missed: 0,
+        }
+    }
+}
+
+async fn last_id(conn: &mut Conn, key: &str) -> Result<String, Error> {
+    let entries: Vec<(String, Value)> = redis::cmd("XREVRANGE")
+        .arg(key)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    Ok(entries
+        .into_iter()
+        .next()
+        .map(|(id, _)| id)
+        .unwrap_or_else(|| "0-0".to_owned()))
+}
+
+async fn read_loop(
+    mut conn: Conn,
+    key: String,
+    mut last: String,
+    tx: broadcast::Sender<JobEvent>,
+    stop: CancellationToken,
+) {
+    let opts = StreamReadOptions::default().block(2_000).count(512);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg(&opts).arg("STREAMS").arg(&key).arg(&last);
+        let read = cmd.query_async(&mut conn);
+        let reply: Result<Option<StreamReadReply>, _> = tokio::select! {
+            _ = stop.cancelled() => return,
+            reply = read => reply,
+        };
+        match reply {
+            Ok(reply) => {
+                backoff = Duration::from_millis(50);
+                for stream in reply.map(|r| r.keys).unwrap_or_default() {
+                    for entry in stream.ids {
+                        last.clone_from(&entry.id);
+                        if let Some(event) = JobEvent::from_entry(entry.id, &entry.map) {
+                            // No subscriber is fine: events are also kept in Redis.
+                            let _ = tx.send(event);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, stream = %key, "reading job events failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

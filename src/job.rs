@@ -1,0 +1,445 @@
+//! What a job is: its id, state, priority, per-job options, and the record Redis keeps.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::error::Error;
+
+/// A job's id: generated (UUID v7, so ids sort by creation time) or chosen by the caller.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(String);
+
+impl JobId {
+    /// A fresh, time-ordered id.
+    pub fn generate() -> Self {
+        JobId(uuid::Uuid::now_v7().to_string())
+    }
+
+    /// A caller-chosen id: 1 to 256 characters, no control characters.
+    pub fn new(id: impl Into<String>) -> Result<Self, Error> {
+        let id = id.into();
+        if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
+            return Err(Error::InvalidJobId(id));
+        }
+        Ok(JobId(id))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Internal: an id read back from Redis, which only ever stores valid ids.
+    pub(crate) fn from_stored(id: String) -> Self {
+        JobId(id)
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for JobId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for JobId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        JobId::new(s)
+    }
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum JobState {
+    /// Waiting for its run-at time (a delay or a retry).
+    Scheduled,
+    /// Ready for a worker.
+    Queued,
+    /// A worker holds its lease and runs it.
+    Active,
+    /// Finished with a result.
+    Completed,
+    /// Failed for good (permanent error, attempts spent, undecodable); in the dead letters.
+    Dead,
+    /// Cancelled by a caller.
+    Cancelled,
+    /// Not started before its time-to-live ran out.
+    Expired,
+}
+
+impl JobState {
+    /// Whether the job will not change state again (unless requeued from the dead letters).
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Completed | JobState::Dead | JobState::Cancelled | JobState::Expired
+        )
+    }
+
+    /// The lowercase name used in Redis and in events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Scheduled => "scheduled",
+            JobState::Queued => "queued",
+            JobState::Active => "active",
+            JobState::Completed => "completed",
+            JobState::Dead => "dead",
+            JobState::Cancelled => "cancelled",
+            JobState::Expired => "expired",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "scheduled" => JobState::Scheduled,
+            "queued" => JobState::Queued,
+            "active" => JobState::Active,
+            "completed" => JobState::Completed,
+            "dead" => JobState::Dead,
+            "cancelled" => JobState::Cancelled,
+            "expired" => JobState::Expired,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Priority within a queue: strict (every high job before any normal one), FIFO within
+/// a level.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Priority {
+    /// Runs before everything else (interactive requests).
+    High,
+    /// The default.
+    #[default]
+    Normal,
+    /// Runs when nothing else waits (batch work).
+    Low,
+}
+
+impl Priority {
+    /// All levels, highest first.
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    /// The level's rank in the ready set: lower runs first.
+    pub(crate) fn rank(self) -> u8 {
+        match self {
+            Priority::High => 0,
+            Priority::Normal => 1,
+            Priority::Low => 2,
+        }
+    }
+
+    pub(crate) fn from_rank(rank: u8) -> Self {
+        match rank {
+            0 => Priority::High,
+            2 => Priority::Low,
+            _ => Priority::Normal,
+        }
+    }
+}
+
+/// Options for one job, set at enqueue. Unset options take the queue's defaults.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct JobOptions {
+    /// Caller-chosen id: enqueueing the same id twice yields one job.
+    pub id: Option<JobId>,
+    /// Priority level.
+    pub priority: Priority,
+    /// Earliest start (absolute). Set by `delay` or `run_at`.
+    pub run_at: Option<SystemTime>,
+    /// Attempts before the job is dead (1 = no retry); unset, the worker's
+    /// [`RetryPolicy`](crate::RetryPolicy) decides.
+    pub max_attempts: Option<u32>,
+    /// How long one attempt may run.
+    pub timeout: Option<Duration>,
+    /// A job not started within this time (from enqueue) ends `Expired`.
+    pub ttl: Option<Duration>,
+    /// How long the result and the finished record are kept.
+    pub result_ttl: Option<Duration>,
+}
+
+impl JobOptions {
+    /// Default options.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Uses a caller-chosen id.
+    pub fn id(mut self, id: JobId) -> Self {
+        self.id = Some(id);
+        self
+    }
+
+    /// Sets the priority.
+    pub fn priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Starts the job no sooner than `delay` from now.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.run_at = Some(SystemTime::now() + delay);
+        self
+    }
+
+    /// Starts the job no sooner than `at`.
+    pub fn run_at(mut self, at: SystemTime) -> Self {
+        self.run_at = Some(at);
+        self
+    }
+
+    /// Attempts before the job is dead (at least 1).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = Some(attempts.max(1));
+        self
+    }
+
+    /// How long one attempt may run.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// A job not started within `ttl` of enqueue ends `Expired` instead of running late.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// How long the result is kept after the job finishes.
+    pub fn result_ttl(mut self, ttl: Duration) -> Self {
+        self.result_ttl = Some(ttl);
+        self
+    }
+}
+
+/// One failed attempt, as stored with the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct AttemptError {
+    /// Which attempt failed (1-based).
+    pub attempt: u32,
+    /// When, in ms since the Unix epoch.
+    pub at: u64,
+    /// The error's kind (`transient`, `permanent`, `timeout`, `panic`, `stalled`, ...).
+    pub kind: String,
+    /// The error's message.
+    pub message: String,
+}
+
+/// The record Redis keeps for each job (JSON in the queue's `jobs` hash). Lua reads and
+/// writes it with cjson, which is why empty lists may come back as `{}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct JobRecord {
+    #[serde(default)]
+    pub(crate) id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) state: Option<String>,
+    pub(crate) pri: u8,
+    #[serde(default)]
+    pub(crate) attempts: u32,
+    /// 0 until set per job or by the first worker's retry policy.
+    #[serde(default)]
+    pub(crate) max_attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) created_at: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) run_at: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) expires_at: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) started_at: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) finished_at: u64,
+    pub(crate) result_ttl_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) progress: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) worker: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "list_or_empty_object",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub(crate) errors: Vec<AttemptError>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) cancel: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) result: bool,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// cjson has one empty table, which it writes as `{}`: accept it as an empty list.
+fn list_or_empty_object<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<AttemptError>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrMap {
+        List(Vec<AttemptError>),
+        Map(serde_json::Map<String, serde_json::Value>),
+    }
+    match ListOrMap::deserialize(d)? {
+        ListOrMap::List(list) => Ok(list),
+        ListOrMap::Map(map) if map.is_empty() => Ok(Vec::new()),
+        ListOrMap::Map(_) => Err(serde::de::Error::custom("errors: expected a list")),
+    }
+}
+
+impl JobRecord {
+    pub(crate) fn parse(id: &str, raw: &[u8]) -> Result<Self, Error> {
+        serde_json::from_slice(raw).map_err(|e| Error::Corrupt {
+            id: JobId::from_stored(id.to_owned()),
+            reason: e.to_string(),
+        })
+    }
+
+    pub(crate) fn status(&self) -> Result<JobStatus, Error> {
+        let state = self
+            .state
+            .as_deref()
+            .and_then(JobState::parse)
+            .ok_or_else(|| Error::Corrupt {
+                id: JobId::from_stored(self.id.clone()),
+                reason: format!("unknown state {:?}", self.state),
+            })?;
+        Ok(JobStatus {
+            id: JobId::from_stored(self.id.clone()),
+            state,
+            priority: Priority::from_rank(self.pri),
+            attempts: self.attempts,
+            max_attempts: (self.max_attempts > 0).then_some(self.max_attempts),
+            progress: self.progress,
+            created_at: ms_to_time(self.created_at),
+            run_at: opt_time(self.run_at),
+            started_at: opt_time(self.started_at),
+            finished_at: opt_time(self.finished_at),
+            expires_at: opt_time(self.expires_at),
+            worker: self.worker.clone(),
+            errors: self.errors.clone(),
+            reason: self.reason.clone(),
+            cancel_requested: self.cancel,
+            has_result: self.result,
+        })
+    }
+}
+
+/// A snapshot of one job, as `Queue::status` returns it.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct JobStatus {
+    /// The job.
+    pub id: JobId,
+    /// Its state.
+    pub state: JobState,
+    /// Its priority.
+    pub priority: Priority,
+    /// Attempts started so far.
+    pub attempts: u32,
+    /// Attempts allowed: set per job, or by the retry policy of the first worker that
+    /// claimed it (`None` until then).
+    pub max_attempts: Option<u32>,
+    /// Progress the handler reported, 0 to 100.
+    pub progress: Option<f32>,
+    /// When it was enqueued.
+    pub created_at: SystemTime,
+    /// When it may start (delayed jobs and retries).
+    pub run_at: Option<SystemTime>,
+    /// When its latest attempt started.
+    pub started_at: Option<SystemTime>,
+    /// When it reached a terminal state.
+    pub finished_at: Option<SystemTime>,
+    /// When it expires if not started.
+    pub expires_at: Option<SystemTime>,
+    /// The worker of its latest attempt.
+    pub worker: Option<String>,
+    /// Every failed attempt, oldest first.
+    pub errors: Vec<AttemptError>,
+    /// Why it is dead, when it is.
+    pub reason: Option<String>,
+    /// A cancellation was requested while it ran.
+    pub cancel_requested: bool,
+    /// A result is stored.
+    pub has_result: bool,
+}
+
+impl JobStatus {
+    /// The most recent error, if any attempt failed.
+    pub fn last_error(&self) -> Option<&AttemptError> {
+        self.errors.last()
+    }
+}
+
+/// Milliseconds since the Unix epoch: the clock every script receives.
+pub(crate) fn now_ms() -> u64 {
+    time_to_ms(SystemTime::now())
+}
+
+pub(crate) fn time_to_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn ms_to_time(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+fn opt_time(ms: u64) -> Option<SystemTime> {
+    (ms > 0).then(|| ms_to_time(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_written_by_cjson_parse() {
+        let raw = br#"{"id":"a","state":"queued","pri":1,"attempts":0,"max_attempts":3,"result_ttl_ms":1000,"errors":{},"seq":7}"#;
+        let rec = JobRecord::parse("a", raw).unwrap();
+        assert!(rec.errors.is_empty());
+        assert_eq!(rec.status().unwrap().state, JobState::Queued);
+    }
+
+    #[test]
+    fn caller_ids_are_checked() {
+        assert!(JobId::new("").is_err());
+        assert!(JobId::new("a\nb").is_err());
+        assert!(JobId::new("x".repeat(257)).is_err());
+        assert_eq!(JobId::new("tts:42").unwrap().as_str(), "tts:42");
+    }
+
+    #[test]
+    fn generated_ids_sort_by_time() {
+        let a = JobId::generate();
+        let b = JobId::generate();
+        assert!(a < b);
+    }
+}

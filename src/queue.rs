@@ -1,0 +1,571 @@
+//! The producer's side: [`Queue`] enqueues jobs and answers for them (status, results,
+//! cancellation, statistics). Workers take a `Queue` too: it is the handle to one
+//! queue's keys, connection and scripts.
+
+use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use redis::{FromRedisValue, Script, ScriptInvocation};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::OnceCell;
+
+use crate::error::Error;
+use crate::events::{EventHub, EventStream};
+use crate::job::{JobId, JobOptions, JobRecord, JobState, JobStatus, Priority, now_ms, time_to_ms};
+use crate::redis::{Conn, Connector, Keys, Scripts};
+
+/// Jobs per enqueue script call: big batches stay one call each of bounded size.
+const BULK_CHUNK: usize = 500;
+/// A worker is counted live when it heartbeat within this window.
+pub(crate) const LIVE_WINDOW: Duration = Duration::from_secs(15);
+
+/// Settings shared by every producer and worker of one queue value.
+#[derive(Debug, Clone)]
+pub(crate) struct QueueConfig {
+    pub(crate) result_ttl: Duration,
+    pub(crate) events_max: u64,
+}
+
+/// What one queue value shares with its clones and its workers.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) name: String,
+    pub(crate) keys: Keys,
+    pub(crate) conn: Conn,
+    pub(crate) connector: Connector,
+    pub(crate) scripts: Scripts,
+    pub(crate) config: QueueConfig,
+    hub: OnceCell<EventHub>,
+}
+
+impl Shared {
+    /// A script call with the queue's keys, the clock and the stream cap already given.
+    pub(crate) fn invocation<'a>(&self, script: &'a Script, now: u64) -> ScriptInvocation<'a> {
+        let mut inv = script.prepare_invoke();
+        for key in self.keys.all() {
+            inv.key(key);
+        }
+        inv.arg(now).arg(self.config.events_max);
+        inv
+    }
+
+    pub(crate) async fn invoke<T: FromRedisValue>(
+        &self,
+        inv: &ScriptInvocation<'_>,
+    ) -> Result<T, Error> {
+        Ok(inv.invoke_async(&mut self.conn.clone()).await?)
+    }
+
+    async fn hub(&self) -> Result<&EventHub, Error> {
+        self.hub
+            .get_or_try_init(|| EventHub::start(&self.connector, self.keys.events().to_owned()))
+            .await
+    }
+}
+
+/// A handle to one named queue of jobs of type `J`. Cheap to clone.
+///
+/// `J` is any serde type; it is stored as JSON, so producers and workers in different
+/// programs (or versions) only need to agree on its JSON form.
+pub struct Queue<J> {
+    shared: Arc<Shared>,
+    _job: PhantomData<fn() -> J>,
+}
+
+impl<J> Clone for Queue<J> {
+    fn clone(&self) -> Self {
+        Queue {
+            shared: self.shared.clone(),
+            _job: PhantomData,
+        }
+    }
+}
+
+impl<J> std::fmt::Debug for Queue<J> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("name", &self.shared.name)
+            .field("keys", &self.shared.keys.base())
+            .finish()
+    }
+}
+
+/// Builds a [`Queue`] with non-default settings.
+pub struct QueueBuilder<J> {
+    _job: PhantomData<fn() -> J>,
+    name: String,
+    prefix: String,
+    connector: Option<Connector>,
+    url: Option<String>,
+    config: QueueConfig,
+}
+
+impl<J> std::fmt::Debug for QueueBuilder<J> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueBuilder")
+            .field("name", &self.name)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl<J> QueueBuilder<J> {
+    /// The Redis server, by URL (`redis://`, `rediss://` for TLS, credentials in the URL).
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// The Redis deployment (single node or cluster), already configured.
+    pub fn connector(mut self, connector: Connector) -> Self {
+        self.connector = Some(connector);
+        self
+    }
+
+    /// The key prefix (default `vq`), so several applications can share one Redis.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long results and finished records are kept by default (default 24 h).
+    pub fn result_ttl(mut self, ttl: Duration) -> Self {
+        self.config.result_ttl = ttl;
+        self
+    }
+
+    /// Approximate cap on the event stream's length (default 10 000).
+    pub fn events_max(mut self, len: u64) -> Self {
+        self.config.events_max = len.max(1);
+        self
+    }
+
+    /// Connects. Fails on a bad name or URL, or if Redis does not answer.
+    pub async fn connect(self) -> Result<Queue<J>, Error> {
+        let keys = Keys::new(&self.prefix, &self.name)?;
+        let connector = match (self.connector, self.url) {
+            (Some(c), _) => c,
+            (None, Some(url)) => Connector::single(&url)?,
+            (None, None) => {
+                return Err(Error::InvalidConfig(
+                    "no Redis URL or connector given".into(),
+                ));
+            }
+        };
+        let conn = connector.connect().await?;
+        Ok(Queue {
+            shared: Arc::new(Shared {
+                name: self.name,
+                keys,
+                conn,
+                connector,
+                scripts: Scripts::get(),
+                config: self.config,
+                hub: OnceCell::new(),
+            }),
+            _job: PhantomData,
+        })
+    }
+}
+
+/// What `enqueue` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Enqueued {
+    /// The job that will produce the result.
+    pub id: JobId,
+    /// `Some` when no job was created because one already existed (same caller-chosen
+    /// id): the id of that job.
+    pub duplicate_of: Option<JobId>,
+    /// The job's state after the call.
+    pub state: JobState,
+}
+
+/// How a cancel request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CancelOutcome {
+    /// The job was waiting and is now `Cancelled`.
+    Cancelled,
+    /// The job is running; its handler's token fires on the worker's next heartbeat
+    /// and the job ends `Cancelled`.
+    Requested,
+    /// The job had already finished in this state; nothing changed.
+    AlreadyFinished(JobState),
+}
+
+/// Counts for one queue, read from Redis.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueStats {
+    /// Ready to run.
+    pub queued: u64,
+    /// Waiting for a delay or retry.
+    pub scheduled: u64,
+    /// Being run.
+    pub active: u64,
+    /// In the dead letters.
+    pub dead: u64,
+    /// Ready jobs per priority, highest first.
+    pub queued_by_priority: Vec<(Priority, u64)>,
+    /// Workers that heartbeat recently.
+    pub workers: u64,
+    /// Monotonic totals since the queue was created: `enqueued`, `completed`, `failed`
+    /// (attempts), `retried`, `dead`, `cancelled`, `expired`, `stalled`.
+    pub totals: HashMap<String, u64>,
+}
+
+impl<J> Queue<J> {
+    /// Connects to the queue `name` on the Redis at `url` with default settings.
+    pub async fn connect(url: &str, name: &str) -> Result<Self, Error> {
+        Self::builder(name).url(url).connect().await
+    }
+
+    /// A builder for the queue `name`.
+    pub fn builder(name: impl Into<String>) -> QueueBuilder<J> {
+        QueueBuilder {
+            _job: PhantomData,
+            name: name.into(),
+            prefix: "vq".to_owned(),
+            connector: None,
+            url: None,
+            config: QueueConfig {
+                result_ttl: Duration::from_secs(86_400),
+                events_max: 10_000,
+            },
+        }
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The state of a job.
+    pub async fn status(&self, id: &JobId) -> Result<JobStatus, Error> {
+        let raw: Option<Vec<u8>> = redis::cmd("HGET")
+            .arg(self.shared.keys.jobs())
+            .arg(id.as_str())
+            .query_async(&mut self.shared.conn.clone())
+            .await?;
+        let raw = raw.ok_or_else(|| Error::NotFound(id.clone()))?;
+        JobRecord::parse(id.as_str(), &raw)?.status()
+    }
+
+    /// The stored result of a completed job, as the bytes the worker wrote.
+    pub async fn result_bytes(&self, id: &JobId) -> Result<Option<Vec<u8>>, Error> {
+        Ok(redis::cmd("HGET")
+            .arg(self.shared.keys.results())
+            .arg(id.as_str())
+            .query_async(&mut self.shared.conn.clone())
+            .await?)
+    }
+
+    /// The result of a completed job, decoded as `R`.
+    pub async fn result<R: DeserializeOwned>(&self, id: &JobId) -> Result<Option<R>, Error> {
+        match self.result_bytes(id).await? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::Corrupt {
+                    id: id.clone(),
+                    reason: format!("result: {e}"),
+                }),
+        }
+    }
+
+    /// Waits for the job to finish and returns its result, woken by the job's events
+    /// (no polling). Fails with [`Error::JobFailed`] if it ends dead, cancelled or
+    /// expired, and [`Error::WaitTimeout`] if it is still running after `timeout`.
+    pub async fn wait_result<R: DeserializeOwned>(
+        &self,
+        id: &JobId,
+        timeout: Duration,
+    ) -> Result<R, Error> {
+        let status = self.wait(id, timeout).await?;
+        if status.state != JobState::Completed {
+            return Err(Error::JobFailed {
+                id: id.clone(),
+                state: status.state,
+                last_error: status
+                    .reason
+                    .clone()
+                    .or_else(|| status.last_error().map(|e| e.message.clone())),
+            });
+        }
+        self.result(id).await?.ok_or_else(|| Error::Corrupt {
+            id: id.clone(),
+            reason: "completed without a stored result".into(),
+        })
+    }
+
+    /// Waits until the job reaches a terminal state and returns its final status.
+    pub async fn wait(&self, id: &JobId, timeout: Duration) -> Result<JobStatus, Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Subscribe before reading the state: an event that lands in between is then
+        // either seen by the read or delivered to us.
+        let mut events = self.events().await?;
+        loop {
+            let status = self.status(id).await?;
+            if status.state.is_terminal() {
+                return Ok(status);
+            }
+            loop {
+                match tokio::time::timeout_at(deadline, events.raw().recv()).await {
+                    Err(_) => return Err(Error::WaitTimeout(id.clone())),
+                    Ok(Ok(event)) if &event.job_id == id && event.kind.is_terminal() => break,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
+                        return Err(Error::Protocol("event reader stopped".into()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Subscribes to this queue's events from now on.
+    pub async fn events(&self) -> Result<EventStream, Error> {
+        Ok(self.shared.hub().await?.subscribe())
+    }
+
+    /// Cancels a job: at once if it waits, through its handler's token if it runs.
+    pub async fn cancel(&self, id: &JobId) -> Result<CancelOutcome, Error> {
+        let mut inv = self.shared.invocation(self.shared.scripts.cancel, now_ms());
+        inv.arg(id.as_str());
+        let outcome: String = self.shared.invoke(&inv).await?;
+        match outcome.as_str() {
+            "cancelled" => Ok(CancelOutcome::Cancelled),
+            "requested" => Ok(CancelOutcome::Requested),
+            "missing" => Err(Error::NotFound(id.clone())),
+            other => other
+                .strip_prefix("was:")
+                .and_then(JobState::parse)
+                .map(CancelOutcome::AlreadyFinished)
+                .ok_or_else(|| Error::Protocol(format!("cancel answered {other:?}"))),
+        }
+    }
+
+    /// Counts by state and priority, live workers and lifetime totals.
+    pub async fn stats(&self) -> Result<QueueStats, Error> {
+        let k = &self.shared.keys;
+        let mut pipe = redis::pipe();
+        pipe.zcard(k.ready())
+            .zcard(k.scheduled())
+            .zcard(k.active())
+            .zcard(k.dead());
+        for p in Priority::ALL {
+            let lo = u64::from(p.rank()) * 10_000_000_000_000;
+            pipe.zcount(k.ready(), lo, format!("({}", lo + 10_000_000_000_000));
+        }
+        let live_since = now_ms().saturating_sub(LIVE_WINDOW.as_millis() as u64);
+        pipe.zcount(k.workers(), live_since, "+inf")
+            .hgetall(k.stats());
+        type Reply = (u64, u64, u64, u64, u64, u64, u64, u64, HashMap<String, u64>);
+        let (queued, scheduled, active, dead, high, normal, low, workers, totals): Reply =
+            pipe.query_async(&mut self.shared.conn.clone()).await?;
+        Ok(QueueStats {
+            queued,
+            scheduled,
+            active,
+            dead,
+            queued_by_priority: vec![
+                (Priority::High, high),
+                (Priority::Normal, normal),
+                (Priority::Low, low),
+            ],
+            workers,
+            totals,
+        })
+    }
+}
+
+impl<J: Serialize> Queue<J> {
+    /// Enqueues a job; chain options before awaiting:
+    /// `queue.enqueue(job).priority(Priority::High).delay(d).await?`.
+    pub fn enqueue(&self, job: J) -> Enqueue<'_, J> {
+        Enqueue {
+            queue: self,
+            job,
+            options: JobOptions::default(),
+        }
+    }
+
+    /// Enqueues many jobs with default options in one round trip per 500 jobs.
+    pub async fn enqueue_bulk(
+        &self,
+        jobs: impl IntoIterator<Item = J>,
+    ) -> Result<Vec<Enqueued>, Error> {
+        self.enqueue_bulk_with(jobs.into_iter().map(|j| (j, JobOptions::default())))
+            .await
+    }
+
+    /// Enqueues many jobs, each with its options, in one round trip per 500 jobs.
+    /// Each chunk is atomic: all of its jobs are stored, or none.
+    pub async fn enqueue_bulk_with(
+        &self,
+        jobs: impl IntoIterator<Item = (J, JobOptions)>,
+    ) -> Result<Vec<Enqueued>, Error> {
+        let now = now_ms();
+        let prepared = jobs
+            .into_iter()
+            .map(|(job, opts)| self.prepare(&job, &opts, now))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = Vec::with_capacity(prepared.len());
+        for chunk in prepared.chunks(BULK_CHUNK) {
+            out.extend(self.store(chunk, now).await?);
+        }
+        Ok(out)
+    }
+
+    fn prepare(&self, job: &J, opts: &JobOptions, now: u64) -> Result<Prepared, Error> {
+        let payload = serde_json::to_vec(job).map_err(Error::Serialize)?;
+        let id = opts.id.clone().unwrap_or_else(JobId::generate);
+        let record = JobRecord {
+            pri: opts.priority.rank(),
+            max_attempts: opts.max_attempts.unwrap_or(0),
+            timeout_ms: opts.timeout.map(|d| d.as_millis() as u64),
+            run_at: opts.run_at.map(time_to_ms).unwrap_or(0),
+            expires_at: opts.ttl.map(|t| now + t.as_millis() as u64).unwrap_or(0),
+            result_ttl_ms: opts
+                .result_ttl
+                .unwrap_or(self.shared.config.result_ttl)
+                .as_millis() as u64,
+            ..JobRecord::default()
+        };
+        let record = serde_json::to_string(&record).map_err(Error::Serialize)?;
+        Ok(Prepared {
+            id,
+            record,
+            payload,
+        })
+    }
+
+    async fn store(&self, jobs: &[Prepared], now: u64) -> Result<Vec<Enqueued>, Error> {
+        let mut inv = self.shared.invocation(self.shared.scripts.enqueue, now);
+        inv.arg(jobs.len());
+        for job in jobs {
+            inv.arg(job.id.as_str()).arg(&job.record).arg(&job.payload);
+        }
+        let reply: Vec<(String, u8, String)> = self.shared.invoke(&inv).await?;
+        reply
+            .into_iter()
+            .map(|(id, created, state)| {
+                let id = JobId::from_stored(id);
+                let state = JobState::parse(&state)
+                    .ok_or_else(|| Error::Protocol(format!("state {state:?}")))?;
+                Ok(Enqueued {
+                    duplicate_of: (created == 0).then(|| id.clone()),
+                    id,
+                    state,
+                })
+            })
+            .collect()
+    }
+}
+
+struct Prepared {
+    id: JobId,
+    record: String,
+    payload: Vec<u8>,
+}
+
+/// A pending enqueue; set options, then `.await` it.
+#[must_use = "an enqueue does nothing until awaited"]
+pub struct Enqueue<'q, J> {
+    queue: &'q Queue<J>,
+    job: J,
+    options: JobOptions,
+}
+
+impl<J> std::fmt::Debug for Enqueue<'_, J> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enqueue")
+            .field("queue", &self.queue.name())
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+impl<J> Enqueue<'_, J> {
+    /// Replaces all options at once.
+    pub fn options(mut self, options: JobOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Uses a caller-chosen id: a second enqueue with the same id returns the first job.
+    pub fn id(mut self, id: JobId) -> Self {
+        self.options.id = Some(id);
+        self
+    }
+
+    /// Sets the priority.
+    pub fn priority(mut self, priority: Priority) -> Self {
+        self.options.priority = priority;
+        self
+    }
+
+    /// Starts the job no sooner than `delay` from now.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.options = self.options.delay(delay);
+        self
+    }
+
+    /// Starts the job no sooner than `at`.
+    pub fn run_at(mut self, at: SystemTime) -> Self {
+        self.options.run_at = Some(at);
+        self
+    }
+
+    /// Attempts before the job is dead.
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.options = self.options.max_attempts(attempts);
+        self
+    }
+
+    /// How long one attempt may run.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.options.timeout = Some(timeout);
+        self
+    }
+
+    /// A job not started within `ttl` ends `Expired`.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.options.ttl = Some(ttl);
+        self
+    }
+
+    /// How long the result is kept.
+    pub fn result_ttl(mut self, ttl: Duration) -> Self {
+        self.options.result_ttl = Some(ttl);
+        self
+    }
+}
+
+impl<'q, J: Serialize + Send + Sync + 'q> IntoFuture for Enqueue<'q, J> {
+    type Output = Result<Enqueued, Error>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'q>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let now = now_ms();
+            let prepared = self.queue.prepare(&self.job, &self.options, now)?;
+            let mut out = self
+                .queue
+                .store(std::slice::from_ref(&prepared), now)
+                .await?;
+            out.pop()
+                .ok_or_else(|| Error::Protocol("enqueue returned nothing".into()))
+        })
+    }
+}

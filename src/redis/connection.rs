@@ -1,0 +1,163 @@
+//! Connections: one node (plain or TLS through a `rediss://` URL) or a cluster, behind
+//! one type so every other module is written once.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Client, Cmd, Pipeline, RedisFuture, Value};
+
+use crate::error::Error;
+
+/// Long enough for a script over a large queue, short enough to notice a dead server.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the queue's Redis is: one server or a cluster.
+///
+/// A `rediss://` URL gives TLS (rustls); a password or an ACL user goes in the URL
+/// (`redis://user:secret@host:6379/0`).
+#[derive(Debug, Clone)]
+pub struct Connector {
+    kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+// Built once per queue: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Kind {
+    Single(Client),
+    Cluster(ClusterClient),
+}
+
+impl Connector {
+    /// One Redis server (or a proxy) at `url`.
+    pub fn single(url: &str) -> Result<Self, Error> {
+        let client = Client::open(url).map_err(Error::Connect)?;
+        Ok(Self {
+            kind: Kind::Single(client),
+        })
+    }
+
+    /// A Redis Cluster reached through any of `urls`.
+    ///
+    /// Every key of one queue lives in one slot (the queue name is the hash tag), so
+    /// queues spread over the cluster's nodes and each script still runs on one node.
+    pub fn cluster<I, S>(urls: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let nodes: Vec<String> = urls.into_iter().map(|u| u.as_ref().to_owned()).collect();
+        let client = ClusterClient::builder(nodes)
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .build()
+            .map_err(Error::Connect)?;
+        Ok(Self {
+            kind: Kind::Cluster(client),
+        })
+    }
+
+    /// Whether this is a cluster (blocking on several queues then needs one wait each).
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self.kind, Kind::Cluster(_))
+    }
+
+    /// A shared, reconnecting connection for ordinary commands and scripts.
+    pub(crate) async fn connect(&self) -> Result<Conn, Error> {
+        match &self.kind {
+            Kind::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_number_of_retries(6)
+                    .set_max_delay(Duration::from_secs(2));
+                let manager = client
+                    .get_connection_manager_with_config(config)
+                    .await
+                    .map_err(Error::Connect)?;
+                Ok(Conn::Single(manager))
+            }
+            Kind::Cluster(client) => Ok(Conn::Cluster(
+                client
+                    .get_async_connection()
+                    .await
+                    .map_err(Error::Connect)?,
+            )),
+        }
+    }
+
+    /// A connection of its own for blocking commands (BLPOP, XREAD BLOCK), which would
+    /// stall every other caller of a shared multiplexed connection.
+    pub(crate) async fn connect_blocking(&self) -> Result<Conn, Error> {
+        match &self.kind {
+            Kind::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(None)
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_number_of_retries(6)
+                    .set_max_delay(Duration::from_secs(2));
+                let manager = client
+                    .get_connection_manager_with_config(config)
+                    .await
+                    .map_err(Error::Connect)?;
+                Ok(Conn::Single(manager))
+            }
+            Kind::Cluster(client) => {
+                // Blocking commands wait at most a few seconds by our own timeouts.
+                let config = ClusterConfig::new().set_response_timeout(Duration::from_secs(3600));
+                let conn = client
+                    .get_async_connection_with_config(config)
+                    .await
+                    .map_err(Error::Connect)?;
+                Ok(Conn::Cluster(conn))
+            }
+        }
+    }
+}
+
+/// A live connection of either kind.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Conn::Single(_) => f.write_str("Conn::Single"),
+            Conn::Cluster(_) => f.write_str("Conn::Cluster"),
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}

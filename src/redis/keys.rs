@@ -1,0 +1,127 @@
+//! The key layout of one queue.
+//!
+//! Every key of a queue carries the queue name as its hash tag, `<prefix>:{<queue>}:...`,
+//! so each script touches one slot and the same code runs on Redis Cluster.
+
+use crate::error::Error;
+
+/// The keys of one queue, in the order every script receives them (see `lua/common.lua`).
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    base: String,
+    all: [String; 14],
+}
+
+const NAMES: [&str; 14] = [
+    "jobs",
+    "payloads",
+    "results",
+    "leases",
+    "ready",
+    "scheduled",
+    "active",
+    "dead",
+    "finished",
+    "events",
+    "wake",
+    "workers",
+    "seq",
+    "stats",
+];
+
+impl Keys {
+    /// Builds the layout after checking the names: a `{`, `}` or `:` in a queue name
+    /// would break the hash tag or make two queues' keys collide.
+    pub(crate) fn new(prefix: &str, queue: &str) -> Result<Self, Error> {
+        validate_queue_name(queue)?;
+        if prefix.is_empty()
+            || prefix.contains(['{', '}'])
+            || prefix.chars().any(char::is_whitespace)
+        {
+            return Err(Error::InvalidPrefix(prefix.to_owned()));
+        }
+        let base = format!("{prefix}:{{{queue}}}");
+        let all = NAMES.map(|name| format!("{base}:{name}"));
+        Ok(Self { base, all })
+    }
+
+    /// All keys, for a script invocation.
+    pub(crate) fn all(&self) -> &[String; 14] {
+        &self.all
+    }
+
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub(crate) fn jobs(&self) -> &str {
+        &self.all[0]
+    }
+    pub(crate) fn results(&self) -> &str {
+        &self.all[2]
+    }
+    pub(crate) fn ready(&self) -> &str {
+        &self.all[4]
+    }
+    pub(crate) fn scheduled(&self) -> &str {
+        &self.all[5]
+    }
+    pub(crate) fn active(&self) -> &str {
+        &self.all[6]
+    }
+    pub(crate) fn dead(&self) -> &str {
+        &self.all[7]
+    }
+    pub(crate) fn events(&self) -> &str {
+        &self.all[9]
+    }
+    pub(crate) fn wake(&self) -> &str {
+        &self.all[10]
+    }
+    pub(crate) fn workers(&self) -> &str {
+        &self.all[11]
+    }
+    pub(crate) fn stats(&self) -> &str {
+        &self.all[13]
+    }
+}
+
+/// Checks a queue name: non-empty, at most 128 characters, and none of `{`, `}`, `:`
+/// or whitespace.
+pub(crate) fn validate_queue_name(name: &str) -> Result<(), Error> {
+    let bad = name.is_empty()
+        || name.len() > 128
+        || name
+            .chars()
+            .any(|c| matches!(c, '{' | '}' | ':') || c.is_whitespace() || c.is_control());
+    if bad {
+        return Err(Error::InvalidQueueName(name.to_owned()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_the_queue_hash_tag() {
+        let keys = Keys::new("vq", "synthesis").unwrap();
+        assert_eq!(keys.jobs(), "vq:{synthesis}:jobs");
+        assert!(keys.all().iter().all(|k| k.starts_with("vq:{synthesis}:")));
+    }
+
+    #[test]
+    fn bad_queue_names_are_rejected() {
+        for name in ["", "a{b", "a}b", "a:b", "a b", &"x".repeat(129)] {
+            assert!(
+                matches!(Keys::new("vq", name), Err(Error::InvalidQueueName(_))),
+                "{name}"
+            );
+        }
+        assert!(matches!(
+            Keys::new("v{q", "ok"),
+            Err(Error::InvalidPrefix(_))
+        ));
+    }
+}

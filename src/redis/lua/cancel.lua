@@ -1,0 +1,28 @@
+-- cancel: a waiting job is cancelled at once; an active one is flagged, its worker
+-- sees the flag on its next heartbeat and cancels the handler's token.
+-- KEYS: the queue's 14 keys (see common.lua)
+-- ARGV[1] now ms, ARGV[2] events max, ARGV[3] id
+-- Returns: 'cancelled', 'requested' (active), 'missing', or 'was:<state>' for a job
+-- that had already finished
+local id = ARGV[3]
+local job = load(id)
+if not job then
+  return 'missing'
+end
+if job.state == 'queued' then
+  redis.call('ZREM', K_READY, id)
+  finish(job, 'cancelled')
+  return 'cancelled'
+elseif job.state == 'scheduled' then
+  redis.call('ZREM', K_SCHEDULED, id)
+  finish(job, 'cancelled')
+  return 'cancelled'
+elseif job.state == 'active' then
+  if not job.cancel then
+    job.cancel = true
+    save(job)
+    emit('cancelling', id)
+  end
+  return 'requested'
+end
+return 'was:' .. job.state

@@ -1,0 +1,232 @@
+-- Shared prelude, prepended to every transition script at compile time.
+--
+-- Every script receives the same KEYS, all under one hash tag, so every call touches
+-- one slot and no key is ever built inside a script (managed clusters and Dragonfly
+-- refuse undeclared keys):
+--   KEYS[1]  jobs       hash   id -> job record (JSON)
+--   KEYS[2]  payloads   hash   id -> payload bytes (never decoded here)
+--   KEYS[3]  results    hash   id -> result bytes
+--   KEYS[4]  leases     hash   id -> lease token of the claim that owns it
+--   KEYS[5]  ready      zset   score = priority rank * 1e13 + sequence
+--   KEYS[6]  scheduled  zset   score = run-at ms
+--   KEYS[7]  active     zset   score = lease deadline ms
+--   KEYS[8]  dead       zset   score = time of death ms
+--   KEYS[9]  finished   zset   score = ms at which the finished record is swept
+--   KEYS[10] events     stream capped job events
+--   KEYS[11] wake       list   one token per enqueue, for blocked workers
+--   KEYS[12] workers    zset   worker id -> last heartbeat ms
+--   KEYS[13] seq        string sequence for FIFO order and lease tokens
+--   KEYS[14] stats      hash   monotonic counters
+-- ARGV[1] now (ms, from the caller's clock so tests control time)
+-- ARGV[2] maximum length of the events stream
+-- ARGV[3..] script specific (see each script's header)
+
+local K_JOBS, K_PAYLOADS, K_RESULTS, K_LEASES = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_READY, K_SCHEDULED, K_ACTIVE, K_DEAD = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_FINISHED, K_EVENTS, K_WAKE, K_WORKERS = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local K_SEQ, K_STATS = KEYS[13], KEYS[14]
+
+local NOW = tonumber(ARGV[1])
+local EVENTS_MAX = tonumber(ARGV[2])
+local PRI_SPAN = 10000000000000 -- 1e13 sequence numbers per priority level
+local WAKE_MAX = 1000           -- more tokens than this wake nobody new
+
+-- Integers as Redis wants them: tostring() of a large double gives 1e+13 notation.
+local function int(n)
+  return string.format('%.0f', n)
+end
+
+local function load(id)
+  local raw = redis.call('HGET', K_JOBS, id)
+  if not raw then
+    return nil
+  end
+  return cjson.decode(raw)
+end
+
+local function save(job)
+  redis.call('HSET', K_JOBS, job.id, cjson.encode(job))
+end
+
+local function emit(kind, id, data)
+  if data then
+    redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAX, '*',
+      'type', kind, 'id', id, 'at', int(NOW), 'data', data)
+  else
+    redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAX, '*',
+      'type', kind, 'id', id, 'at', int(NOW))
+  end
+end
+
+local function count(field, n)
+  redis.call('HINCRBY', K_STATS, field, n or 1)
+end
+
+local function wake(n)
+  for _ = 1, math.min(n, WAKE_MAX) do
+    redis.call('RPUSH', K_WAKE, '1')
+  end
+  redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
+end
+
+-- Puts a job in the ready set. A job keeps its sequence number when it comes back
+-- from a dead worker or a shutdown, so it does not lose its place in line.
+local function push_ready(job, fresh_seq)
+  if fresh_seq or not job.seq then
+    job.seq = redis.call('INCR', K_SEQ)
+  end
+  job.state = 'queued'
+  redis.call('ZADD', K_READY, int(job.pri * PRI_SPAN + job.seq), job.id)
+end
+
+local function release_lease(id)
+  redis.call('HDEL', K_LEASES, id)
+  redis.call('ZREM', K_ACTIVE, id)
+end
+
+-- Terminal states other than dead: kept for the result TTL, then swept.
+local function finish(job, state)
+  job.state = state
+  job.finished_at = NOW
+  job.cancel = nil
+  release_lease(job.id)
+  redis.call('ZADD', K_FINISHED, int(NOW + (job.result_ttl_ms or 86400000)), job.id)
+  save(job)
+  count(state)
+  emit(state, job.id)
+end
+
+local function bury(job, reason)
+  job.state = 'dead'
+  job.finished_at = NOW
+  job.reason = reason
+  job.cancel = nil
+  release_lease(job.id)
+  redis.call('ZADD', K_DEAD, int(NOW), job.id)
+  save(job)
+  count('dead')
+  emit('dead', job.id, reason)
+end
+
+local function record_error(job, kind, message)
+  if type(job.errors) ~= 'table' then
+    job.errors = {}
+  end
+  table.insert(job.errors, { attempt = job.attempts or 0, at = NOW, kind = kind, message = message })
+end
+
+-- Deletes finished records whose retention has passed; bounded so no call is slow.
+local function sweep(limit)
+  local ids = redis.call('ZRANGEBYSCORE', K_FINISHED, '-inf', int(NOW), 'LIMIT', 0, limit)
+  for _, id in ipairs(ids) do
+    redis.call('HDEL', K_JOBS, id)
+    redis.call('HDEL', K_PAYLOADS, id)
+    redis.call('HDEL', K_RESULTS, id)
+    redis.call('ZREM', K_FINISHED, id)
+  end
+end
+
+-- Moves due scheduled jobs (delays and retries) to ready.
+local function promote(limit)
+  local ids = redis.call('ZRANGEBYSCORE', K_SCHEDULED, '-inf', int(NOW), 'LIMIT', 0, limit)
+  for _, id in ipairs(ids) do
+    redis.call('ZREM', K_SCHEDULED, id)
+    local job = load(id)
+    if job then
+      push_ready(job, true)
+      save(job)
+      emit('queued', id)
+    end
+  end
+end
+
+-- Jobs whose lease passed: their worker died or lost Redis. They go back to ready
+-- (keeping their place) or, with attempts spent, to the dead letters.
+local function recover(limit)
+  local ids = redis.call('ZRANGEBYSCORE', K_ACTIVE, '-inf', int(NOW), 'LIMIT', 0, limit)
+  for _, id in ipairs(ids) do
+    local job = load(id)
+    if not job then
+      release_lease(id)
+    else
+      local message = 'lease expired: worker ' .. tostring(job.worker) .. ' stopped heartbeating'
+      record_error(job, 'stalled', message)
+      count('stalled')
+      if job.cancel then
+        finish(job, 'cancelled')
+      elseif (job.attempts or 0) >= (job.max_attempts or 1) then
+        bury(job, message)
+      else
+        release_lease(id)
+        push_ready(job, false)
+        save(job)
+        emit('stalled', id, message)
+        wake(1)
+      end
+    end
+  end
+end
+
+-- Claims up to n ready jobs for a worker (jobs without their own max_attempts take
+-- default_attempts): promotes due jobs and recovers dead
+-- workers' jobs first, so any live worker keeps the queue healthy.
+-- Returns a flat list: next wake-up ms (or -1), then id, token, record, payload per job.
+local function claim(worker, n, lease_ms, default_attempts)
+  promote(1000)
+  recover(100)
+  redis.call('ZADD', K_WORKERS, int(NOW), worker)
+  local out = {}
+  local claimed = 0
+  local guard = 0
+  while claimed < n and guard < n + 1000 do
+    guard = guard + 1
+    local popped = redis.call('ZPOPMIN', K_READY, 1)
+    if #popped == 0 then
+      break
+    end
+    local id = popped[1]
+    local job = load(id)
+    if job then
+      if job.expires_at and job.expires_at > 0 and NOW > job.expires_at then
+        finish(job, 'expired')
+      else
+        if not job.max_attempts or job.max_attempts == 0 then
+          -- Not set per job: the claiming worker's retry policy decides.
+          job.max_attempts = default_attempts
+        end
+        job.attempts = (job.attempts or 0) + 1
+        job.state = 'active'
+        job.started_at = NOW
+        job.worker = worker
+        local token = tostring(redis.call('INCR', K_SEQ))
+        redis.call('HSET', K_LEASES, id, token)
+        redis.call('ZADD', K_ACTIVE, int(NOW + lease_ms), id)
+        local raw = cjson.encode(job)
+        redis.call('HSET', K_JOBS, id, raw)
+        emit('active', id, worker)
+        table.insert(out, id)
+        table.insert(out, token)
+        table.insert(out, raw)
+        table.insert(out, redis.call('HGET', K_PAYLOADS, id) or '')
+        claimed = claimed + 1
+      end
+    end
+  end
+  sweep(20)
+  local next_wake = -1
+  local first = redis.call('ZRANGE', K_SCHEDULED, 0, 0, 'WITHSCORES')
+  if #first > 0 then
+    next_wake = tonumber(first[2])
+  end
+  first = redis.call('ZRANGE', K_ACTIVE, 0, 0, 'WITHSCORES')
+  if #first > 0 and (next_wake < 0 or tonumber(first[2]) < next_wake) then
+    next_wake = tonumber(first[2])
+  end
+  table.insert(out, 1, next_wake)
+  return out
+end
+
+-- The lease check every transition of an active job starts with.
+local function owned(id, token)
+  return redis.call('HGET', K_LEASES, id) == token
+end

@@ -1,0 +1,17 @@
+-- progress: records how far an active job has got, for status() and listeners.
+-- KEYS: the queue's 14 keys (see common.lua)
+-- ARGV[1] now ms, ARGV[2] events max
+-- ARGV[3] id, ARGV[4] lease token, ARGV[5] progress (0 to 100)
+-- Returns: 1, or 0 when the lease is lost
+local id, token = ARGV[3], ARGV[4]
+if not owned(id, token) then
+  return 0
+end
+local job = load(id)
+if not job then
+  return 0
+end
+job.progress = tonumber(ARGV[5])
+save(job)
+emit('progress', id, ARGV[5])
+return 1

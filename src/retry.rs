@@ -1,0 +1,242 @@
+//! When to try a failed job again: a pure function of the attempt number, so a retry
+//! schedule can be tested exactly and stored as data (`scheduled` in Redis).
+
+use std::hash::{BuildHasher, RandomState};
+use std::time::Duration;
+
+/// How delays grow between attempts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum Backoff {
+    /// The same delay every time.
+    Fixed(Duration),
+    /// `base * factor^(attempt - 1)`, capped by [`RetryPolicy::max_delay`].
+    Exponential {
+        /// The first delay.
+        base: Duration,
+        /// Growth per attempt.
+        factor: f64,
+    },
+}
+
+/// How randomness spreads retries so failed jobs do not come back in a herd.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum Jitter {
+    /// Exact delays.
+    None,
+    /// The delay times a random factor in `[1 - f, 1 + f]`.
+    Proportional(f64),
+    /// A random delay between zero and the computed one ("full jitter").
+    Full,
+}
+
+/// Retry policy: how many attempts a job gets and how long to wait between them.
+///
+/// ```
+/// use std::time::Duration;
+/// use voxqueue::RetryPolicy;
+///
+/// let policy = RetryPolicy::exponential(Duration::from_secs(2)).max_attempts(4).seed(7);
+/// assert_eq!(policy.next_delay(1), Some(Duration::from_secs(2)));
+/// assert_eq!(policy.next_delay(2), Some(Duration::from_secs(4)));
+/// assert_eq!(policy.next_delay(3), Some(Duration::from_secs(8)));
+/// assert_eq!(policy.next_delay(4), None); // the fourth attempt was the last
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    backoff: Backoff,
+    max_attempts: u32,
+    max_delay: Duration,
+    jitter: Jitter,
+    seed: Option<u64>,
+    entropy: u64,
+}
+
+impl Default for RetryPolicy {
+    /// Three attempts, exponential from one second, capped at ten minutes, ±20 % jitter.
+    fn default() -> Self {
+        RetryPolicy::exponential(Duration::from_secs(1))
+            .max_attempts(3)
+            .jitter(0.2)
+    }
+}
+
+impl RetryPolicy {
+    fn with_backoff(backoff: Backoff) -> Self {
+        RetryPolicy {
+            backoff,
+            max_attempts: 3,
+            max_delay: Duration::from_secs(600),
+            jitter: Jitter::None,
+            seed: None,
+            entropy: RandomState::new().hash_one(0u8),
+        }
+    }
+
+    /// The same delay before every retry.
+    pub fn fixed(delay: Duration) -> Self {
+        Self::with_backoff(Backoff::Fixed(delay))
+    }
+
+    /// Doubling delays from `base`.
+    pub fn exponential(base: Duration) -> Self {
+        Self::with_backoff(Backoff::Exponential { base, factor: 2.0 })
+    }
+
+    /// No retries: the first failure is final.
+    pub fn none() -> Self {
+        Self::fixed(Duration::ZERO).max_attempts(1)
+    }
+
+    /// Growth factor of an exponential policy (ignored by a fixed one).
+    pub fn factor(mut self, factor: f64) -> Self {
+        if let Backoff::Exponential { base, .. } = self.backoff {
+            self.backoff = Backoff::Exponential {
+                base,
+                factor: factor.max(1.0),
+            };
+        }
+        self
+    }
+
+    /// Total attempts, the first included (at least 1).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// The longest delay, before jitter.
+    pub fn max_delay(mut self, cap: Duration) -> Self {
+        self.max_delay = cap;
+        self
+    }
+
+    /// Proportional jitter: each delay is multiplied by a random factor in
+    /// `[1 - fraction, 1 + fraction]` (`fraction` clamped to `0..=1`).
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.jitter = if fraction > 0.0 {
+            Jitter::Proportional(fraction.min(1.0))
+        } else {
+            Jitter::None
+        };
+        self
+    }
+
+    /// Full jitter: each delay is random between zero and the computed delay.
+    pub fn full_jitter(mut self) -> Self {
+        self.jitter = Jitter::Full;
+        self
+    }
+
+    /// Makes jitter deterministic: the same seed gives the same schedule.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Attempts allowed.
+    pub fn attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// The delay before the attempt after `attempt` (1-based) failed, or `None` when
+    /// `attempt` was the last one allowed.
+    pub fn next_delay(&self, attempt: u32) -> Option<Duration> {
+        if attempt >= self.max_attempts {
+            return None;
+        }
+        Some(self.delay_for(attempt))
+    }
+
+    /// The delay after a failed `attempt`, ignoring the attempt limit (used when a
+    /// job's own `max_attempts` overrides the policy's).
+    pub fn delay_for(&self, attempt: u32) -> Duration {
+        let attempt = attempt.max(1);
+        let raw = match self.backoff {
+            Backoff::Fixed(d) => d.as_secs_f64(),
+            Backoff::Exponential { base, factor } => {
+                base.as_secs_f64() * factor.powi(attempt.saturating_sub(1).min(1000) as i32)
+            }
+        };
+        let capped = raw.min(self.max_delay.as_secs_f64());
+        let unit = self.unit(attempt);
+        let jittered = match self.jitter {
+            Jitter::None => capped,
+            Jitter::Proportional(f) => capped * (1.0 - f + 2.0 * f * unit),
+            Jitter::Full => capped * unit,
+        };
+        Duration::try_from_secs_f64(jittered.max(0.0)).unwrap_or(self.max_delay)
+    }
+
+    /// A uniform number in `[0, 1)` for this attempt: from the seed when set, else from
+    /// per-policy entropy mixed with the attempt.
+    fn unit(&self, attempt: u32) -> f64 {
+        let seed = self.seed.unwrap_or(self.entropy);
+        let mut z = seed ^ (u64::from(attempt)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // splitmix64 finaliser: a well-mixed 64-bit value from any input.
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_delays_are_constant_until_attempts_run_out() {
+        let p = RetryPolicy::fixed(Duration::from_millis(500)).max_attempts(3);
+        assert_eq!(p.next_delay(1), Some(Duration::from_millis(500)));
+        assert_eq!(p.next_delay(2), Some(Duration::from_millis(500)));
+        assert_eq!(p.next_delay(3), None);
+    }
+
+    #[test]
+    fn exponential_delays_grow_and_are_capped() {
+        let p = RetryPolicy::exponential(Duration::from_secs(1))
+            .factor(3.0)
+            .max_attempts(10)
+            .max_delay(Duration::from_secs(20));
+        let delays: Vec<_> = (1..6).map(|a| p.next_delay(a).unwrap().as_secs()).collect();
+        assert_eq!(delays, vec![1, 3, 9, 20, 20]);
+    }
+
+    #[test]
+    fn seeded_jitter_is_exact_and_within_bounds() {
+        let p = RetryPolicy::exponential(Duration::from_secs(10))
+            .max_attempts(5)
+            .jitter(0.2)
+            .seed(42);
+        let q = p.clone();
+        for attempt in 1..5 {
+            let d = p.next_delay(attempt).unwrap();
+            assert_eq!(Some(d), q.next_delay(attempt));
+            let nominal = 10.0 * 2f64.powi(attempt as i32 - 1);
+            assert!(d.as_secs_f64() >= nominal * 0.8 && d.as_secs_f64() <= nominal * 1.2);
+        }
+        let other = RetryPolicy::exponential(Duration::from_secs(10))
+            .max_attempts(5)
+            .jitter(0.2)
+            .seed(43);
+        assert_ne!(p.next_delay(1), other.next_delay(1));
+    }
+
+    #[test]
+    fn full_jitter_stays_below_the_nominal_delay() {
+        let p = RetryPolicy::fixed(Duration::from_secs(4))
+            .max_attempts(100)
+            .full_jitter()
+            .seed(1);
+        for attempt in 1..100 {
+            assert!(p.next_delay(attempt).unwrap() < Duration::from_secs(4));
+        }
+    }
+
+    #[test]
+    fn none_never_retries() {
+        assert_eq!(RetryPolicy::none().next_delay(1), None);
+    }
+}

@@ -1,0 +1,170 @@
+//! Claims and acknowledgements: the worker's side of the transition scripts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use redis::Value;
+
+use crate::error::{Error, JobError};
+use crate::job::{JobId, JobRecord, now_ms};
+use crate::queue::Shared;
+
+/// A job handed to this worker under a lease.
+#[derive(Debug)]
+pub(crate) struct Claimed {
+    pub(crate) queue: usize,
+    pub(crate) id: JobId,
+    pub(crate) token: String,
+    pub(crate) record: Result<JobRecord, Error>,
+    pub(crate) payload: Vec<u8>,
+}
+
+/// What the worker passes with every claim.
+#[derive(Debug, Clone)]
+pub(crate) struct ClaimArgs {
+    pub(crate) worker_id: String,
+    pub(crate) lease: Duration,
+    pub(crate) default_attempts: u32,
+}
+
+/// The reply of a claim: jobs, and when the queue next needs a look (a scheduled job
+/// comes due or a lease runs out), in ms since the epoch.
+#[derive(Debug, Default)]
+pub(crate) struct Claim {
+    pub(crate) jobs: Vec<Claimed>,
+    pub(crate) next_wake: Option<u64>,
+}
+
+pub(crate) async fn claim(
+    shared: &Shared,
+    queue: usize,
+    n: usize,
+    args: &ClaimArgs,
+) -> Result<Claim, Error> {
+    let mut inv = shared.invocation(shared.scripts.claim, now_ms());
+    inv.arg(&args.worker_id)
+        .arg(n)
+        .arg(args.lease.as_millis() as u64)
+        .arg(args.default_attempts);
+    let reply: Value = shared.invoke(&inv).await?;
+    parse_claim(queue, reply)
+}
+
+fn bytes(v: Value) -> Result<Vec<u8>, Error> {
+    redis::from_redis_value(v).map_err(|e| Error::Protocol(format!("claim reply: {e}")))
+}
+
+pub(crate) fn parse_claim(queue: usize, reply: Value) -> Result<Claim, Error> {
+    let Value::Array(items) = reply else {
+        return Err(Error::Protocol(format!(
+            "claim reply is not a list: {reply:?}"
+        )));
+    };
+    let mut items = items.into_iter();
+    let next_wake: i64 = match items.next() {
+        Some(v) => {
+            redis::from_redis_value(v).map_err(|e| Error::Protocol(format!("claim reply: {e}")))?
+        }
+        None => return Err(Error::Protocol("empty claim reply".into())),
+    };
+    let mut jobs = Vec::new();
+    while let Some(id) = items.next() {
+        let (Some(token), Some(record), Some(payload)) = (items.next(), items.next(), items.next())
+        else {
+            return Err(Error::Protocol("truncated claim reply".into()));
+        };
+        let id = String::from_utf8_lossy(&bytes(id)?).into_owned();
+        let token = String::from_utf8_lossy(&bytes(token)?).into_owned();
+        let record = JobRecord::parse(&id, &bytes(record)?);
+        jobs.push(Claimed {
+            queue,
+            id: JobId::from_stored(id),
+            token,
+            record,
+            payload: bytes(payload)?,
+        });
+    }
+    Ok(Claim {
+        jobs,
+        next_wake: (next_wake >= 0).then_some(next_wake as u64),
+    })
+}
+
+/// How an attempt ended, as the worker reports it to Redis.
+#[derive(Debug)]
+pub(crate) enum Report {
+    Completed(Vec<u8>),
+    Failed {
+        error: JobError,
+        retry_at: Option<u64>,
+    },
+}
+
+/// What Redis did with a report, and the next jobs it handed over.
+#[derive(Debug)]
+pub(crate) struct Acked {
+    pub(crate) outcome: String,
+    pub(crate) next: Claim,
+}
+
+/// Sends a report, retried with backoff through short Redis outages: a report that
+/// never arrives costs a whole re-run after the lease expires.
+pub(crate) async fn report(
+    shared: &Arc<Shared>,
+    job: &Claimed,
+    report: &Report,
+    claim_next: usize,
+    args: &ClaimArgs,
+) -> Result<Acked, Error> {
+    let send = || async {
+        let now = now_ms();
+        let inv = match report {
+            Report::Completed(result) => {
+                let mut inv = shared.invocation(shared.scripts.complete, now);
+                inv.arg(job.id.as_str())
+                    .arg(&job.token)
+                    .arg(result.as_slice());
+                inv
+            }
+            Report::Failed { error, retry_at } => {
+                let mut inv = shared.invocation(shared.scripts.fail, now);
+                inv.arg(job.id.as_str())
+                    .arg(&job.token)
+                    .arg(error.kind())
+                    .arg(error.to_string())
+                    .arg(retry_at.unwrap_or(0));
+                inv
+            }
+        };
+        let mut inv = inv;
+        inv.arg(&args.worker_id)
+            .arg(claim_next)
+            .arg(args.lease.as_millis() as u64)
+            .arg(args.default_attempts);
+        let (outcome, next): (String, Value) = shared.invoke(&inv).await?;
+        Ok::<_, Error>(Acked {
+            outcome,
+            next: parse_claim(job.queue, next)?,
+        })
+    };
+    send.retry(backoff()).when(Error::is_connection_error).await
+}
+
+/// Hands a job back to ready (shutdown), retried like a report.
+pub(crate) async fn release(shared: &Arc<Shared>, job: &Claimed) -> Result<String, Error> {
+    let send = || async {
+        let mut inv = shared.invocation(shared.scripts.release, now_ms());
+        inv.arg(job.id.as_str()).arg(&job.token);
+        shared.invoke::<String>(&inv).await
+    };
+    send.retry(backoff()).when(Error::is_connection_error).await
+}
+
+fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(8)
+        .with_jitter()
+}

@@ -1,0 +1,168 @@
+//! Leases and heartbeats: the worker renews every lease it holds from a thread of its
+//! own, so no amount of compute in a handler (or a starved async runtime) lets a live
+//! job's lease lapse, and jobs of a dead worker are recovered within one lease.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::job::{JobId, now_ms};
+use crate::queue::Shared;
+use crate::redis::Conn;
+
+/// A job this worker runs, as the heartbeat sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct Held {
+    pub(crate) token: String,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) lost: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The jobs a worker holds, keyed by (queue index, job id).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Registry {
+    inner: Arc<Mutex<HashMap<(usize, JobId), Held>>>,
+}
+
+impl Registry {
+    pub(crate) fn insert(&self, queue: usize, id: JobId, held: Held) {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((queue, id), held);
+    }
+
+    pub(crate) fn remove(&self, queue: usize, id: &JobId) {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(queue, id.clone()));
+    }
+
+    fn snapshot(&self, queue: usize) -> Vec<(JobId, Held)> {
+        let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        map.iter()
+            .filter(|((q, _), _)| *q == queue)
+            .map(|((_, id), h)| (id.clone(), h.clone()))
+            .collect()
+    }
+
+    fn get(&self, queue: usize, id: &JobId) -> Option<Held> {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(queue, id.clone()))
+            .cloned()
+    }
+}
+
+/// The heartbeat thread.
+#[derive(Debug)]
+pub(crate) struct Heartbeat {
+    stop: CancellationToken,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    pub(crate) fn start(
+        queues: Vec<Arc<Shared>>,
+        registry: Registry,
+        worker_id: String,
+        lease: Duration,
+        every: Duration,
+    ) -> std::io::Result<Self> {
+        let stop = CancellationToken::new();
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new().name("voxqueue-heartbeat".into()).spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "heartbeat runtime failed to start; leases will lapse");
+                    return;
+                }
+            };
+            runtime.block_on(beat(queues, registry, worker_id, lease, every, stop2));
+        })?;
+        Ok(Heartbeat {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread and waits for it, off the async runtime.
+    pub(crate) async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn beat(
+    queues: Vec<Arc<Shared>>,
+    registry: Registry,
+    worker_id: String,
+    lease: Duration,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    // Connections of this thread's own runtime: the shared ones are driven by the
+    // main runtime, which a busy handler may starve.
+    let mut conns: Vec<Option<Conn>> = vec![None; queues.len()];
+    loop {
+        for (index, queue) in queues.iter().enumerate() {
+            if conns[index].is_none() {
+                match queue.connector.connect().await {
+                    Ok(c) => conns[index] = Some(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, queue = %queue.name, "heartbeat cannot connect");
+                        continue;
+                    }
+                }
+            }
+            let Some(conn) = conns[index].as_mut() else {
+                continue;
+            };
+            let held = registry.snapshot(index);
+            let mut inv = queue.invocation(queue.scripts.heartbeat, now_ms());
+            inv.arg(&worker_id).arg(lease.as_millis() as u64);
+            for (id, h) in &held {
+                inv.arg(id.as_str()).arg(&h.token);
+            }
+            let reply: Result<(Vec<String>, Vec<String>), _> = inv.invoke_async(conn).await;
+            match reply {
+                Ok((lost, cancel)) => {
+                    for id in lost {
+                        let id = JobId::from_stored(id);
+                        if let Some(h) = registry.get(index, &id) {
+                            tracing::warn!(job = %id, queue = %queue.name, "lease lost; stopping the handler");
+                            h.lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                            h.cancel.cancel();
+                        }
+                    }
+                    for id in cancel {
+                        if let Some(h) = registry.get(index, &JobId::from_stored(id)) {
+                            h.cancel.cancel();
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, queue = %queue.name, "heartbeat failed; will retry")
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}

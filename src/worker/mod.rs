@@ -1,0 +1,466 @@
+//! The consumer's side: a [`Worker`] claims jobs from one or more queues, runs them
+//! through a [`Handler`] under leases it renews, reports outcomes, recovers jobs of
+//! dead workers, and shuts down without losing any.
+//!
+//! # Layout
+//! - `handler`: the [`Handler`] trait and the [`JobContext`] an attempt gets
+//! - `claim`: claims and reports (the worker's side of the scripts)
+//! - `run`: one job's attempt: timeout, panic, cancellation, hand-back
+//! - `lease`: the heartbeat thread that renews leases
+
+mod claim;
+mod handler;
+mod lease;
+mod run;
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use handler::{Handler, HandlerFn, JobContext, handler_fn};
+
+use crate::error::Error;
+use crate::job::now_ms;
+use crate::queue::{Queue, Shared};
+use crate::redis::Conn;
+use crate::retry::RetryPolicy;
+use claim::{Claim, ClaimArgs};
+use lease::{Heartbeat, Registry};
+use run::Runner;
+
+/// The longest an idle worker blocks before looking again, whatever it was told.
+const MAX_IDLE_WAIT: Duration = Duration::from_secs(5);
+
+/// How a worker with several queues picks among them.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum QueueOrder {
+    /// The first queue with a ready job wins: later queues run only when earlier ones
+    /// are empty.
+    Strict,
+    /// Each queue gets a share of claims proportional to its weight (smooth weighted
+    /// round robin: deterministic, no starvation).
+    Weighted(Vec<u32>),
+}
+
+/// Worker settings.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerConfig {
+    pub(crate) concurrency: usize,
+    pub(crate) lease: Duration,
+    pub(crate) heartbeat: Duration,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) cancel_grace: Duration,
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) order: QueueOrder,
+    pub(crate) id: String,
+}
+
+/// Builds a [`Worker`]; see [`Worker::builder`].
+#[derive(Debug)]
+pub struct WorkerBuilder<J> {
+    queues: Vec<Queue<J>>,
+    config: WorkerConfig,
+}
+
+impl<J> WorkerBuilder<J> {
+    /// Adds a queue, after those already given (its place matters in strict order).
+    pub fn queue(mut self, queue: Queue<J>) -> Self {
+        self.queues.push(queue);
+        self
+    }
+
+    /// How to pick among several queues (default strict).
+    pub fn order(mut self, order: QueueOrder) -> Self {
+        self.config.order = order;
+        self
+    }
+
+    /// Jobs run at once (default 1: one GPU job at a time).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.config.concurrency = n.max(1);
+        self
+    }
+
+    /// Lease length (default 30 s): a job whose worker dies runs again within about
+    /// this long. Leases are renewed every `lease / 3` (at most every 5 s) unless
+    /// [`WorkerBuilder::heartbeat`] says otherwise.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.config.lease = lease.max(Duration::from_millis(100));
+        self.config.heartbeat = (self.config.lease / 3).min(Duration::from_secs(5));
+        self
+    }
+
+    /// How often leases are renewed and cancellations noticed (default `lease / 3`,
+    /// at most 5 s).
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.config.heartbeat = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Default time limit of one attempt, for jobs that set none (default none).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.config.timeout = Some(timeout);
+        self
+    }
+
+    /// How long a handler asked to stop (timeout, cancel) gets before it is dropped
+    /// (default 5 s).
+    pub fn cancel_grace(mut self, grace: Duration) -> Self {
+        self.config.cancel_grace = grace;
+        self
+    }
+
+    /// How long running jobs may finish after shutdown begins before they are handed
+    /// back to the queue (default 30 s).
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.config.shutdown_grace = grace;
+        self
+    }
+
+    /// Retry policy for jobs that do not set their own attempts (default
+    /// [`RetryPolicy::default`]).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.retry = policy;
+        self
+    }
+
+    /// The worker's id in Redis (default: host-independent random id).
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.config.id = id.into();
+        self
+    }
+
+    /// Finishes the worker with its handler.
+    pub fn build<H: Handler<J>>(self, handler: H) -> Worker<J, H> {
+        Worker {
+            queues: self.queues,
+            config: self.config,
+            handler: Arc::new(handler),
+            _job: PhantomData,
+        }
+    }
+}
+
+/// A worker: claims jobs and runs them through its handler until told to stop.
+pub struct Worker<J, H> {
+    queues: Vec<Queue<J>>,
+    config: WorkerConfig,
+    handler: Arc<H>,
+    _job: PhantomData<fn(J)>,
+}
+
+impl<J, H> std::fmt::Debug for Worker<J, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("queues", &self.queues)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl<J> Worker<J, ()> {
+    /// A builder over `queue`; add more with [`WorkerBuilder::queue`].
+    pub fn builder(queue: Queue<J>) -> WorkerBuilder<J> {
+        WorkerBuilder {
+            queues: vec![queue],
+            config: WorkerConfig {
+                concurrency: 1,
+                lease: Duration::from_secs(30),
+                heartbeat: Duration::from_secs(5),
+                timeout: None,
+                cancel_grace: Duration::from_secs(5),
+                shutdown_grace: Duration::from_secs(30),
+                retry: RetryPolicy::default(),
+                order: QueueOrder::Strict,
+                id: format!("worker-{}", uuid::Uuid::now_v7().simple()),
+            },
+        }
+    }
+}
+
+impl<J, H> Worker<J, H>
+where
+    J: DeserializeOwned + Send + 'static,
+    H: Handler<J>,
+{
+    /// The worker's id, as stored in Redis.
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    /// Runs until `shutdown` resolves, then stops taking jobs, lets running ones
+    /// finish within the shutdown grace, and hands the rest back to the queue at once.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        if let QueueOrder::Weighted(w) = &self.config.order
+            && (w.len() != self.queues.len() || w.iter().all(|&x| x == 0))
+        {
+            return Err(Error::InvalidConfig(format!(
+                "{} weights for {} queues (and at least one must be non-zero)",
+                w.len(),
+                self.queues.len()
+            )));
+        }
+        let shared: Vec<Arc<Shared>> = self.queues.iter().map(|q| q.shared().clone()).collect();
+        let registry = Registry::default();
+        let heartbeat = Heartbeat::start(
+            shared.clone(),
+            registry.clone(),
+            self.config.id.clone(),
+            self.config.lease,
+            self.config.heartbeat,
+        )
+        .map_err(|e| Error::InvalidConfig(format!("cannot start the heartbeat thread: {e}")))?;
+        let runner = Arc::new(Runner {
+            queues: shared.clone(),
+            handler: self.handler.clone(),
+            args: ClaimArgs {
+                worker_id: self.config.id.clone(),
+                lease: self.config.lease,
+                default_attempts: self.config.retry.attempts(),
+            },
+            config: self.config.clone(),
+            registry,
+            stopping: CancellationToken::new(),
+            interrupt: CancellationToken::new(),
+        });
+        tracing::info!(worker = %self.config.id, queues = ?shared.iter().map(|s| &s.name).collect::<Vec<_>>(), "worker started");
+
+        let mut tasks = JoinSet::new();
+        self.dispatch(&runner, &mut tasks, shutdown).await;
+
+        runner.stopping.cancel();
+        let grace = tokio::time::sleep(self.config.shutdown_grace);
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                joined = tasks.join_next() => match joined {
+                    Some(_) => continue,
+                    None => break,
+                },
+                _ = &mut grace, if !runner.interrupt.is_cancelled() => {
+                    tracing::info!(running = tasks.len(), "shutdown grace over; handing jobs back");
+                    runner.interrupt.cancel();
+                }
+            }
+        }
+        heartbeat.stop().await;
+        for queue in &shared {
+            let mut inv = queue.invocation(queue.scripts.unregister, now_ms());
+            inv.arg(&self.config.id);
+            if let Err(e) = queue.invoke::<i64>(&inv).await {
+                tracing::warn!(error = %e, "could not unregister the worker");
+            }
+        }
+        tracing::info!(worker = %self.config.id, "worker stopped");
+        Ok(())
+    }
+
+    /// The claim loop: runs until `shutdown` resolves.
+    async fn dispatch(
+        &self,
+        runner: &Arc<Runner<H>>,
+        tasks: &mut JoinSet<()>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let slots = Arc::new(Semaphore::new(self.config.concurrency));
+        let mut picker = Picker::new(&self.config.order, self.queues.len());
+        let mut waiter = Waiter::default();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = &mut shutdown => return,
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
+            let mut permits = vec![first];
+            while let Ok(p) = slots.clone().try_acquire_owned() {
+                permits.push(p);
+            }
+            while tasks.try_join_next().is_some() {}
+
+            let claimed = tokio::select! {
+                biased;
+                _ = &mut shutdown => return,
+                claimed = self.claim(runner, &mut picker, permits.len()) => claimed,
+            };
+            let claim = match claimed {
+                Ok(c) => {
+                    backoff = Duration::from_millis(50);
+                    c
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "claim failed; retrying");
+                    drop(permits);
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            if claim.jobs.is_empty() {
+                drop(permits);
+                let wait = claim
+                    .next_wake
+                    .map(|at| Duration::from_millis(at.saturating_sub(now_ms())))
+                    .unwrap_or(MAX_IDLE_WAIT)
+                    .clamp(Duration::from_millis(1), MAX_IDLE_WAIT);
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    woken = waiter.wait(&self.queues, wait) => if let Err(e) = woken {
+                        tracing::warn!(error = %e, "waiting for jobs failed");
+                        tokio::select! {
+                            _ = &mut shutdown => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    },
+                }
+                continue;
+            }
+            for (job, permit) in claim.jobs.into_iter().zip(permits) {
+                tasks.spawn(runner.clone().run::<J>(job, permit));
+            }
+        }
+    }
+
+    /// Claims up to `n` jobs across the queues, in the order the picker gives.
+    async fn claim(
+        &self,
+        runner: &Runner<H>,
+        picker: &mut Picker,
+        n: usize,
+    ) -> Result<Claim, Error> {
+        let mut out = Claim::default();
+        for index in picker.order() {
+            let want = n - out.jobs.len();
+            if want == 0 {
+                break;
+            }
+            let got = claim::claim(&runner.queues[index], index, want, &runner.args).await?;
+            out.jobs.extend(got.jobs);
+            out.next_wake = match (out.next_wake, got.next_wake) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(out)
+    }
+}
+
+/// Queue order per claim.
+#[derive(Debug)]
+struct Picker {
+    weights: Option<Vec<i64>>,
+    current: Vec<i64>,
+}
+
+impl Picker {
+    fn new(order: &QueueOrder, n: usize) -> Self {
+        match order {
+            QueueOrder::Strict => Picker {
+                weights: None,
+                current: vec![0; n],
+            },
+            QueueOrder::Weighted(w) => Picker {
+                weights: Some(w.iter().map(|&x| i64::from(x)).collect()),
+                current: vec![0; n],
+            },
+        }
+    }
+
+    /// Strict: as given. Weighted: smooth weighted round robin picks the first queue,
+    /// the rest follow by their current credit, so an empty favourite never idles a
+    /// worker while another queue has work.
+    fn order(&mut self) -> Vec<usize> {
+        let n = self.current.len();
+        let Some(weights) = &self.weights else {
+            return (0..n).collect();
+        };
+        let total: i64 = weights.iter().sum();
+        for (c, w) in self.current.iter_mut().zip(weights) {
+            *c += w;
+        }
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| (std::cmp::Reverse(self.current[i]), i));
+        self.current[order[0]] -= total;
+        order
+    }
+}
+
+/// Blocks an idle worker in Redis until an enqueue pushes a wake token or `wait`
+/// passes (the next scheduled job or lease deadline): no polling loop.
+#[derive(Debug, Default)]
+struct Waiter {
+    conns: Vec<Conn>,
+}
+
+impl Waiter {
+    async fn wait<J>(&mut self, queues: &[Queue<J>], wait: Duration) -> Result<(), Error> {
+        let Some(first) = queues.first() else {
+            return Ok(());
+        };
+        let connector = &first.shared().connector;
+        // One BLPOP over every queue's wake list works on one node; on a cluster the
+        // lists live in different slots, so each gets its own connection.
+        let wanted = if connector.is_cluster() {
+            queues.len()
+        } else {
+            1
+        };
+        while self.conns.len() < wanted {
+            self.conns.push(connector.connect_blocking().await?);
+        }
+        let secs = format!("{:.3}", wait.as_secs_f64());
+        if wanted == 1 {
+            let mut cmd = redis::cmd("BLPOP");
+            for q in queues {
+                cmd.arg(q.shared().keys.wake());
+            }
+            cmd.arg(&secs);
+            let _: Option<(String, String)> = cmd.query_async(&mut self.conns[0]).await?;
+            return Ok(());
+        }
+        let waits = self.conns.iter_mut().zip(queues).map(|(conn, q)| {
+            let mut cmd = redis::cmd("BLPOP");
+            cmd.arg(q.shared().keys.wake()).arg(&secs);
+            Box::pin(async move { cmd.query_async::<Option<(String, String)>>(conn).await })
+        });
+        let (first, _, _) = futures::future::select_all(waits).await;
+        // The other waits were dropped mid-command; their connections are not reused.
+        self.conns.clear();
+        first.map(|_| ()).map_err(Error::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weighted_order_shares_first_place_by_weight() {
+        let mut p = Picker::new(&QueueOrder::Weighted(vec![3, 1]), 2);
+        let firsts: Vec<usize> = (0..8).map(|_| p.order()[0]).collect();
+        assert_eq!(firsts.iter().filter(|&&i| i == 0).count(), 6);
+        assert_eq!(firsts.iter().filter(|&&i| i == 1).count(), 2);
+    }
+
+    #[test]
+    fn strict_order_is_as_given() {
+        let mut p = Picker::new(&QueueOrder::Strict, 3);
+        assert_eq!(p.order(), vec![0, 1, 2]);
+    }
+}

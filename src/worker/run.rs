@@ -1,0 +1,224 @@
+//! Running one claimed job: decode, call the handler under its timeout and the
+//! worker's shutdown, catch panics, report, and go on with the next job Redis handed
+//! over in the same round trip.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+use super::WorkerConfig;
+use super::claim::{self, ClaimArgs, Claimed, Report};
+use super::handler::{Handler, JobContext};
+use super::lease::{Held, Registry};
+use crate::error::JobError;
+use crate::job::now_ms;
+use crate::queue::Shared;
+
+/// Everything a job task needs, shared by all of a worker's tasks.
+#[derive(Debug)]
+pub(crate) struct Runner<H> {
+    pub(crate) queues: Vec<Arc<Shared>>,
+    pub(crate) handler: Arc<H>,
+    pub(crate) config: WorkerConfig,
+    pub(crate) args: ClaimArgs,
+    pub(crate) registry: Registry,
+    /// Stop taking jobs (shutdown began).
+    pub(crate) stopping: CancellationToken,
+    /// The shutdown grace is over: interrupt handlers and hand their jobs back.
+    pub(crate) interrupt: CancellationToken,
+}
+
+/// How an attempt ended, before it is reported.
+enum Ending {
+    Done(Result<Vec<u8>, JobError>),
+    /// The worker is stopping: hand the job back untouched.
+    Interrupted,
+}
+
+impl<H> Runner<H> {
+    /// Runs `job`, then any job handed over with its report, holding one slot.
+    pub(crate) async fn run<J>(self: Arc<Self>, mut job: Claimed, _slot: OwnedSemaphorePermit)
+    where
+        J: DeserializeOwned + Send + 'static,
+        H: Handler<J>,
+    {
+        loop {
+            let shared = self.queues[job.queue].clone();
+            let ending = self.attempt::<J>(&shared, &job).await;
+            let report = match ending {
+                Ending::Interrupted => {
+                    match claim::release(&shared, &job).await {
+                        Ok(outcome) => {
+                            tracing::info!(job = %job.id, %outcome, "handed back on shutdown")
+                        }
+                        Err(e) => {
+                            tracing::warn!(job = %job.id, error = %e, "hand-back failed; the lease will expire")
+                        }
+                    }
+                    return;
+                }
+                Ending::Done(Ok(bytes)) => Report::Completed(bytes),
+                Ending::Done(Err(error)) => {
+                    let retry_at = self.retry_at(&job, &error);
+                    Report::Failed { error, retry_at }
+                }
+            };
+            // One queue: the report claims the next job in the same round trip.
+            let claim_next = usize::from(self.queues.len() == 1 && !self.stopping.is_cancelled());
+            match claim::report(&shared, &job, &report, claim_next, &self.args).await {
+                Ok(acked) => {
+                    log_outcome(&job, &report, &acked.outcome);
+                    match acked.next.jobs.into_iter().next() {
+                        Some(next) => job = next,
+                        None => return,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(job = %job.id, error = %e, "report failed; the job runs again after its lease");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// When to retry, or `None` for the dead letters.
+    fn retry_at(&self, job: &Claimed, error: &JobError) -> Option<u64> {
+        let record = job.record.as_ref().ok()?;
+        if !error.is_retryable() || record.attempts >= record.max_attempts.max(1) {
+            return None;
+        }
+        let delay = error
+            .retry_delay()
+            .unwrap_or_else(|| self.config.retry.delay_for(record.attempts));
+        Some(now_ms() + (delay.as_millis() as u64).max(1))
+    }
+
+    async fn attempt<J>(&self, shared: &Arc<Shared>, job: &Claimed) -> Ending
+    where
+        J: DeserializeOwned + Send + 'static,
+        H: Handler<J>,
+    {
+        let record = match &job.record {
+            Ok(r) => r,
+            Err(e) => return Ending::Done(Err(JobError::Decode(format!("job record: {e}")))),
+        };
+        let payload: J = match serde_json::from_slice(&job.payload) {
+            Ok(p) => p,
+            Err(e) => return Ending::Done(Err(JobError::Decode(e.to_string()))),
+        };
+        let cancel = CancellationToken::new();
+        let lost = Arc::new(AtomicBool::new(false));
+        self.registry.insert(
+            job.queue,
+            job.id.clone(),
+            Held {
+                token: job.token.clone(),
+                cancel: cancel.clone(),
+                lost: lost.clone(),
+            },
+        );
+        let ctx = JobContext {
+            id: job.id.clone(),
+            attempt: record.attempts,
+            max_attempts: record.max_attempts,
+            token: job.token.clone(),
+            cancel: cancel.clone(),
+            queue: shared.clone(),
+        };
+        let timeout = record
+            .timeout_ms
+            .map(Duration::from_millis)
+            .or(self.config.timeout);
+        let ending = self.supervise(payload, ctx, cancel, timeout).await;
+        self.registry.remove(job.queue, &job.id);
+        if lost.load(Ordering::SeqCst) {
+            tracing::warn!(job = %job.id, "finished after losing its lease; Redis will refuse the report");
+        }
+        ending
+    }
+
+    /// Runs the handler in a task of its own, so a panic is caught as that task's
+    /// failure and a handler that ignores its token can still be dropped.
+    async fn supervise<J>(
+        &self,
+        payload: J,
+        ctx: JobContext,
+        cancel: CancellationToken,
+        timeout: Option<Duration>,
+    ) -> Ending
+    where
+        J: Send + 'static,
+        H: Handler<J>,
+    {
+        let handler = self.handler.clone();
+        let mut task = tokio::spawn(async move {
+            let output = handler.handle(payload, ctx).await?;
+            serde_json::to_vec(&output)
+                .map_err(|e| JobError::permanent(format!("cannot serialise the output: {e}")))
+        });
+        let expired = async {
+            match timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        // Why the handler is asked to stop, if it is.
+        let stop_reason = tokio::select! {
+            joined = &mut task => return Ending::Done(joined_result(joined)),
+            _ = expired => timeout.map(JobError::Timeout),
+            _ = cancel.cancelled() => None,
+            _ = self.interrupt.cancelled() => {
+                cancel.cancel();
+                task.abort();
+                return Ending::Interrupted;
+            }
+        };
+        cancel.cancel();
+        tokio::select! {
+            joined = &mut task => match stop_reason {
+                Some(error) => Ending::Done(Err(error)),
+                None => Ending::Done(joined_result(joined)),
+            },
+            _ = tokio::time::sleep(self.config.cancel_grace) => {
+                task.abort();
+                Ending::Done(Err(stop_reason.unwrap_or(JobError::Cancelled)))
+            }
+            _ = self.interrupt.cancelled() => {
+                task.abort();
+                Ending::Interrupted
+            }
+        }
+    }
+}
+
+fn joined_result(
+    joined: Result<Result<Vec<u8>, JobError>, tokio::task::JoinError>,
+) -> Result<Vec<u8>, JobError> {
+    match joined {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => {
+            let panic = e.into_panic();
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".to_owned());
+            Err(JobError::Panic(message))
+        }
+        Err(_) => Err(JobError::Cancelled),
+    }
+}
+
+fn log_outcome(job: &Claimed, report: &Report, outcome: &str) {
+    match (report, outcome) {
+        (_, "lost") => tracing::warn!(job = %job.id, "lease was lost; Redis refused the report"),
+        (Report::Failed { error, .. }, _) => {
+            tracing::info!(job = %job.id, %error, %outcome, "attempt failed")
+        }
+        _ => tracing::debug!(job = %job.id, %outcome, "job finished"),
+    }
+}

@@ -1,0 +1,177 @@
+//! Test support: a unique key prefix per test on the shared Redis (deleted on drop),
+//! private `redis-server`s for tests that restart or kill one, and polling helpers.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use voxqueue::{Queue, QueueBuilder};
+
+/// The shared Redis every machine runs.
+pub(crate) fn redis_url() -> String {
+    std::env::var("VOXQUEUE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A key prefix only this test uses; every key under it is deleted on drop.
+pub(crate) struct Prefix {
+    pub(crate) name: String,
+    url: String,
+}
+
+impl Prefix {
+    pub(crate) fn new() -> Self {
+        Self::on(&redis_url())
+    }
+
+    pub(crate) fn on(url: &str) -> Self {
+        Prefix {
+            name: format!("vqtest-{}", uuid::Uuid::new_v4().simple()),
+            url: url.to_owned(),
+        }
+    }
+
+    pub(crate) fn builder<J>(&self, queue: &str) -> QueueBuilder<J> {
+        Queue::<J>::builder(queue).url(&self.url).prefix(&self.name)
+    }
+
+    pub(crate) async fn queue<J>(&self, queue: &str) -> Queue<J> {
+        self.builder(queue)
+            .connect()
+            .await
+            .expect("connect to test Redis")
+    }
+}
+
+impl Drop for Prefix {
+    fn drop(&mut self) {
+        let Ok(client) = redis::Client::open(self.url.as_str()) else {
+            return;
+        };
+        let Ok(mut conn) = client.get_connection() else {
+            return;
+        };
+        let keys: Vec<String> = match redis::cmd("KEYS")
+            .arg(format!("{}:*", self.name))
+            .query(&mut conn)
+        {
+            Ok(k) => k,
+            Err(_) => return,
+        };
+        for key in keys {
+            let _: Result<i64, _> = redis::cmd("DEL").arg(key).query(&mut conn);
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes.
+pub(crate) async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A shutdown signal a test fires by hand.
+pub(crate) fn shutdown() -> (
+    tokio::sync::oneshot::Sender<()>,
+    impl Future<Output = ()> + Send,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    (tx, async move {
+        let _ = rx.await;
+    })
+}
+
+/// A private `redis-server` on a free port in a temp dir, killed on drop.
+pub(crate) struct RedisServer {
+    pub(crate) port: u16,
+    pub(crate) dir: tempfile::TempDir,
+    child: Option<Child>,
+    args: Vec<String>,
+}
+
+impl RedisServer {
+    pub(crate) fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let mut server = RedisServer {
+            port,
+            dir,
+            child: None,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        server.spawn();
+        server
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .arg("--port")
+            .arg(self.port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--save")
+            .arg("")
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (see .ci/run)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the server (SIGKILL: no final save) and starts it again on the same port
+    /// and directory.
+    pub(crate) fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub(crate) fn path(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}

@@ -1,0 +1,193 @@
+//! The producer's side: enqueue options, ids, status, cancel, stats, events.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use voxqueue::{CancelOutcome, Error, EventKind, JobId, JobOptions, JobState, Priority, Queue};
+
+use crate::common::Prefix;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Echo {
+    pub n: u32,
+}
+
+#[tokio::test]
+async fn invalid_queue_names_are_typed_errors() {
+    let p = Prefix::new();
+    for name in ["", "a:b", "a{b}", "sp ace"] {
+        let err = p.builder::<Echo>(name).connect().await.unwrap_err();
+        assert!(matches!(err, Error::InvalidQueueName(_)), "{name}: {err}");
+    }
+    let err = Queue::<Echo>::builder("ok")
+        .url("redis://127.0.0.1:6379")
+        .prefix("a{b")
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidPrefix(_)));
+}
+
+#[tokio::test]
+async fn enqueue_returns_a_queued_job_with_its_status() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("status").await;
+    let job = q
+        .enqueue(Echo { n: 1 })
+        .priority(Priority::High)
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Queued);
+    assert_eq!(job.duplicate_of, None);
+    let st = q.status(&job.id).await.unwrap();
+    assert_eq!(st.state, JobState::Queued);
+    assert_eq!(st.priority, Priority::High);
+    assert_eq!(st.attempts, 0);
+    assert!(st.started_at.is_none());
+    assert!(matches!(
+        q.status(&JobId::new("nope").unwrap()).await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn caller_chosen_id_is_idempotent() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("ids").await;
+    let id = JobId::new("order-17").unwrap();
+    let first = q.enqueue(Echo { n: 1 }).id(id.clone()).await.unwrap();
+    let second = q
+        .enqueue(Echo { n: 2 })
+        .id(id.clone())
+        .priority(Priority::Low)
+        .await
+        .unwrap();
+    assert_eq!(first.id, id);
+    assert_eq!(first.duplicate_of, None);
+    assert_eq!(second.id, id);
+    assert_eq!(second.duplicate_of, Some(id.clone()));
+    // The first enqueue's job is untouched.
+    assert_eq!(q.status(&id).await.unwrap().priority, Priority::Normal);
+    assert_eq!(q.stats().await.unwrap().queued, 1);
+    assert!(JobId::new("").is_err());
+}
+
+#[tokio::test]
+async fn delayed_jobs_are_scheduled() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("delay").await;
+    let job = q
+        .enqueue(Echo { n: 1 })
+        .delay(Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Scheduled);
+    let stats = q.stats().await.unwrap();
+    assert_eq!((stats.scheduled, stats.queued), (1, 0));
+}
+
+#[tokio::test]
+async fn bulk_enqueue_stores_every_job_in_order() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("bulk").await;
+    let jobs = q.enqueue_bulk((0..1200).map(|n| Echo { n })).await.unwrap();
+    assert_eq!(jobs.len(), 1200);
+    assert!(
+        jobs.iter()
+            .all(|j| j.state == JobState::Queued && j.duplicate_of.is_none())
+    );
+    let stats = q.stats().await.unwrap();
+    assert_eq!(stats.queued, 1200);
+    assert_eq!(stats.queued_by_priority[1], (Priority::Normal, 1200));
+    assert_eq!(stats.totals.get("enqueued"), Some(&1200));
+
+    let mixed = q
+        .enqueue_bulk_with(vec![
+            (Echo { n: 1 }, JobOptions::new().priority(Priority::High)),
+            (
+                Echo { n: 2 },
+                JobOptions::new().delay(Duration::from_secs(30)),
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(mixed[0].state, JobState::Queued);
+    assert_eq!(mixed[1].state, JobState::Scheduled);
+}
+
+#[tokio::test]
+async fn cancelling_a_waiting_job_is_immediate() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("cancel").await;
+    let queued = q.enqueue(Echo { n: 1 }).await.unwrap();
+    let scheduled = q
+        .enqueue(Echo { n: 2 })
+        .delay(Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        q.cancel(&queued.id).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    assert_eq!(
+        q.cancel(&scheduled.id).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    assert_eq!(
+        q.status(&queued.id).await.unwrap().state,
+        JobState::Cancelled
+    );
+    assert_eq!(
+        q.cancel(&queued.id).await.unwrap(),
+        CancelOutcome::AlreadyFinished(JobState::Cancelled)
+    );
+    let stats = q.stats().await.unwrap();
+    assert_eq!((stats.queued, stats.scheduled), (0, 0));
+    assert!(matches!(
+        q.cancel(&JobId::new("ghost").unwrap()).await,
+        Err(Error::NotFound(_))
+    ));
+    // A cancelled job's waiter learns it at once.
+    let err = q
+        .wait_result::<u32>(&queued.id, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::JobFailed {
+                state: JobState::Cancelled,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn events_are_published_for_transitions() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("events").await;
+    let mut events = q.events().await.unwrap();
+    let job = q.enqueue(Echo { n: 1 }).await.unwrap();
+    q.cancel(&job.id).await.unwrap();
+    let first = events.recv().await.unwrap();
+    assert_eq!((first.kind, &first.job_id), (EventKind::Queued, &job.id));
+    let second = events.recv().await.unwrap();
+    assert_eq!(
+        (second.kind, &second.job_id),
+        (EventKind::Cancelled, &job.id)
+    );
+}
+
+#[tokio::test]
+async fn wait_times_out_on_a_job_nobody_runs() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("waits").await;
+    let job = q.enqueue(Echo { n: 1 }).await.unwrap();
+    let err = q
+        .wait_result::<u32>(&job.id, Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+}

@@ -1,0 +1,507 @@
+//! The consumer's side: ordering, timing, failures, concurrency, leases, shutdown.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
+use voxqueue::{
+    Error, Handler, JobContext, JobError, JobState, Priority, Queue, QueueOrder, RetryPolicy,
+    Worker, handler_fn,
+};
+
+use crate::common::{Prefix, eventually, shutdown};
+use crate::queue::Echo;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Runs a worker in the background; dropping the sender stops it.
+fn spawn<J, H>(worker: Worker<J, H>) -> (oneshot::Sender<()>, JoinHandle<Result<(), Error>>)
+where
+    J: serde::de::DeserializeOwned + Send + 'static,
+    H: Handler<J>,
+{
+    let (stop, signal) = shutdown();
+    (stop, tokio::spawn(worker.run_until(signal)))
+}
+
+async fn stop(worker: (oneshot::Sender<()>, JoinHandle<Result<(), Error>>)) {
+    let _ = worker.0.send(());
+    worker.1.await.expect("worker task").expect("worker result");
+}
+
+fn echo() -> impl Handler<Echo, Output = u32> {
+    handler_fn(|job: Echo, _ctx: JobContext| async move { Ok::<_, JobError>(job.n) })
+}
+
+/// A handler that records the order in which jobs run.
+fn recorder(log: Arc<Mutex<Vec<u32>>>) -> impl Handler<Echo, Output = u32> {
+    handler_fn(move |job: Echo, _ctx: JobContext| {
+        let log = log.clone();
+        async move {
+            log.lock().unwrap().push(job.n);
+            Ok::<_, JobError>(job.n)
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn higher_priority_runs_first_and_fifo_within_a_level() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("prio").await;
+    let plan = [
+        (1, Priority::Low),
+        (2, Priority::Normal),
+        (3, Priority::High),
+        (4, Priority::Low),
+        (5, Priority::High),
+        (6, Priority::Normal),
+    ];
+    for (n, pri) in plan {
+        q.enqueue(Echo { n }).priority(pri).await.unwrap();
+    }
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let w = spawn(Worker::builder(q.clone()).build(recorder(log.clone())));
+    eventually(WAIT, "all six ran", || async {
+        (log.lock().unwrap().len() == 6).then_some(())
+    })
+    .await;
+    stop(w).await;
+    assert_eq!(*log.lock().unwrap(), vec![3, 5, 2, 6, 1, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_round_trips_with_status_transitions_and_wait_result() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("roundtrip").await;
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    let handler = handler_fn(move |job: Echo, ctx: JobContext| {
+        let g = g.clone();
+        async move {
+            ctx.progress(50.0).await.map_err(JobError::transient)?;
+            g.notified().await;
+            Ok::<_, JobError>(job.n * 2)
+        }
+    });
+    let job = q.enqueue(Echo { n: 21 }).await.unwrap();
+    let w = spawn(Worker::builder(q.clone()).build(handler));
+    let st = eventually(WAIT, "active with progress", || async {
+        let st = q.status(&job.id).await.unwrap();
+        (st.state == JobState::Active && st.progress == Some(50.0)).then_some(st)
+    })
+    .await;
+    assert_eq!(st.attempts, 1);
+    assert!(st.started_at.is_some() && st.worker.is_some());
+    let waiter = {
+        let q = q.clone();
+        let id = job.id.clone();
+        tokio::spawn(async move { q.wait_result::<u32>(&id, WAIT).await })
+    };
+    gate.notify_one();
+    assert_eq!(waiter.await.unwrap().unwrap(), 42);
+    let st = q.status(&job.id).await.unwrap();
+    assert_eq!(st.state, JobState::Completed);
+    assert!(st.finished_at.is_some() && st.has_result);
+    stop(w).await;
+    let stats = q.stats().await.unwrap();
+    assert_eq!(stats.totals.get("completed"), Some(&1));
+    assert_eq!(stats.active, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_job_runs_on_time_and_not_before() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("delayed").await;
+    let started = Arc::new(Mutex::new(None));
+    let s = started.clone();
+    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
+        let s = s.clone();
+        async move {
+            *s.lock().unwrap() = Some(SystemTime::now());
+            Ok::<_, JobError>(job.n)
+        }
+    });
+    let w = spawn(Worker::builder(q.clone()).build(handler));
+    let run_at = SystemTime::now() + Duration::from_millis(700);
+    let job = q.enqueue(Echo { n: 1 }).run_at(run_at).await.unwrap();
+    assert_eq!(job.state, JobState::Scheduled);
+    q.wait_result::<u32>(&job.id, WAIT).await.unwrap();
+    let ran = started.lock().unwrap().expect("ran");
+    assert!(
+        ran >= run_at,
+        "ran {:?} early",
+        run_at.duration_since(ran).unwrap_or_default()
+    );
+    // Woken by its due time, not by a slow poll.
+    assert!(ran.duration_since(run_at).unwrap() < Duration::from_millis(1500));
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_is_woken_by_enqueue() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("wake").await;
+    let w = spawn(Worker::builder(q.clone()).build(echo()));
+    // Let the worker find the queue empty and block.
+    eventually(WAIT, "worker registered", || async {
+        (q.stats().await.unwrap().workers == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = Instant::now();
+    let job = q.enqueue(Echo { n: 5 }).await.unwrap();
+    assert_eq!(q.wait_result::<u32>(&job.id, WAIT).await.unwrap(), 5);
+    // Far below the worker's longest idle wait (5 s): it was woken, not polling.
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t0.elapsed()
+    );
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_limit_is_never_exceeded() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("conc").await;
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (r, m) = (running.clone(), peak.clone());
+    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
+        let (r, m) = (r.clone(), m.clone());
+        async move {
+            let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            r.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, JobError>(job.n)
+        }
+    });
+    let jobs = q.enqueue_bulk((0..24).map(|n| Echo { n })).await.unwrap();
+    let w = spawn(Worker::builder(q.clone()).concurrency(3).build(handler));
+    for job in &jobs {
+        q.wait_result::<u32>(&job.id, WAIT).await.unwrap();
+    }
+    stop(w).await;
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak <= 3, "peak {peak}");
+    assert!(peak >= 2, "never ran in parallel: peak {peak}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_fails_the_attempt_and_the_worker_goes_on() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("panic").await;
+    let handler = handler_fn(|job: Echo, _ctx: JobContext| async move {
+        if job.n == 0 {
+            panic!("boom at zero");
+        }
+        Ok::<_, JobError>(job.n)
+    });
+    let bad = q.enqueue(Echo { n: 0 }).max_attempts(1).await.unwrap();
+    let good = q.enqueue(Echo { n: 7 }).await.unwrap();
+    let w = spawn(Worker::builder(q.clone()).build(handler));
+    let st = q.wait(&bad.id, WAIT).await.unwrap();
+    assert_eq!(st.state, JobState::Dead);
+    let err = st.last_error().unwrap();
+    assert_eq!(err.kind, "panic");
+    assert!(err.message.contains("boom at zero"), "{}", err.message);
+    assert_eq!(q.wait_result::<u32>(&good.id, WAIT).await.unwrap(), 7);
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_outlives_its_timeout_fails_with_timeout() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("timeout").await;
+    // Ignores its token: the worker must drop it after the grace.
+    let handler = handler_fn(|job: Echo, _ctx: JobContext| async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok::<_, JobError>(job.n)
+    });
+    let job = q
+        .enqueue(Echo { n: 1 })
+        .timeout(Duration::from_millis(200))
+        .max_attempts(1)
+        .await
+        .unwrap();
+    let w = spawn(
+        Worker::builder(q.clone())
+            .cancel_grace(Duration::from_millis(100))
+            .build(handler),
+    );
+    let st = q.wait(&job.id, WAIT).await.unwrap();
+    assert_eq!(st.state, JobState::Dead);
+    assert_eq!(st.last_error().unwrap().kind, "timeout");
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_that_does_not_decode_is_dead_lettered_without_retries() {
+    let p = Prefix::new();
+    let raw = p.queue::<serde_json::Value>("decode").await;
+    let job = raw
+        .enqueue(serde_json::json!({"not": "an echo"}))
+        .max_attempts(5)
+        .await
+        .unwrap();
+    let q = p.queue::<Echo>("decode").await;
+    let w = spawn(Worker::builder(q.clone()).build(echo()));
+    let st = q.wait(&job.id, WAIT).await.unwrap();
+    assert_eq!(st.state, JobState::Dead);
+    assert_eq!(st.attempts, 1);
+    assert_eq!(st.last_error().unwrap().kind, "decode");
+    assert!(st.reason.unwrap().contains("missing field"));
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_errors_retry_with_the_policy_and_permanent_ones_do_not() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("retry").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let handler = handler_fn(move |job: Echo, ctx: JobContext| {
+        let c = c.clone();
+        async move {
+            c.fetch_add(1, Ordering::SeqCst);
+            match job.n {
+                0 if ctx.attempt() < 3 => {
+                    Err(JobError::transient(format!("flaky {}", ctx.attempt())))
+                }
+                1 => Err(JobError::permanent("bad input")),
+                n => Ok(n),
+            }
+        }
+    });
+    let flaky = q.enqueue(Echo { n: 0 }).await.unwrap();
+    let broken = q.enqueue(Echo { n: 1 }).await.unwrap();
+    let policy = RetryPolicy::fixed(Duration::from_millis(20)).max_attempts(4);
+    let w = spawn(Worker::builder(q.clone()).retry(policy).build(handler));
+    assert_eq!(q.wait_result::<u32>(&flaky.id, WAIT).await.unwrap(), 0);
+    let st = q.status(&flaky.id).await.unwrap();
+    assert_eq!(st.attempts, 3);
+    assert_eq!(st.max_attempts, Some(4));
+    let kinds: Vec<_> = st
+        .errors
+        .iter()
+        .map(|e| (e.attempt, e.message.as_str()))
+        .collect();
+    assert_eq!(kinds, vec![(1, "flaky 1"), (2, "flaky 2")]);
+    let st = q.wait(&broken.id, WAIT).await.unwrap();
+    assert_eq!((st.state, st.attempts), (JobState::Dead, 1));
+    assert_eq!(st.reason.as_deref(), Some("bad input"));
+    stop(w).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_an_active_job_fires_its_token_and_ends_cancelled() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("cancel-active").await;
+    let handler = handler_fn(|_job: Echo, ctx: JobContext| async move {
+        ctx.cancelled().await;
+        Err::<u32, _>(JobError::Cancelled)
+    });
+    let job = q.enqueue(Echo { n: 1 }).await.unwrap();
+    let w = spawn(
+        Worker::builder(q.clone())
+            .heartbeat(Duration::from_millis(50))
+            .build(handler),
+    );
+    eventually(WAIT, "active", || async {
+        (q.status(&job.id).await.unwrap().state == JobState::Active).then_some(())
+    })
+    .await;
+    assert_eq!(
+        q.cancel(&job.id).await.unwrap(),
+        voxqueue::CancelOutcome::Requested
+    );
+    let st = q.wait(&job.id, WAIT).await.unwrap();
+    assert_eq!(st.state, JobState::Cancelled);
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_is_recovered_by_another_worker_and_the_stale_ack_is_refused() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("lease").await;
+    // Worker A never renews (its heartbeat runs once an hour) and blocks until told.
+    let release_a = Arc::new(Notify::new());
+    let r = release_a.clone();
+    let a = handler_fn(move |_job: Echo, _ctx: JobContext| {
+        let r = r.clone();
+        async move {
+            r.notified().await;
+            Ok::<_, JobError>(1u32)
+        }
+    });
+    let job = q.enqueue(Echo { n: 1 }).await.unwrap();
+    let wa = spawn(
+        Worker::builder(q.clone())
+            .id("worker-a")
+            .lease(Duration::from_millis(300))
+            .heartbeat(Duration::from_secs(3600))
+            .build(a),
+    );
+    eventually(WAIT, "A holds the job", || async {
+        let st = q.status(&job.id).await.unwrap();
+        (st.state == JobState::Active && st.worker.as_deref() == Some("worker-a")).then_some(())
+    })
+    .await;
+    // Worker B recovers it once the lease has run out, and completes it.
+    let b = handler_fn(|_job: Echo, _ctx: JobContext| async move { Ok::<_, JobError>(2u32) });
+    let wb = spawn(Worker::builder(q.clone()).id("worker-b").build(b));
+    assert_eq!(q.wait_result::<u32>(&job.id, WAIT).await.unwrap(), 2);
+    let st = q.status(&job.id).await.unwrap();
+    assert_eq!(st.worker.as_deref(), Some("worker-b"));
+    assert_eq!(st.attempts, 2);
+    assert_eq!(st.errors[0].kind, "stalled");
+    // A finishes late: its report is refused and changes nothing.
+    release_a.notify_one();
+    stop(wa).await;
+    assert_eq!(q.result::<u32>(&job.id).await.unwrap(), Some(2));
+    assert_eq!(q.status(&job.id).await.unwrap().state, JobState::Completed);
+    stop(wb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_lets_short_jobs_finish_and_hands_long_ones_back() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("shutdown").await;
+    let handler = handler_fn(|job: Echo, _ctx: JobContext| async move {
+        // n = 0 finishes inside the grace period, n = 1 never does.
+        let d = if job.n == 0 {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_secs(3600)
+        };
+        tokio::time::sleep(d).await;
+        Ok::<_, JobError>(job.n)
+    });
+    let short = q.enqueue(Echo { n: 0 }).await.unwrap();
+    let long = q.enqueue(Echo { n: 1 }).await.unwrap();
+    let w = spawn(
+        Worker::builder(q.clone())
+            .concurrency(2)
+            .shutdown_grace(Duration::from_millis(500))
+            .build(handler),
+    );
+    eventually(WAIT, "both active", || async {
+        (q.stats().await.unwrap().active == 2).then_some(())
+    })
+    .await;
+    let t0 = Instant::now();
+    stop(w).await;
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        q.status(&short.id).await.unwrap().state,
+        JobState::Completed
+    );
+    // Handed back at once, not after a lease timeout, with the attempt not counted.
+    let st = q.status(&long.id).await.unwrap();
+    assert_eq!((st.state, st.attempts), (JobState::Queued, 0));
+    assert_eq!(q.stats().await.unwrap().workers, 0);
+    // Another worker picks it up.
+    let w = spawn(Worker::builder(q.clone()).build(echo()));
+    assert_eq!(q.wait_result::<u32>(&long.id, WAIT).await.unwrap(), 1);
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_jobs_do_not_run() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("ttl").await;
+    let job = q
+        .enqueue(Echo { n: 1 })
+        .ttl(Duration::from_millis(50))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await; // let the TTL pass before any worker exists
+    let w = spawn(Worker::builder(q.clone()).build(echo()));
+    let st = q.wait(&job.id, WAIT).await.unwrap();
+    assert_eq!((st.state, st.attempts), (JobState::Expired, 0));
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_order_drains_the_first_queue_first() {
+    let p = Prefix::new();
+    let urgent = p.queue::<Echo>("urgent").await;
+    let bulk = p.queue::<Echo>("bulk").await;
+    bulk.enqueue_bulk((100..103).map(|n| Echo { n }))
+        .await
+        .unwrap();
+    urgent
+        .enqueue_bulk((0..3).map(|n| Echo { n }))
+        .await
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let w = spawn(
+        Worker::builder(urgent.clone())
+            .queue(bulk.clone())
+            .order(QueueOrder::Strict)
+            .build(recorder(log.clone())),
+    );
+    eventually(WAIT, "all ran", || async {
+        (log.lock().unwrap().len() == 6).then_some(())
+    })
+    .await;
+    stop(w).await;
+    assert_eq!(*log.lock().unwrap(), vec![0, 1, 2, 100, 101, 102]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_order_serves_every_queue() {
+    let p = Prefix::new();
+    let a = p.queue::<Echo>("wa").await;
+    let b = p.queue::<Echo>("wb").await;
+    a.enqueue_bulk((0..6).map(|n| Echo { n })).await.unwrap();
+    b.enqueue_bulk((100..106).map(|n| Echo { n }))
+        .await
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let w = spawn(
+        Worker::builder(a.clone())
+            .queue(b.clone())
+            .order(QueueOrder::Weighted(vec![2, 1]))
+            .build(recorder(log.clone())),
+    );
+    eventually(WAIT, "all ran", || async {
+        (log.lock().unwrap().len() == 12).then_some(())
+    })
+    .await;
+    stop(w).await;
+    let log = log.lock().unwrap().clone();
+    // The lighter queue is not starved while the heavier one has work.
+    let first_b = log.iter().position(|&n| n >= 100).unwrap();
+    assert!(first_b < 4, "{log:?}");
+    let bad = Worker::builder(a.clone())
+        .order(QueueOrder::Weighted(vec![1, 2]))
+        .build(echo());
+    assert!(matches!(
+        bad.run_until(async {}).await,
+        Err(Error::InvalidConfig(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_waiters_share_one_event_reader() {
+    let p = Prefix::new();
+    let q: Queue<Echo> = p.queue("waiters").await;
+    let jobs = q.enqueue_bulk((0..50).map(|n| Echo { n })).await.unwrap();
+    let waiters: Vec<_> = jobs
+        .iter()
+        .map(|j| {
+            let (q, id) = (q.clone(), j.id.clone());
+            tokio::spawn(async move { q.wait_result::<u32>(&id, WAIT).await })
+        })
+        .collect();
+    let w = spawn(Worker::builder(q.clone()).concurrency(4).build(echo()));
+    for (n, waiter) in waiters.into_iter().enumerate() {
+        assert_eq!(waiter.await.unwrap().unwrap(), n as u32);
+    }
+    stop(w).await;
+}
