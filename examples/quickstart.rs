@@ -17,18 +17,32 @@ struct Resize {
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let queue = Queue::<Resize>::builder("quickstart").url(url).connect().await?;
+    let queue = Queue::<Resize>::builder("quickstart")
+        .url(url)
+        .connect()
+        .await?;
 
     let handler = handler_fn(|job: Resize, ctx: JobContext| async move {
         ctx.progress(50.0).await.map_err(JobError::transient)?;
         tokio::time::sleep(Duration::from_millis(50)).await;
-        Ok::<_, JobError>(format!("{} resized to {} px (attempt {})", job.image, job.width, ctx.attempt()))
+        Ok::<_, JobError>(format!(
+            "{} resized to {} px (attempt {})",
+            job.image,
+            job.width,
+            ctx.attempt()
+        ))
     });
     let worker = Worker::builder(queue.clone())
         .concurrency(2)
-        .retry(RetryPolicy::exponential(Duration::from_millis(200)).max_attempts(3).jitter(0.2))
+        .retry(
+            RetryPolicy::exponential(Duration::from_millis(200))
+                .max_attempts(3)
+                .jitter(0.2),
+        )
         .timeout(Duration::from_secs(30))
         .build(handler);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -36,9 +50,27 @@ async fn main() -> Result<(), Error> {
         let _ = stopped.await;
     }));
 
-    let low = queue.enqueue(Resize { image: "archive.png".into(), width: 64 }).priority(Priority::Low).await?;
-    let high = queue.enqueue(Resize { image: "avatar.png".into(), width: 128 }).priority(Priority::High).await?;
-    let later = queue.enqueue(Resize { image: "banner.png".into(), width: 1024 }).delay(Duration::from_millis(300)).await?;
+    let low = queue
+        .enqueue(Resize {
+            image: "archive.png".into(),
+            width: 64,
+        })
+        .priority(Priority::Low)
+        .await?;
+    let high = queue
+        .enqueue(Resize {
+            image: "avatar.png".into(),
+            width: 128,
+        })
+        .priority(Priority::High)
+        .await?;
+    let later = queue
+        .enqueue(Resize {
+            image: "banner.png".into(),
+            width: 1024,
+        })
+        .delay(Duration::from_millis(300))
+        .await?;
     for job in [high, low, later] {
         let result: String = queue.wait_result(&job.id, Duration::from_secs(10)).await?;
         tracing::info!(job = %job.id, %result, "done");
