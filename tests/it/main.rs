@@ -3,5 +3,6 @@
 
 mod common;
 mod crash;
+mod durability;
 mod queue;
 mod worker;

@@ -112,7 +112,7 @@ impl RedisServer {
             child: None,
             args: extra.iter().map(|s| s.to_string()).collect(),
         };
-        server.spawn();
+        server.spawn(true);
         server
     }
 
@@ -120,34 +120,51 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .arg("--port")
-            .arg(self.port.to_string())
-            .arg("--bind")
-            .arg("127.0.0.1")
-            .arg("--dir")
-            .arg(self.dir.path())
-            .arg("--save")
-            .arg("")
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (see .ci/run)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(10));
+    /// Starts the server; `may_move` lets it take another free port if this one is
+    /// taken (not on restart, whose clients know the port).
+    fn spawn(&mut self, may_move: bool) {
+        for _ in 0..5 {
+            let mut child = Command::new("redis-server")
+                .arg("--port")
+                .arg(self.port.to_string())
+                .arg("--bind")
+                .arg("127.0.0.1")
+                .arg("--dir")
+                .arg(self.dir.path())
+                .arg("--save")
+                .arg("")
+                .args(&self.args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (see .ci/setup)");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                // A server that could not bind exits: then the port is someone else's.
+                if child.try_wait().expect("poll redis-server").is_some() {
+                    break;
+                }
+                if answers_ping(self.port) {
+                    self.child = Some(child);
+                    return;
+                }
+                assert!(Instant::now() < deadline, "redis-server did not start");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if may_move {
+                self.port = free_port();
+            } else {
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
+        panic!("redis-server would not start on port {}", self.port);
     }
 
     /// Kills the server (SIGKILL: no final save) and starts it again on the same port
     /// and directory.
     pub(crate) fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        self.spawn(false);
     }
 
     pub(crate) fn kill(&mut self) {
@@ -166,6 +183,20 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Whether a Redis protocol answer comes back (`+PONG`, or `-NOAUTH` with a password).
+fn answers_ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(stream.read(&mut buf), Ok(n) if n > 0 && (buf[0] == b'+' || buf[0] == b'-'))
 }
 
 fn free_port() -> u16 {
