@@ -46,6 +46,14 @@ pub enum Error {
     /// No job with this id exists (never enqueued, or swept after its retention).
     #[error("job {0} not found")]
     NotFound(JobId),
+    /// The rate limit for `key` is spent; nothing was enqueued.
+    #[error("rate limit for {key:?} reached; retry after {retry_after:?}")]
+    RateLimited {
+        /// The rate-limit key (an API key, a tenant).
+        key: String,
+        /// When the same enqueue would be allowed.
+        retry_after: Duration,
+    },
     /// The job did not finish within the time the caller was willing to wait.
     #[error("timed out waiting for job {0}")]
     WaitTimeout(JobId),

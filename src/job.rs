@@ -277,6 +277,8 @@ pub(crate) struct JobRecord {
     pub(crate) finished_at: u64,
     pub(crate) result_ttl_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) dedup_ttl_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) progress: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) worker: Option<String>,

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
-use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -14,6 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
 
+use crate::dedup::{Deduplicator, RateLimit, sha256_hex};
 use crate::error::Error;
 use crate::events::{EventHub, EventStream};
 use crate::job::{JobId, JobOptions, JobRecord, JobState, JobStatus, Priority, now_ms, time_to_ms};
@@ -74,14 +74,14 @@ impl Shared {
 /// programs (or versions) only need to agree on its JSON form.
 pub struct Queue<J> {
     shared: Arc<Shared>,
-    _job: PhantomData<fn() -> J>,
+    dedup: Option<Deduplicator<J>>,
 }
 
 impl<J> Clone for Queue<J> {
     fn clone(&self) -> Self {
         Queue {
             shared: self.shared.clone(),
-            _job: PhantomData,
+            dedup: self.dedup.clone(),
         }
     }
 }
@@ -97,7 +97,7 @@ impl<J> std::fmt::Debug for Queue<J> {
 
 /// Builds a [`Queue`] with non-default settings.
 pub struct QueueBuilder<J> {
-    _job: PhantomData<fn() -> J>,
+    dedup: Option<Deduplicator<J>>,
     name: String,
     prefix: String,
     connector: Option<Connector>,
@@ -139,6 +139,14 @@ impl<J> QueueBuilder<J> {
         self
     }
 
+    /// Deduplicates every enqueue on this queue value: identical requests (by the
+    /// deduplicator's key) share one job. Without it, every enqueue is a new job
+    /// unless it names an existing id.
+    pub fn dedup(mut self, dedup: Deduplicator<J>) -> Self {
+        self.dedup = Some(dedup);
+        self
+    }
+
     /// Approximate cap on the event stream's length (default 10 000).
     pub fn events_max(mut self, len: u64) -> Self {
         self.config.events_max = len.max(1);
@@ -168,7 +176,7 @@ impl<J> QueueBuilder<J> {
                 config: self.config,
                 hub: OnceCell::new(),
             }),
-            _job: PhantomData,
+            dedup: self.dedup,
         })
     }
 }
@@ -229,7 +237,7 @@ impl<J> Queue<J> {
     /// A builder for the queue `name`.
     pub fn builder(name: impl Into<String>) -> QueueBuilder<J> {
         QueueBuilder {
-            _job: PhantomData,
+            dedup: None,
             name: name.into(),
             prefix: "vq".to_owned(),
             connector: None,
@@ -397,6 +405,8 @@ impl<J: Serialize> Queue<J> {
             queue: self,
             job,
             options: JobOptions::default(),
+            dedup: DedupChoice::Queue,
+            rate_limit: None,
         }
     }
 
@@ -418,17 +428,31 @@ impl<J: Serialize> Queue<J> {
         let now = now_ms();
         let prepared = jobs
             .into_iter()
-            .map(|(job, opts)| self.prepare(&job, &opts, now))
+            .map(|(job, opts)| self.prepare(&job, &opts, &DedupChoice::Queue, now))
             .collect::<Result<Vec<_>, _>>()?;
         let mut out = Vec::with_capacity(prepared.len());
         for chunk in prepared.chunks(BULK_CHUNK) {
-            out.extend(self.store(chunk, now).await?);
+            out.extend(self.store(chunk, None, now).await?);
         }
         Ok(out)
     }
 
-    fn prepare(&self, job: &J, opts: &JobOptions, now: u64) -> Result<Prepared, Error> {
+    fn prepare(
+        &self,
+        job: &J,
+        opts: &JobOptions,
+        dedup: &DedupChoice,
+        now: u64,
+    ) -> Result<Prepared, Error> {
         let payload = serde_json::to_vec(job).map_err(Error::Serialize)?;
+        let (dedup_key, dedup_ttl) = match (dedup, &self.dedup) {
+            (DedupChoice::Off, _) | (DedupChoice::Queue, None) => (String::new(), None),
+            (DedupChoice::Queue, Some(d)) => (d.key(job)?, Some(d.ttl())),
+            (DedupChoice::Key(k), d) => (
+                sha256_hex(k.as_bytes()),
+                Some(d.as_ref().map_or(Duration::ZERO, Deduplicator::ttl)),
+            ),
+        };
         let id = opts.id.clone().unwrap_or_else(JobId::generate);
         let record = JobRecord {
             pri: opts.priority.rank(),
@@ -440,6 +464,7 @@ impl<J: Serialize> Queue<J> {
                 .result_ttl
                 .unwrap_or(self.shared.config.result_ttl)
                 .as_millis() as u64,
+            dedup_ttl_ms: dedup_ttl.map(|t| t.as_millis() as u64),
             ..JobRecord::default()
         };
         let record = serde_json::to_string(&record).map_err(Error::Serialize)?;
@@ -447,16 +472,42 @@ impl<J: Serialize> Queue<J> {
             id,
             record,
             payload,
+            dedup_key,
         })
     }
 
-    async fn store(&self, jobs: &[Prepared], now: u64) -> Result<Vec<Enqueued>, Error> {
+    async fn store(
+        &self,
+        jobs: &[Prepared],
+        limit: Option<&RateLimit>,
+        now: u64,
+    ) -> Result<Vec<Enqueued>, Error> {
         let mut inv = self.shared.invocation(self.shared.scripts.enqueue, now);
+        match limit {
+            Some(l) => inv
+                .arg(&l.key)
+                .arg(l.limit)
+                .arg(l.period.as_millis() as u64),
+            None => inv.arg("").arg(0).arg(0),
+        };
         inv.arg(jobs.len());
         for job in jobs {
-            inv.arg(job.id.as_str()).arg(&job.record).arg(&job.payload);
+            inv.arg(job.id.as_str())
+                .arg(&job.record)
+                .arg(&job.payload)
+                .arg(&job.dedup_key);
         }
-        let reply: Vec<(String, u8, String)> = self.shared.invoke(&inv).await?;
+        let (status, reply): (String, redis::Value) = self.shared.invoke(&inv).await?;
+        if status == "limited" {
+            let ms: u64 = redis::from_redis_value(reply)
+                .map_err(|e| Error::Protocol(format!("enqueue: {e}")))?;
+            return Err(Error::RateLimited {
+                key: limit.map(|l| l.key.clone()).unwrap_or_default(),
+                retry_after: Duration::from_millis(ms),
+            });
+        }
+        let reply: Vec<(String, u8, String)> =
+            redis::from_redis_value(reply).map_err(|e| Error::Protocol(format!("enqueue: {e}")))?;
         reply
             .into_iter()
             .map(|(id, created, state)| {
@@ -477,6 +528,18 @@ struct Prepared {
     id: JobId,
     record: String,
     payload: Vec<u8>,
+    dedup_key: String,
+}
+
+/// Which dedup key an enqueue uses.
+#[derive(Debug, Clone)]
+enum DedupChoice {
+    /// The queue's deduplicator, if it has one.
+    Queue,
+    /// This key (hashed), whatever the queue says.
+    Key(String),
+    /// None: always a new job (unless the id exists).
+    Off,
 }
 
 /// A pending enqueue; set options, then `.await` it.
@@ -485,6 +548,8 @@ pub struct Enqueue<'q, J> {
     queue: &'q Queue<J>,
     job: J,
     options: JobOptions,
+    dedup: DedupChoice,
+    rate_limit: Option<RateLimit>,
 }
 
 impl<J> std::fmt::Debug for Enqueue<'_, J> {
@@ -497,6 +562,27 @@ impl<J> std::fmt::Debug for Enqueue<'_, J> {
 }
 
 impl<J> Enqueue<'_, J> {
+    /// Deduplicates on `key` (any string; it is hashed) instead of the queue's
+    /// deduplicator: enqueues with the same key share one job while it runs, and its
+    /// result for the deduplicator's TTL (none without a deduplicator).
+    pub fn dedup_key(mut self, key: impl Into<String>) -> Self {
+        self.dedup = DedupChoice::Key(key.into());
+        self
+    }
+
+    /// Skips deduplication for this job: it is new even if an identical one runs.
+    pub fn no_dedup(mut self) -> Self {
+        self.dedup = DedupChoice::Off;
+        self
+    }
+
+    /// Counts this job against `limit`; over it, nothing is stored and the enqueue
+    /// fails with [`Error::RateLimited`], which says when to try again.
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = Some(limit);
+        self
+    }
+
     /// Replaces all options at once.
     pub fn options(mut self, options: JobOptions) -> Self {
         self.options = options;
@@ -559,10 +645,16 @@ impl<'q, J: Serialize + Send + Sync + 'q> IntoFuture for Enqueue<'q, J> {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
             let now = now_ms();
-            let prepared = self.queue.prepare(&self.job, &self.options, now)?;
+            let prepared = self
+                .queue
+                .prepare(&self.job, &self.options, &self.dedup, now)?;
             let mut out = self
                 .queue
-                .store(std::slice::from_ref(&prepared), now)
+                .store(
+                    std::slice::from_ref(&prepared),
+                    self.rate_limit.as_ref(),
+                    now,
+                )
                 .await?;
             out.pop()
                 .ok_or_else(|| Error::Protocol("enqueue returned nothing".into()))

@@ -9,10 +9,10 @@ use crate::error::Error;
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
     base: String,
-    all: [String; 14],
+    all: [String; 18],
 }
 
-const NAMES: [&str; 14] = [
+const NAMES: [&str; 18] = [
     "jobs",
     "payloads",
     "results",
@@ -27,6 +27,10 @@ const NAMES: [&str; 14] = [
     "workers",
     "seq",
     "stats",
+    "dedup",
+    "dedup_exp",
+    "limits",
+    "limits_exp",
 ];
 
 impl Keys {
@@ -46,7 +50,7 @@ impl Keys {
     }
 
     /// All keys, for a script invocation.
-    pub(crate) fn all(&self) -> &[String; 14] {
+    pub(crate) fn all(&self) -> &[String; 18] {
         &self.all
     }
 

@@ -3,6 +3,7 @@
 
 mod common;
 mod crash;
+mod dedup;
 mod durability;
 mod queue;
 mod worker;

@@ -1,6 +1,6 @@
 -- cancel: a waiting job is cancelled at once; an active one is flagged, its worker
 -- sees the flag on its next heartbeat and cancels the handler's token.
--- KEYS: the queue's 14 keys (see common.lua)
+-- KEYS: the queue's keys (see common.lua)
 -- ARGV[1] now ms, ARGV[2] events max, ARGV[3] id
 -- Returns: 'cancelled', 'requested' (active), 'missing', or 'was:<state>' for a job
 -- that had already finished

@@ -1,5 +1,5 @@
 -- claim: hands up to n ready jobs to a worker, each under a fresh lease.
--- KEYS: the queue's 14 keys (see common.lua)
+-- KEYS: the queue's keys (see common.lua)
 -- ARGV[1] now ms, ARGV[2] events max
 -- ARGV[3] worker id, ARGV[4] n, ARGV[5] lease ms, ARGV[6] default max attempts
 -- Returns: {next wake-up ms or -1, then id, lease token, record JSON, payload per job}

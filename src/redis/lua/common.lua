@@ -17,6 +17,10 @@
 --   KEYS[12] workers    zset   worker id -> last heartbeat ms
 --   KEYS[13] seq        string sequence for FIFO order and lease tokens
 --   KEYS[14] stats      hash   monotonic counters
+--   KEYS[15] dedup      hash   sha256 of a request -> id of the job that owns it
+--   KEYS[16] dedup_exp  zset   sha256 -> ms after which the entry may be swept
+--   KEYS[17] limits     hash   rate-limit key -> theoretical arrival time (GCRA) ms
+--   KEYS[18] limits_exp zset   rate-limit key -> ms after which the entry is idle
 -- ARGV[1] now (ms, from the caller's clock so tests control time)
 -- ARGV[2] maximum length of the events stream
 -- ARGV[3..] script specific (see each script's header)
@@ -25,6 +29,7 @@ local K_JOBS, K_PAYLOADS, K_RESULTS, K_LEASES = KEYS[1], KEYS[2], KEYS[3], KEYS[
 local K_READY, K_SCHEDULED, K_ACTIVE, K_DEAD = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_FINISHED, K_EVENTS, K_WAKE, K_WORKERS = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local K_SEQ, K_STATS = KEYS[13], KEYS[14]
+local K_DEDUP, K_DEDUP_EXP, K_LIMITS, K_LIMITS_EXP = KEYS[15], KEYS[16], KEYS[17], KEYS[18]
 
 local NOW = tonumber(ARGV[1])
 local EVENTS_MAX = tonumber(ARGV[2])
@@ -84,11 +89,24 @@ local function release_lease(id)
   redis.call('ZREM', K_ACTIVE, id)
 end
 
+-- A finished job's dedup entry: a completed job answers duplicates for its dedup
+-- TTL; any other ending frees the request for a new job at once.
+local function settle_dedup(job)
+  if job.dedup then
+    local keep = 0
+    if job.state == 'completed' then
+      keep = job.dedup_ttl_ms or 0
+    end
+    redis.call('ZADD', K_DEDUP_EXP, int(NOW + keep), job.dedup)
+  end
+end
+
 -- Terminal states other than dead: kept for the result TTL, then swept.
 local function finish(job, state)
   job.state = state
   job.finished_at = NOW
   job.cancel = nil
+  settle_dedup(job)
   release_lease(job.id)
   redis.call('ZADD', K_FINISHED, int(NOW + (job.result_ttl_ms or 86400000)), job.id)
   save(job)
@@ -101,6 +119,7 @@ local function bury(job, reason)
   job.finished_at = NOW
   job.reason = reason
   job.cancel = nil
+  settle_dedup(job)
   release_lease(job.id)
   redis.call('ZADD', K_DEAD, int(NOW), job.id)
   save(job)
@@ -115,7 +134,10 @@ local function record_error(job, kind, message)
   table.insert(job.errors, { attempt = job.attempts or 0, at = NOW, kind = kind, message = message })
 end
 
--- Deletes finished records whose retention has passed; bounded so no call is slow.
+local IN_FLIGHT = { queued = true, scheduled = true, active = true }
+
+-- Deletes finished records whose retention has passed, dedup entries that answer no
+-- more duplicates, and idle rate-limit entries; bounded so no call is slow.
 local function sweep(limit)
   local ids = redis.call('ZRANGEBYSCORE', K_FINISHED, '-inf', int(NOW), 'LIMIT', 0, limit)
   for _, id in ipairs(ids) do
@@ -123,6 +145,21 @@ local function sweep(limit)
     redis.call('HDEL', K_PAYLOADS, id)
     redis.call('HDEL', K_RESULTS, id)
     redis.call('ZREM', K_FINISHED, id)
+  end
+  local keys = redis.call('ZRANGEBYSCORE', K_DEDUP_EXP, '-inf', int(NOW), 'LIMIT', 0, limit)
+  for _, key in ipairs(keys) do
+    redis.call('ZREM', K_DEDUP_EXP, key)
+    local owner = redis.call('HGET', K_DEDUP, key)
+    local job = owner and load(owner)
+    -- A newer job may own the key by now; only a settled owner's entry goes.
+    if not (job and IN_FLIGHT[job.state]) then
+      redis.call('HDEL', K_DEDUP, key)
+    end
+  end
+  keys = redis.call('ZRANGEBYSCORE', K_LIMITS_EXP, '-inf', int(NOW), 'LIMIT', 0, limit)
+  for _, key in ipairs(keys) do
+    redis.call('ZREM', K_LIMITS_EXP, key)
+    redis.call('HDEL', K_LIMITS, key)
   end
 end
 

@@ -1,38 +1,91 @@
--- enqueue: adds one or more jobs atomically (bulk enqueue is one call, one round trip).
--- KEYS: the queue's 14 keys (see common.lua)
+-- enqueue: adds one or more jobs atomically (bulk enqueue is one call, one round trip),
+-- with in-flight deduplication and an optional rate limit checked in the same step.
+-- KEYS: the queue's keys (see common.lua)
 -- ARGV[1] now ms, ARGV[2] events max
--- ARGV[3] number of jobs n, then per job three arguments:
---   id, record JSON (pri, max_attempts, run_at, expires_at, ... set by the client), payload
--- Returns: per job {id, created (1) or already existing (0), state}
-local n = tonumber(ARGV[3])
+-- ARGV[3] rate-limit key ('' for none), ARGV[4] jobs allowed per period, ARGV[5] period ms
+-- ARGV[6] number of jobs n, then per job four arguments:
+--   id, record JSON (pri, max_attempts, run_at, expires_at, ... set by the client),
+--   payload, dedup key ('' for none: the sha256 of the request's canonical form)
+-- Returns: {'ok', {{id, created (1) or existing (0), state}, ...}}
+--      or  {'limited', ms until the batch would be allowed} (nothing was stored)
+local n = tonumber(ARGV[6])
 local out = {}
-local woken = 0
+local fresh = {}
+
+-- Pass 1: which jobs exist already (same caller id, or same request in flight or
+-- completed within its dedup TTL). Those are answered, not created.
 for i = 0, n - 1 do
-  local id = ARGV[4 + i * 3]
+  local base = 7 + i * 4
+  local id, dedup = ARGV[base], ARGV[base + 3]
   local existing = load(id)
   if existing then
     -- A caller-chosen id names one job: a second enqueue returns it, never overwrites it.
-    table.insert(out, { id, 0, existing.state })
+    out[i + 1] = { id, 0, existing.state }
   else
-    local job = cjson.decode(ARGV[5 + i * 3])
+    local owner = dedup ~= '' and redis.call('HGET', K_DEDUP, dedup)
+    local job = owner and load(owner)
+    local reusable = job and (IN_FLIGHT[job.state] or (job.state == 'completed' and job.result
+      and NOW < (job.finished_at or 0) + (job.dedup_ttl_ms or 0)))
+    if reusable then
+      count('deduplicated')
+      out[i + 1] = { owner, 0, job.state }
+    else
+      table.insert(fresh, i)
+    end
+  end
+end
+
+-- Rate limit (GCRA): each new job costs period / limit of "arrival time"; a burst of up
+-- to `limit` jobs is allowed. Duplicates cost nothing: they create no work.
+local limit_key = ARGV[3]
+if limit_key ~= '' and #fresh > 0 then
+  local limit, period = tonumber(ARGV[4]), tonumber(ARGV[5])
+  local interval = period / limit
+  local tat = math.max(tonumber(redis.call('HGET', K_LIMITS, limit_key) or 0), NOW)
+  local new_tat = tat + interval * #fresh
+  if new_tat - NOW > period then
+    count('rate_limited')
+    return { 'limited', int(math.ceil(new_tat - NOW - period)) }
+  end
+  redis.call('HSET', K_LIMITS, limit_key, int(new_tat))
+  redis.call('ZADD', K_LIMITS_EXP, int(new_tat), limit_key)
+end
+
+-- Pass 2: create the new jobs. Two identical requests in one batch make one job.
+local created_here = {}
+for _, i in ipairs(fresh) do
+  local base = 7 + i * 4
+  local id, dedup = ARGV[base], ARGV[base + 3]
+  if dedup ~= '' and created_here[dedup] then
+    count('deduplicated')
+    out[i + 1] = { created_here[dedup][1], 0, created_here[dedup][2] }
+  elseif load(id) then
+    out[i + 1] = { id, 0, load(id).state }
+  else
+    local job = cjson.decode(ARGV[base + 1])
     job.id = id
     job.created_at = NOW
     job.attempts = 0
-    redis.call('HSET', K_PAYLOADS, id, ARGV[6 + i * 3])
+    redis.call('HSET', K_PAYLOADS, id, ARGV[base + 2])
     if job.run_at and job.run_at > NOW then
       job.state = 'scheduled'
       redis.call('ZADD', K_SCHEDULED, int(job.run_at), id)
     else
       push_ready(job, true)
     end
+    if dedup ~= '' then
+      job.dedup = dedup
+      redis.call('HSET', K_DEDUP, dedup, id)
+      redis.call('ZREM', K_DEDUP_EXP, dedup)
+      created_here[dedup] = { id, job.state }
+    end
     save(job)
     count('enqueued')
     emit(job.state, id)
-    woken = woken + 1
-    table.insert(out, { id, 1, job.state })
+    out[i + 1] = { id, 1, job.state }
   end
 end
 -- Delayed jobs wake a worker too, so it recomputes how long to sleep.
-wake(woken)
+wake(#fresh)
 sweep(10)
-return out
+return { 'ok', out }

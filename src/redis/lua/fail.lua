@@ -1,6 +1,6 @@
 -- fail: an attempt failed; records the error and either schedules the retry or
 -- buries the job in the dead letters. The client's RetryPolicy chose which.
--- KEYS: the queue's 14 keys (see common.lua)
+-- KEYS: the queue's keys (see common.lua)
 -- ARGV[1] now ms, ARGV[2] events max
 -- ARGV[3] id, ARGV[4] lease token, ARGV[5] error kind, ARGV[6] error message
 -- ARGV[7] retry at ms (0: no retry, the job is dead)

@@ -1,5 +1,5 @@
 -- heartbeat: renews the leases a worker holds and registers the worker as live.
--- KEYS: the queue's 14 keys (see common.lua)
+-- KEYS: the queue's keys (see common.lua)
 -- ARGV[1] now ms, ARGV[2] events max
 -- ARGV[3] worker id, ARGV[4] lease ms, then pairs of (job id, lease token)
 -- Returns: {ids whose lease is lost, ids whose cancellation was requested}

@@ -1,5 +1,5 @@
 -- progress: records how far an active job has got, for status() and listeners.
--- KEYS: the queue's 14 keys (see common.lua)
+-- KEYS: the queue's keys (see common.lua)
 -- ARGV[1] now ms, ARGV[2] events max
 -- ARGV[3] id, ARGV[4] lease token, ARGV[5] progress (0 to 100)
 -- Returns: 1, or 0 when the lease is lost

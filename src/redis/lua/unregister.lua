@@ -1,5 +1,5 @@
 -- unregister: a worker that stops removes itself from the live set.
--- KEYS: the queue's 14 keys (see common.lua)
+-- KEYS: the queue's keys (see common.lua)
 -- ARGV[1] now ms, ARGV[2] events max, ARGV[3] worker id
 -- Returns: 1 when the worker was registered
 return redis.call('ZREM', K_WORKERS, ARGV[3])
