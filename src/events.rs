@@ -41,6 +41,9 @@ pub enum EventKind {
     Expired,
     /// Failed for good; `data` is the reason.
     Dead,
+    /// A worker's circuit breaker changed state. For this kind, `job_id` holds the
+    /// worker's id and `data` the new state (`open`, `half_open`, `closed`).
+    Breaker,
     /// An event this version does not know (written by a newer one).
     Other(String),
 }
@@ -60,6 +63,7 @@ impl EventKind {
             "cancelled" => EventKind::Cancelled,
             "expired" => EventKind::Expired,
             "dead" => EventKind::Dead,
+            "breaker" => EventKind::Breaker,
             other => EventKind::Other(other.to_owned()),
         }
     }

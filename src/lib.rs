@@ -67,4 +67,7 @@ pub use job::{AttemptError, JobId, JobOptions, JobState, JobStatus, Priority};
 pub use queue::{CancelOutcome, Enqueue, Enqueued, Queue, QueueBuilder, QueueStats};
 pub use redis::Connector;
 pub use retry::RetryPolicy;
-pub use worker::{Handler, HandlerFn, JobContext, QueueOrder, Worker, WorkerBuilder, handler_fn};
+pub use worker::{
+    BreakerState, CircuitBreaker, Handler, HandlerFn, JobContext, QueueOrder, Worker,
+    WorkerBuilder, handler_fn,
+};

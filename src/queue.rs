@@ -223,6 +223,8 @@ pub struct QueueStats {
     pub queued_by_priority: Vec<(Priority, u64)>,
     /// Workers that heartbeat recently.
     pub workers: u64,
+    /// Workers whose circuit breaker is open or half-open (they claim no jobs).
+    pub open_breakers: u64,
     /// Monotonic totals since the queue was created: `enqueued`, `completed`, `failed`
     /// (attempts), `retried`, `dead`, `cancelled`, `expired`, `stalled`.
     pub totals: HashMap<String, u64>,
@@ -377,9 +379,21 @@ impl<J> Queue<J> {
         }
         let live_since = now_ms().saturating_sub(LIVE_WINDOW.as_millis() as u64);
         pipe.zcount(k.workers(), live_since, "+inf")
+            .hlen(k.breakers())
             .hgetall(k.stats());
-        type Reply = (u64, u64, u64, u64, u64, u64, u64, u64, HashMap<String, u64>);
-        let (queued, scheduled, active, dead, high, normal, low, workers, totals): Reply =
+        type Reply = (
+            u64,
+            u64,
+            u64,
+            u64,
+            u64,
+            u64,
+            u64,
+            u64,
+            u64,
+            HashMap<String, u64>,
+        );
+        let (queued, scheduled, active, dead, high, normal, low, workers, open_breakers, totals): Reply =
             pipe.query_async(&mut self.shared.conn.clone()).await?;
         Ok(QueueStats {
             queued,
@@ -392,6 +406,7 @@ impl<J> Queue<J> {
                 (Priority::Low, low),
             ],
             workers,
+            open_breakers,
             totals,
         })
     }

@@ -9,10 +9,10 @@ use crate::error::Error;
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
     base: String,
-    all: [String; 18],
+    all: [String; 19],
 }
 
-const NAMES: [&str; 18] = [
+const NAMES: [&str; 19] = [
     "jobs",
     "payloads",
     "results",
@@ -31,6 +31,7 @@ const NAMES: [&str; 18] = [
     "dedup_exp",
     "limits",
     "limits_exp",
+    "breakers",
 ];
 
 impl Keys {
@@ -50,7 +51,7 @@ impl Keys {
     }
 
     /// All keys, for a script invocation.
-    pub(crate) fn all(&self) -> &[String; 18] {
+    pub(crate) fn all(&self) -> &[String; 19] {
         &self.all
     }
 
@@ -87,6 +88,9 @@ impl Keys {
     }
     pub(crate) fn stats(&self) -> &str {
         &self.all[13]
+    }
+    pub(crate) fn breakers(&self) -> &str {
+        &self.all[18]
     }
 }
 

@@ -25,6 +25,7 @@ pub(crate) struct Scripts {
     pub(crate) progress: &'static Script,
     pub(crate) cancel: &'static Script,
     pub(crate) unregister: &'static Script,
+    pub(crate) breaker: &'static Script,
 }
 
 static ENQUEUE: LazyLock<Script> = script!("lua/enqueue.lua");
@@ -36,6 +37,7 @@ static HEARTBEAT: LazyLock<Script> = script!("lua/heartbeat.lua");
 static PROGRESS: LazyLock<Script> = script!("lua/progress.lua");
 static CANCEL: LazyLock<Script> = script!("lua/cancel.lua");
 static UNREGISTER: LazyLock<Script> = script!("lua/unregister.lua");
+static BREAKER: LazyLock<Script> = script!("lua/breaker.lua");
 
 impl Scripts {
     pub(crate) fn get() -> Self {
@@ -49,6 +51,7 @@ impl Scripts {
             progress: &PROGRESS,
             cancel: &CANCEL,
             unregister: &UNREGISTER,
+            breaker: &BREAKER,
         }
     }
 }

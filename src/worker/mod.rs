@@ -8,6 +8,7 @@
 //! - `run`: one job's attempt: timeout, panic, cancellation, hand-back
 //! - `lease`: the heartbeat thread that renews leases
 
+mod breaker;
 mod claim;
 mod handler;
 mod lease;
@@ -23,6 +24,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub use breaker::{BreakerState, CircuitBreaker};
 pub use handler::{Handler, HandlerFn, JobContext, handler_fn};
 
 use crate::error::Error;
@@ -30,6 +32,7 @@ use crate::job::now_ms;
 use crate::queue::{Queue, Shared};
 use crate::redis::Conn;
 use crate::retry::RetryPolicy;
+use breaker::{Breaker, Gate};
 use claim::{Claim, ClaimArgs};
 use lease::{Heartbeat, Registry};
 use run::Runner;
@@ -61,6 +64,7 @@ pub(crate) struct WorkerConfig {
     pub(crate) retry: RetryPolicy,
     pub(crate) order: QueueOrder,
     pub(crate) id: String,
+    pub(crate) breaker: Option<CircuitBreaker>,
 }
 
 /// Builds a [`Worker`]; see [`Worker::builder`].
@@ -132,6 +136,13 @@ impl<J> WorkerBuilder<J> {
         self
     }
 
+    /// Stops claiming after repeated transient failures (default: no breaker). While
+    /// open, jobs stay queued untouched for other workers or for later.
+    pub fn circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.config.breaker = Some(breaker);
+        self
+    }
+
     /// The worker's id in Redis (default: host-independent random id).
     pub fn id(mut self, id: impl Into<String>) -> Self {
         self.config.id = id.into();
@@ -181,6 +192,7 @@ impl<J> Worker<J, ()> {
                 retry: RetryPolicy::default(),
                 order: QueueOrder::Strict,
                 id: format!("worker-{}", uuid::Uuid::now_v7().simple()),
+                breaker: None,
             },
         }
     }
@@ -228,6 +240,7 @@ where
             },
             config: self.config.clone(),
             registry,
+            breaker: Breaker::new(self.config.breaker),
             stopping: CancellationToken::new(),
             interrupt: CancellationToken::new(),
         });
@@ -284,8 +297,38 @@ where
                     Err(_) => return,
                 },
             };
+            // The gate is read with a slot in hand: a job that just finished may
+            // have opened the breaker.
+            let (gate, transition) = runner.breaker.gate();
+            if let Some(state) = transition {
+                runner.publish_breaker(state);
+            }
+            let most = match gate {
+                Gate::Claim => usize::MAX,
+                Gate::Probe => 1,
+                Gate::Wait(pause) => {
+                    drop(first);
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    continue;
+                }
+                Gate::Blocked => {
+                    drop(first);
+                    // The probe's outcome wakes us; the timer covers a missed wake-up.
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        _ = runner.breaker.changed() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                    continue;
+                }
+            };
             let mut permits = vec![first];
-            while let Ok(p) = slots.clone().try_acquire_owned() {
+            while permits.len() < most
+                && let Ok(p) = slots.clone().try_acquire_owned()
+            {
                 permits.push(p);
             }
             while tasks.try_join_next().is_some() {}
@@ -303,6 +346,9 @@ where
                 Err(e) => {
                     tracing::warn!(error = %e, "claim failed; retrying");
                     drop(permits);
+                    if gate == Gate::Probe {
+                        runner.breaker.probe_unused();
+                    }
                     tokio::select! {
                         _ = &mut shutdown => return,
                         _ = tokio::time::sleep(backoff) => {}
@@ -313,6 +359,9 @@ where
             };
             if claim.jobs.is_empty() {
                 drop(permits);
+                if gate == Gate::Probe {
+                    runner.breaker.probe_unused();
+                }
                 let wait = claim
                     .next_wake
                     .map(|at| Duration::from_millis(at.saturating_sub(now_ms())))

@@ -11,6 +11,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::WorkerConfig;
+use super::breaker::{Breaker, BreakerState, Outcome};
 use super::claim::{self, ClaimArgs, Claimed, Report};
 use super::handler::{Handler, JobContext};
 use super::lease::{Held, Registry};
@@ -26,6 +27,7 @@ pub(crate) struct Runner<H> {
     pub(crate) config: WorkerConfig,
     pub(crate) args: ClaimArgs,
     pub(crate) registry: Registry,
+    pub(crate) breaker: Breaker,
     /// Stop taking jobs (shutdown began).
     pub(crate) stopping: CancellationToken,
     /// The shutdown grace is over: interrupt handlers and hand their jobs back.
@@ -49,6 +51,14 @@ impl<H> Runner<H> {
         loop {
             let shared = self.queues[job.queue].clone();
             let ending = self.attempt::<J>(&shared, &job).await;
+            let outcome = match &ending {
+                Ending::Done(Ok(_)) => Outcome::Success,
+                Ending::Done(Err(e)) if e.is_retryable() => Outcome::TransientFailure,
+                _ => Outcome::Neutral,
+            };
+            if let Some(state) = self.breaker.record(outcome) {
+                self.publish_breaker(state);
+            }
             let report = match ending {
                 Ending::Interrupted => {
                     match claim::release(&shared, &job).await {
@@ -68,7 +78,9 @@ impl<H> Runner<H> {
                 }
             };
             // One queue: the report claims the next job in the same round trip.
-            let claim_next = usize::from(self.queues.len() == 1 && !self.stopping.is_cancelled());
+            let claim_next = usize::from(
+                self.queues.len() == 1 && !self.stopping.is_cancelled() && self.breaker.is_closed(),
+            );
             match claim::report(&shared, &job, &report, claim_next, &self.args).await {
                 Ok(acked) => {
                     log_outcome(&job, &report, &acked.outcome);
@@ -82,6 +94,30 @@ impl<H> Runner<H> {
                     return;
                 }
             }
+        }
+    }
+
+    /// Tells Redis (stats, events) that the breaker changed state; best effort, off
+    /// the job's path.
+    pub(crate) fn publish_breaker(&self, state: BreakerState) {
+        match state {
+            BreakerState::Open => {
+                tracing::warn!(worker = %self.args.worker_id, "circuit breaker open: claiming paused")
+            }
+            _ => {
+                tracing::info!(worker = %self.args.worker_id, state = state.as_str(), "circuit breaker")
+            }
+        }
+        for queue in &self.queues {
+            let queue = queue.clone();
+            let worker = self.args.worker_id.clone();
+            tokio::spawn(async move {
+                let mut inv = queue.invocation(queue.scripts.breaker, now_ms());
+                inv.arg(&worker).arg(state.as_str());
+                if let Err(e) = queue.invoke::<i64>(&inv).await {
+                    tracing::warn!(error = %e, "could not record the breaker state");
+                }
+            });
         }
     }
 

@@ -505,3 +505,57 @@ async fn many_waiters_share_one_event_reader() {
     }
     stop(w).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_circuit_breaker_opens_holds_jobs_untouched_and_closes() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("breaker").await;
+    let mut events = q.events().await.unwrap();
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (b, c) = (broken.clone(), calls.clone());
+    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
+        let (b, c) = (b.clone(), c.clone());
+        async move {
+            c.fetch_add(1, Ordering::SeqCst);
+            if b.load(Ordering::SeqCst) {
+                return Err(JobError::transient("GPU fell off the bus"));
+            }
+            Ok(job.n)
+        }
+    });
+    let jobs = q.enqueue_bulk((0..8).map(|n| Echo { n })).await.unwrap();
+    let w = spawn(
+        Worker::builder(q.clone())
+            .id("flaky-gpu")
+            .retry(RetryPolicy::fixed(Duration::from_millis(10)).max_attempts(20))
+            .circuit_breaker(voxqueue::CircuitBreaker::new(3, Duration::from_millis(500)))
+            .build(handler),
+    );
+    eventually(WAIT, "breaker open", || async {
+        (q.stats().await.unwrap().open_breakers == 1).then_some(())
+    })
+    .await;
+    // Open: three attempts burned, every other job waits untouched.
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    let stats = q.stats().await.unwrap();
+    assert_eq!(stats.active, 0);
+    assert_eq!(stats.queued + stats.scheduled, 8);
+    broken.store(false, Ordering::SeqCst);
+    for job in &jobs {
+        q.wait_result::<u32>(&job.id, WAIT).await.unwrap();
+    }
+    assert_eq!(q.stats().await.unwrap().open_breakers, 0);
+    // The probe after the cool-down succeeded, so nothing else failed.
+    assert_eq!(calls.load(Ordering::SeqCst), 3 + 8);
+    let mut states = Vec::new();
+    while states.len() < 3 {
+        let e = events.recv().await.unwrap();
+        if e.kind == voxqueue::EventKind::Breaker {
+            assert_eq!(e.job_id.as_str(), "flaky-gpu");
+            states.push(e.data.unwrap());
+        }
+    }
+    assert_eq!(states, vec!["open", "half_open", "closed"]);
+    stop(w).await;
+}

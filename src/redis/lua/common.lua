@@ -21,6 +21,7 @@
 --   KEYS[16] dedup_exp  zset   sha256 -> ms after which the entry may be swept
 --   KEYS[17] limits     hash   rate-limit key -> theoretical arrival time (GCRA) ms
 --   KEYS[18] limits_exp zset   rate-limit key -> ms after which the entry is idle
+--   KEYS[19] breakers   hash   worker id -> circuit-breaker state, while not closed
 -- ARGV[1] now (ms, from the caller's clock so tests control time)
 -- ARGV[2] maximum length of the events stream
 -- ARGV[3..] script specific (see each script's header)
@@ -30,6 +31,7 @@ local K_READY, K_SCHEDULED, K_ACTIVE, K_DEAD = KEYS[5], KEYS[6], KEYS[7], KEYS[8
 local K_FINISHED, K_EVENTS, K_WAKE, K_WORKERS = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local K_SEQ, K_STATS = KEYS[13], KEYS[14]
 local K_DEDUP, K_DEDUP_EXP, K_LIMITS, K_LIMITS_EXP = KEYS[15], KEYS[16], KEYS[17], KEYS[18]
+local K_BREAKERS = KEYS[19]
 
 local NOW = tonumber(ARGV[1])
 local EVENTS_MAX = tonumber(ARGV[2])
