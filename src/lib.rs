@@ -43,6 +43,7 @@
 //! - [`dedup`]: [`Deduplicator`] (one job per distinct request) and [`RateLimit`]
 //! - [`retry`]: [`RetryPolicy`], a pure function from attempt to delay
 //! - [`events`]: the per-queue event stream and subscriptions
+//! - [`metrics`]: counters, histograms and gauges through the `metrics` facade
 //! - [`redis`](mod@redis): connections, key layout, one Lua script per transition
 //!
 //! # Guarantees
@@ -55,6 +56,7 @@ pub mod dedup;
 pub mod error;
 pub mod events;
 pub mod job;
+pub mod metrics;
 pub mod queue;
 pub mod redis;
 pub mod retry;
@@ -64,7 +66,7 @@ pub use dedup::{Deduplicator, RateLimit};
 pub use error::{Error, JobError};
 pub use events::{EventKind, EventStream, JobEvent};
 pub use job::{AttemptError, JobId, JobOptions, JobState, JobStatus, Priority};
-pub use queue::{CancelOutcome, Enqueue, Enqueued, Queue, QueueBuilder, QueueStats};
+pub use queue::{CancelOutcome, Enqueue, Enqueued, Queue, QueueBuilder, QueueStats, RecentStats};
 pub use redis::Connector;
 pub use retry::RetryPolicy;
 pub use worker::{

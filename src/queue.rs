@@ -17,6 +17,7 @@ use crate::dedup::{Deduplicator, RateLimit, sha256_hex};
 use crate::error::Error;
 use crate::events::{EventHub, EventStream};
 use crate::job::{JobId, JobOptions, JobRecord, JobState, JobStatus, Priority, now_ms, time_to_ms};
+use crate::metrics;
 use crate::redis::{Conn, Connector, Keys, Scripts};
 
 /// Jobs per enqueue script call: big batches stay one call each of bounded size.
@@ -208,7 +209,7 @@ pub enum CancelOutcome {
 }
 
 /// Counts for one queue, read from Redis.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub struct QueueStats {
     /// Ready to run.
@@ -225,9 +226,58 @@ pub struct QueueStats {
     pub workers: u64,
     /// Workers whose circuit breaker is open or half-open (they claim no jobs).
     pub open_breakers: u64,
-    /// Monotonic totals since the queue was created: `enqueued`, `completed`, `failed`
-    /// (attempts), `retried`, `dead`, `cancelled`, `expired`, `stalled`.
+    /// Monotonic totals since the queue was created: `enqueued`, `deduplicated`,
+    /// `rate_limited`, `completed`, `failed` (attempts), `retried`, `dead`, `cancelled`,
+    /// `expired`, `stalled`.
     pub totals: HashMap<String, u64>,
+    /// Outcomes over the last minutes.
+    pub recent: RecentStats,
+}
+
+/// Outcomes over a recent window (whole minutes, the current one included).
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct RecentStats {
+    /// The window's length.
+    pub window: Duration,
+    /// Attempts that completed.
+    pub completed: u64,
+    /// Attempts that failed (errors, timeouts, panics, stalls).
+    pub failed: u64,
+    /// Mean time from start to report of attempts that ended, if any did.
+    pub mean_duration: Option<Duration>,
+    /// Failed attempts over all attempts that ended, if any did.
+    pub error_rate: Option<f64>,
+}
+
+/// Minutes in the recent window (the ring in Redis holds 60).
+const RECENT_MINUTES: u64 = 15;
+
+fn recent_stats(fields: &HashMap<String, String>, now: u64) -> RecentStats {
+    let minute = now / 60_000;
+    let (mut completed, mut failed, mut total_ms) = (0u64, 0u64, 0u64);
+    for (field, value) in fields {
+        if !field.starts_with("w:") {
+            continue;
+        }
+        let parts: Vec<u64> = value.split(',').filter_map(|p| p.parse().ok()).collect();
+        if let [m, c, f, d] = parts[..]
+            && m + RECENT_MINUTES > minute
+            && m <= minute
+        {
+            completed += c;
+            failed += f;
+            total_ms += d;
+        }
+    }
+    let ended = completed + failed;
+    RecentStats {
+        window: Duration::from_secs(RECENT_MINUTES * 60),
+        completed,
+        failed,
+        mean_duration: (ended > 0).then(|| Duration::from_millis(total_ms / ended)),
+        error_rate: (ended > 0).then(|| failed as f64 / ended as f64),
+    }
 }
 
 impl<J> Queue<J> {
@@ -391,10 +441,25 @@ impl<J> Queue<J> {
             u64,
             u64,
             u64,
-            HashMap<String, u64>,
+            HashMap<String, String>,
         );
-        let (queued, scheduled, active, dead, high, normal, low, workers, open_breakers, totals): Reply =
+        let (queued, scheduled, active, dead, high, normal, low, workers, open_breakers, fields): Reply =
             pipe.query_async(&mut self.shared.conn.clone()).await?;
+        let name = &self.shared.name;
+        for (state, n) in [
+            ("queued", queued),
+            ("scheduled", scheduled),
+            ("active", active),
+            ("dead", dead),
+        ] {
+            metrics::depth(name, state, n);
+        }
+        metrics::workers(name, workers);
+        let totals = fields
+            .iter()
+            .filter(|(k, _)| !k.starts_with("w:"))
+            .filter_map(|(k, v)| Some((k.clone(), v.parse().ok()?)))
+            .collect();
         Ok(QueueStats {
             queued,
             scheduled,
@@ -407,6 +472,7 @@ impl<J> Queue<J> {
             ],
             workers,
             open_breakers,
+            recent: recent_stats(&fields, now_ms()),
             totals,
         })
     }
@@ -516,6 +582,7 @@ impl<J: Serialize> Queue<J> {
         if status == "limited" {
             let ms: u64 = redis::from_redis_value(reply)
                 .map_err(|e| Error::Protocol(format!("enqueue: {e}")))?;
+            metrics::count(metrics::RATE_LIMITED, &self.shared.name, 1);
             return Err(Error::RateLimited {
                 key: limit.map(|l| l.key.clone()).unwrap_or_default(),
                 retry_after: Duration::from_millis(ms),
@@ -523,6 +590,13 @@ impl<J: Serialize> Queue<J> {
         }
         let reply: Vec<(String, u8, String)> =
             redis::from_redis_value(reply).map_err(|e| Error::Protocol(format!("enqueue: {e}")))?;
+        let created = reply.iter().filter(|r| r.1 == 1).count() as u64;
+        metrics::count(metrics::ENQUEUED, &self.shared.name, created);
+        metrics::count(
+            metrics::DEDUPLICATED,
+            &self.shared.name,
+            reply.len() as u64 - created,
+        );
         reply
             .into_iter()
             .map(|(id, created, state)| {

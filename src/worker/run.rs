@@ -17,6 +17,7 @@ use super::handler::{Handler, JobContext};
 use super::lease::{Held, Registry};
 use crate::error::JobError;
 use crate::job::now_ms;
+use crate::metrics;
 use crate::queue::Shared;
 
 /// Everything a job task needs, shared by all of a worker's tasks.
@@ -84,6 +85,7 @@ impl<H> Runner<H> {
             match claim::report(&shared, &job, &report, claim_next, &self.args).await {
                 Ok(acked) => {
                     log_outcome(&job, &report, &acked.outcome);
+                    record_metrics(&shared.name, &report, &acked.outcome);
                     match acked.next.jobs.into_iter().next() {
                         Some(next) => job = next,
                         None => return,
@@ -165,11 +167,18 @@ impl<H> Runner<H> {
             cancel: cancel.clone(),
             queue: shared.clone(),
         };
+        let ready_at = record.created_at.max(record.run_at);
+        metrics::waited(
+            &shared.name,
+            Duration::from_millis(record.started_at.saturating_sub(ready_at)),
+        );
         let timeout = record
             .timeout_ms
             .map(Duration::from_millis)
             .or(self.config.timeout);
+        let started = std::time::Instant::now();
         let ending = self.supervise(payload, ctx, cancel, timeout).await;
+        metrics::duration(&shared.name, started.elapsed());
         self.registry.remove(job.queue, &job.id);
         if lost.load(Ordering::SeqCst) {
             tracing::warn!(job = %job.id, "finished after losing its lease; Redis will refuse the report");
@@ -247,6 +256,22 @@ fn joined_result(
         }
         Err(_) => Err(JobError::Cancelled),
     }
+}
+
+fn record_metrics(queue: &str, report: &Report, outcome: &str) {
+    if let Report::Failed { error, .. } = report
+        && outcome != "lost"
+    {
+        metrics::failed(queue, error.kind());
+    }
+    let name = match outcome {
+        "completed" => metrics::COMPLETED,
+        "retrying" => metrics::RETRIED,
+        "dead" => metrics::DEAD,
+        "cancelled" => metrics::CANCELLED,
+        _ => return,
+    };
+    metrics::count(name, queue, 1);
 }
 
 fn log_outcome(job: &Claimed, report: &Report, outcome: &str) {

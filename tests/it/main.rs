@@ -5,5 +5,6 @@ mod common;
 mod crash;
 mod dedup;
 mod durability;
+mod metrics;
 mod queue;
 mod worker;

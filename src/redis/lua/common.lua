@@ -69,6 +69,24 @@ local function count(field, n)
   redis.call('HINCRBY', K_STATS, field, n or 1)
 end
 
+-- Per-minute outcome counts in a ring of 60 fields of the stats hash ("w:<slot>" =
+-- "minute,completed,failed,duration ms"), for the recent error rate and mean duration
+-- without a key per minute.
+local function window(completed, failed, duration_ms)
+  local minute = math.floor(NOW / 60000)
+  local field = 'w:' .. int(minute % 60)
+  local c, f, d = 0, 0, 0
+  local raw = redis.call('HGET', K_STATS, field)
+  if raw then
+    local pm, pc, pf, pd = string.match(raw, '^(%d+),(%d+),(%d+),(%d+)$')
+    if tonumber(pm) == minute then
+      c, f, d = tonumber(pc), tonumber(pf), tonumber(pd)
+    end
+  end
+  redis.call('HSET', K_STATS, field,
+    int(minute) .. ',' .. int(c + completed) .. ',' .. int(f + failed) .. ',' .. int(d + math.max(duration_ms, 0)))
+end
+
 local function wake(n)
   for _ = 1, math.min(n, WAKE_MAX) do
     redis.call('RPUSH', K_WAKE, '1')
@@ -191,6 +209,7 @@ local function recover(limit)
       local message = 'lease expired: worker ' .. tostring(job.worker) .. ' stopped heartbeating'
       record_error(job, 'stalled', message)
       count('stalled')
+      window(0, 1, 0)
       if job.cancel then
         finish(job, 'cancelled')
       elseif (job.attempts or 0) >= (job.max_attempts or 1) then

@@ -14,6 +14,7 @@ if owned(id, token) then
     finish(job, 'cancelled')
     outcome = 'cancelled'
   elseif job then
+    window(1, 0, NOW - (job.started_at or NOW))
     redis.call('HSET', K_RESULTS, id, ARGV[5])
     job.result = true
     job.progress = 100

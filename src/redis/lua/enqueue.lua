@@ -20,6 +20,7 @@ for i = 0, n - 1 do
   local existing = load(id)
   if existing then
     -- A caller-chosen id names one job: a second enqueue returns it, never overwrites it.
+    count('deduplicated')
     out[i + 1] = { id, 0, existing.state }
   else
     local owner = dedup ~= '' and redis.call('HGET', K_DEDUP, dedup)

@@ -13,6 +13,7 @@ if owned(id, token) then
   if job then
     record_error(job, ARGV[5], ARGV[6])
     count('failed')
+    window(0, 1, NOW - (job.started_at or NOW))
     local retry_at = tonumber(ARGV[7])
     if job.cancel then
       finish(job, 'cancelled')

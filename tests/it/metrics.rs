@@ -1,0 +1,105 @@
+//! Metrics through the `metrics` facade, read back with a debugging recorder, and the
+//! recent-window statistics kept in Redis.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use voxqueue::{JobContext, JobError, JobId, JobState, Worker, handler_fn};
+
+use crate::common::{Prefix, shutdown};
+use crate::queue::Echo;
+
+/// One recorder for the whole test binary (a global can be set once). Only this
+/// module takes snapshots, and it filters by its own queue's label.
+fn snapshotter() -> &'static Snapshotter {
+    static SNAP: OnceLock<Snapshotter> = OnceLock::new();
+    SNAP.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .expect("the only metrics recorder in this binary");
+        snapshotter
+    })
+}
+
+/// Counter totals and histogram sample counts for one queue, by metric name (and
+/// `kind` label for failures).
+fn read(queue: &str) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    for (key, _, _, value) in snapshotter().snapshot().into_vec() {
+        let key = key.key();
+        if !key
+            .labels()
+            .any(|l| l.key() == "queue" && l.value() == queue)
+        {
+            continue;
+        }
+        let mut name = key.name().to_owned();
+        for l in key
+            .labels()
+            .filter(|l| l.key() == "kind" || l.key() == "state")
+        {
+            name = format!("{name}{{{}}}", l.value());
+        }
+        let v = match value {
+            DebugValue::Counter(n) => n as f64,
+            DebugValue::Gauge(g) => g.into_inner(),
+            DebugValue::Histogram(samples) => samples.len() as f64,
+        };
+        *out.entry(name).or_insert(0.0) += v;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_histograms_and_gauges_move_with_the_jobs() {
+    snapshotter();
+    let p = Prefix::new();
+    let name = format!("metrics-{}", &p.name[7..15]);
+    let q = p.queue::<Echo>(&name).await;
+    let id = JobId::new("once").unwrap();
+    q.enqueue(Echo { n: 1 }).id(id.clone()).await.unwrap();
+    q.enqueue(Echo { n: 1 }).id(id.clone()).await.unwrap(); // a duplicate
+    let bad = q.enqueue(Echo { n: 0 }).max_attempts(1).await.unwrap();
+    let handler = handler_fn(|job: Echo, _ctx: JobContext| async move {
+        if job.n == 0 {
+            return Err(JobError::permanent("zero"));
+        }
+        Ok(job.n)
+    });
+    let (stop, signal) = shutdown();
+    let w = tokio::spawn(Worker::builder(q.clone()).build(handler).run_until(signal));
+    q.wait_result::<u32>(&id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        q.wait(&bad.id, Duration::from_secs(10))
+            .await
+            .unwrap()
+            .state,
+        JobState::Dead
+    );
+    let _ = stop.send(());
+    w.await.unwrap().unwrap();
+    let stats = q.stats().await.unwrap();
+
+    let m = read(&name);
+    assert_eq!(m.get("voxqueue_jobs_enqueued_total"), Some(&2.0), "{m:?}");
+    assert_eq!(m.get("voxqueue_jobs_deduplicated_total"), Some(&1.0));
+    assert_eq!(m.get("voxqueue_jobs_completed_total"), Some(&1.0));
+    assert_eq!(m.get("voxqueue_jobs_failed_total{permanent}"), Some(&1.0));
+    assert_eq!(m.get("voxqueue_jobs_dead_total"), Some(&1.0));
+    assert_eq!(m.get("voxqueue_job_duration_seconds"), Some(&2.0));
+    assert_eq!(m.get("voxqueue_job_wait_seconds"), Some(&2.0));
+    assert_eq!(m.get("voxqueue_queue_jobs{dead}"), Some(&1.0));
+    assert_eq!(m.get("voxqueue_queue_jobs{queued}"), Some(&0.0));
+
+    // The same story from Redis, over the recent window.
+    assert_eq!(stats.totals.get("deduplicated"), Some(&1));
+    assert_eq!((stats.recent.completed, stats.recent.failed), (1, 1));
+    assert_eq!(stats.recent.error_rate, Some(0.5));
+    assert!(stats.recent.mean_duration.is_some());
+}
