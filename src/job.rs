@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::Error;
+use crate::retry::RetryPolicy;
 
 /// A job's id: generated (UUID v7, so ids sort by creation time) or chosen by the caller.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -172,6 +173,9 @@ pub struct JobOptions {
     /// Attempts before the job is dead (1 = no retry); unset, the worker's
     /// [`RetryPolicy`](crate::RetryPolicy) decides.
     pub max_attempts: Option<u32>,
+    /// This job's own retry policy (its delays and, unless `max_attempts` is set,
+    /// its attempts), instead of the worker's.
+    pub retry: Option<RetryPolicy>,
     /// How long one attempt may run.
     pub timeout: Option<Duration>,
     /// A job not started within this time (from enqueue) ends `Expired`.
@@ -222,6 +226,12 @@ impl JobOptions {
         self
     }
 
+    /// Retries this job on its own policy rather than the worker's.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
     /// A job not started within `ttl` of enqueue ends `Expired` instead of running late.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
@@ -265,6 +275,8 @@ pub(crate) struct JobRecord {
     pub(crate) max_attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) retry: Option<RetryPolicy>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) created_at: u64,
     #[serde(default, skip_serializing_if = "is_zero")]

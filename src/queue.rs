@@ -19,6 +19,7 @@ use crate::events::{EventHub, EventStream};
 use crate::job::{JobId, JobOptions, JobRecord, JobState, JobStatus, Priority, now_ms, time_to_ms};
 use crate::metrics;
 use crate::redis::{Conn, Connector, Keys, Scripts};
+use crate::retry::RetryPolicy;
 
 /// Jobs per enqueue script call: big batches stay one call each of bounded size.
 const BULK_CHUNK: usize = 500;
@@ -537,7 +538,11 @@ impl<J: Serialize> Queue<J> {
         let id = opts.id.clone().unwrap_or_else(JobId::generate);
         let record = JobRecord {
             pri: opts.priority.rank(),
-            max_attempts: opts.max_attempts.unwrap_or(0),
+            max_attempts: opts
+                .max_attempts
+                .or(opts.retry.as_ref().map(RetryPolicy::attempts))
+                .unwrap_or(0),
+            retry: opts.retry.clone(),
             timeout_ms: opts.timeout.map(|d| d.as_millis() as u64),
             run_at: opts.run_at.map(time_to_ms).unwrap_or(0),
             expires_at: opts.ttl.map(|t| now + t.as_millis() as u64).unwrap_or(0),
@@ -711,6 +716,12 @@ impl<J> Enqueue<'_, J> {
     /// How long one attempt may run.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.options.timeout = Some(timeout);
+        self
+    }
+
+    /// Retries this job on its own policy rather than the worker's.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.options.retry = Some(policy);
         self
     }
 

@@ -4,8 +4,10 @@
 use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 /// How delays grow between attempts.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Backoff {
     /// The same delay every time.
@@ -20,7 +22,7 @@ pub enum Backoff {
 }
 
 /// How randomness spreads retries so failed jobs do not come back in a herd.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Jitter {
     /// Exact delays.
@@ -43,14 +45,23 @@ pub enum Jitter {
 /// assert_eq!(policy.next_delay(3), Some(Duration::from_secs(8)));
 /// assert_eq!(policy.next_delay(4), None); // the fourth attempt was the last
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+///
+/// A policy is plain data: a job can carry its own (see
+/// [`JobOptions::retry`](crate::JobOptions::retry)), stored with it in Redis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RetryPolicy {
     backoff: Backoff,
     max_attempts: u32,
     max_delay: Duration,
     jitter: Jitter,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     seed: Option<u64>,
+    #[serde(skip, default = "fresh_entropy")]
     entropy: u64,
+}
+
+fn fresh_entropy() -> u64 {
+    RandomState::new().hash_one(0u8)
 }
 
 impl Default for RetryPolicy {
@@ -70,7 +81,7 @@ impl RetryPolicy {
             max_delay: Duration::from_secs(600),
             jitter: Jitter::None,
             seed: None,
-            entropy: RandomState::new().hash_one(0u8),
+            entropy: fresh_entropy(),
         }
     }
 

@@ -97,7 +97,8 @@ pub(crate) enum Report {
     Completed(Vec<u8>),
     Failed {
         error: JobError,
-        retry_at: Option<u64>,
+        /// `None`: no retry, the job is dead.
+        retry_in: Option<Duration>,
     },
 }
 
@@ -127,7 +128,10 @@ pub(crate) async fn report(
                     .arg(result.as_slice());
                 inv
             }
-            Report::Failed { error, retry_at } => {
+            Report::Failed { error, retry_in } => {
+                // The delay counts from the same clock reading the script records the
+                // failure at, so a seeded schedule is exact to the millisecond.
+                let retry_at = retry_in.map(|d| now + (d.as_millis() as u64).max(1));
                 let mut inv = shared.invocation(shared.scripts.fail, now);
                 inv.arg(job.id.as_str())
                     .arg(&job.token)

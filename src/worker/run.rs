@@ -74,8 +74,8 @@ impl<H> Runner<H> {
                 }
                 Ending::Done(Ok(bytes)) => Report::Completed(bytes),
                 Ending::Done(Err(error)) => {
-                    let retry_at = self.retry_at(&job, &error);
-                    Report::Failed { error, retry_at }
+                    let retry_in = self.retry_in(&job, &error);
+                    Report::Failed { error, retry_in }
                 }
             };
             // One queue: the report claims the next job in the same round trip.
@@ -123,16 +123,18 @@ impl<H> Runner<H> {
         }
     }
 
-    /// When to retry, or `None` for the dead letters.
-    fn retry_at(&self, job: &Claimed, error: &JobError) -> Option<u64> {
+    /// How long until the retry, or `None` for the dead letters.
+    fn retry_in(&self, job: &Claimed, error: &JobError) -> Option<Duration> {
         let record = job.record.as_ref().ok()?;
         if !error.is_retryable() || record.attempts >= record.max_attempts.max(1) {
             return None;
         }
-        let delay = error
-            .retry_delay()
-            .unwrap_or_else(|| self.config.retry.delay_for(record.attempts));
-        Some(now_ms() + (delay.as_millis() as u64).max(1))
+        let policy = record.retry.as_ref().unwrap_or(&self.config.retry);
+        Some(
+            error
+                .retry_delay()
+                .unwrap_or_else(|| policy.delay_for(record.attempts)),
+        )
     }
 
     async fn attempt<J>(&self, shared: &Arc<Shared>, job: &Claimed) -> Ending

@@ -559,3 +559,58 @@ async fn the_circuit_breaker_opens_holds_jobs_untouched_and_closes() {
     assert_eq!(states, vec!["open", "half_open", "closed"]);
     stop(w).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_follow_the_seeded_schedule_exactly_and_a_job_may_bring_its_own_policy() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("schedule").await;
+    let always_failing = handler_fn(|_job: Echo, ctx: JobContext| async move {
+        Err::<u32, _>(JobError::transient(format!("attempt {}", ctx.attempt())))
+    });
+    // The worker's policy would wait an hour; this job brings its own.
+    let own = RetryPolicy::exponential(Duration::from_millis(40))
+        .max_attempts(3)
+        .jitter(0.5)
+        .seed(99);
+    let job = q.enqueue(Echo { n: 1 }).retry(own.clone()).await.unwrap();
+    let w = spawn(
+        Worker::builder(q.clone())
+            .retry(RetryPolicy::fixed(Duration::from_secs(3600)).max_attempts(10))
+            .build(always_failing),
+    );
+    // After each failure the job waits in `scheduled` exactly the policy's delay.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let st = eventually(WAIT, "dead after three attempts", || {
+        let (q, id, seen) = (q.clone(), job.id.clone(), seen.clone());
+        async move {
+            let st = q.status(&id).await.unwrap();
+            let mut seen = seen.lock().unwrap();
+            if st.state == JobState::Scheduled && !seen.iter().any(|(a, _)| *a == st.attempts) {
+                let failed_at = st.last_error().unwrap().at;
+                let run_at = st
+                    .run_at
+                    .unwrap()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis() as u64;
+                seen.push((st.attempts, run_at - failed_at));
+            }
+            (st.state == JobState::Dead).then_some(st)
+        }
+    })
+    .await;
+    assert_eq!(st.attempts, 3);
+    assert_eq!(st.errors.len(), 3);
+    let expected: Vec<(u32, u64)> = (1..3)
+        .map(|a| (a, own.next_delay(a).unwrap().as_millis() as u64))
+        .collect();
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.is_empty());
+    for got in &seen {
+        assert!(
+            expected.contains(got),
+            "saw {got:?}, expected one of {expected:?}"
+        );
+    }
+    stop(w).await;
+}
