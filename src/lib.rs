@@ -42,6 +42,8 @@
 //! - [`worker`]: [`Worker`], [`Handler`], [`JobContext`], leases and heartbeats, shutdown
 //! - [`dedup`]: [`Deduplicator`] (one job per distinct request) and [`RateLimit`]
 //! - [`retry`]: [`RetryPolicy`], a pure function from attempt to delay
+//! - [`tts`]: speech requests, text, audio, captions, the `Synthesizer` trait, the
+//!   offline espeak-ng voice, result stores and [`tts::TtsHandler`]
 //! - [`events`]: the per-queue event stream and subscriptions
 //! - [`metrics`]: counters, histograms and gauges through the `metrics` facade
 //! - [`redis`](mod@redis): connections, key layout, one Lua script per transition
@@ -60,6 +62,7 @@ pub mod metrics;
 pub mod queue;
 pub mod redis;
 pub mod retry;
+pub mod tts;
 pub mod worker;
 
 pub use dedup::{Deduplicator, RateLimit};
