@@ -41,6 +41,13 @@ pub enum EventKind {
     Expired,
     /// Failed for good; `data` is the reason.
     Dead,
+    /// An operator sent a dead job back to ready (see
+    /// [`DeadLetter::requeue`](crate::DeadLetter::requeue)); it will run again under
+    /// the same id.
+    Requeued,
+    /// A dead job was deleted for good, by an operator or by the dead-letter cap
+    /// (then `data` is `dead letter cap`).
+    Purged,
     /// An event this version does not know (written by a newer one).
     Other(String),
 }
@@ -60,6 +67,8 @@ impl EventKind {
             "cancelled" => EventKind::Cancelled,
             "expired" => EventKind::Expired,
             "dead" => EventKind::Dead,
+            "requeued" => EventKind::Requeued,
+            "purged" => EventKind::Purged,
             other => EventKind::Other(other.to_owned()),
         }
     }

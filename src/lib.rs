@@ -41,6 +41,7 @@
 //! - [`queue`]: [`Queue`]: enqueue (single and bulk), status, wait, cancel, stats
 //! - [`worker`]: [`Worker`], [`Handler`], [`JobContext`], leases and heartbeats, shutdown
 //! - [`retry`]: [`RetryPolicy`], a pure function from attempt to delay
+//! - [`dead_letter`]: [`DeadLetter`]: list, inspect (with error history), requeue, purge
 //! - [`events`]: the per-queue event stream and subscriptions
 //! - [`redis`](mod@redis): connections, key layout, one Lua script per transition
 //!
@@ -50,6 +51,7 @@
 //! lease is renewed from its own thread and checked by every transition, so a worker
 //! that lost a job cannot complete it. See `DESIGN.md` for the full list.
 
+pub mod dead_letter;
 pub mod error;
 pub mod events;
 pub mod job;
@@ -58,6 +60,7 @@ pub mod redis;
 pub mod retry;
 pub mod worker;
 
+pub use dead_letter::{DeadJob, DeadLetter};
 pub use error::{Error, JobError};
 pub use events::{EventKind, EventStream, JobEvent};
 pub use job::{AttemptError, JobId, JobOptions, JobState, JobStatus, Priority};

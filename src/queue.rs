@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
 
+use crate::dead_letter::{DEAD_CAP_FIELD, DeadLetter, store_dead_cap};
 use crate::error::Error;
 use crate::events::{EventHub, EventStream};
 use crate::job::{JobId, JobOptions, JobRecord, JobState, JobStatus, Priority, now_ms, time_to_ms};
@@ -29,6 +30,8 @@ pub(crate) const LIVE_WINDOW: Duration = Duration::from_secs(15);
 pub(crate) struct QueueConfig {
     pub(crate) result_ttl: Duration,
     pub(crate) events_max: u64,
+    /// `Some(0)` removes the cap, `None` leaves whatever the queue has in Redis.
+    pub(crate) dead_cap: Option<u64>,
 }
 
 /// What one queue value shares with its clones and its workers.
@@ -145,6 +148,18 @@ impl<J> QueueBuilder<J> {
         self
     }
 
+    /// Keeps at most `cap` jobs in the dead letters: each burial beyond it deletes the
+    /// oldest dead jobs for good, so a poison flood cannot fill Redis. `0` removes the
+    /// cap.
+    ///
+    /// The cap belongs to the queue, not to this process: `connect` stores it in Redis,
+    /// where every worker's scripts read it, so a queue built without this setting
+    /// keeps the cap that another process set.
+    pub fn dead_letter_cap(mut self, cap: u64) -> Self {
+        self.config.dead_cap = Some(cap);
+        self
+    }
+
     /// Connects. Fails on a bad name or URL, or if Redis does not answer.
     pub async fn connect(self) -> Result<Queue<J>, Error> {
         let keys = Keys::new(&self.prefix, &self.name)?;
@@ -158,6 +173,9 @@ impl<J> QueueBuilder<J> {
             }
         };
         let conn = connector.connect().await?;
+        if let Some(cap) = self.config.dead_cap {
+            store_dead_cap(&conn, &keys, cap).await?;
+        }
         Ok(Queue {
             shared: Arc::new(Shared {
                 name: self.name,
@@ -216,7 +234,8 @@ pub struct QueueStats {
     /// Workers that heartbeat recently.
     pub workers: u64,
     /// Monotonic totals since the queue was created: `enqueued`, `completed`, `failed`
-    /// (attempts), `retried`, `dead`, `cancelled`, `expired`, `stalled`.
+    /// (attempts), `retried`, `dead`, `cancelled`, `expired`, `stalled`, `requeued`,
+    /// `purged`.
     pub totals: HashMap<String, u64>,
 }
 
@@ -237,6 +256,7 @@ impl<J> Queue<J> {
             config: QueueConfig {
                 result_ttl: Duration::from_secs(86_400),
                 events_max: 10_000,
+                dead_cap: None,
             },
         }
     }
@@ -333,6 +353,11 @@ impl<J> Queue<J> {
         }
     }
 
+    /// The queue's dead letters: jobs that failed for good, to inspect, requeue or purge.
+    pub fn dead_letter(&self) -> DeadLetter<J> {
+        DeadLetter::new(self.clone())
+    }
+
     /// Subscribes to this queue's events from now on.
     pub async fn events(&self) -> Result<EventStream, Error> {
         Ok(self.shared.hub().await?.subscribe())
@@ -371,8 +396,10 @@ impl<J> Queue<J> {
         pipe.zcount(k.workers(), live_since, "+inf")
             .hgetall(k.stats());
         type Reply = (u64, u64, u64, u64, u64, u64, u64, u64, HashMap<String, u64>);
-        let (queued, scheduled, active, dead, high, normal, low, workers, totals): Reply =
+        let (queued, scheduled, active, dead, high, normal, low, workers, mut totals): Reply =
             pipe.query_async(&mut self.shared.conn.clone()).await?;
+        // A setting that shares the hash with the counters, not a total.
+        totals.remove(DEAD_CAP_FIELD);
         Ok(QueueStats {
             queued,
             scheduled,

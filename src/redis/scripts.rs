@@ -25,6 +25,8 @@ pub(crate) struct Scripts {
     pub(crate) progress: &'static Script,
     pub(crate) cancel: &'static Script,
     pub(crate) unregister: &'static Script,
+    pub(crate) requeue: &'static Script,
+    pub(crate) purge: &'static Script,
 }
 
 static ENQUEUE: LazyLock<Script> = script!("lua/enqueue.lua");
@@ -36,6 +38,8 @@ static HEARTBEAT: LazyLock<Script> = script!("lua/heartbeat.lua");
 static PROGRESS: LazyLock<Script> = script!("lua/progress.lua");
 static CANCEL: LazyLock<Script> = script!("lua/cancel.lua");
 static UNREGISTER: LazyLock<Script> = script!("lua/unregister.lua");
+static REQUEUE: LazyLock<Script> = script!("lua/requeue.lua");
+static PURGE: LazyLock<Script> = script!("lua/purge.lua");
 
 impl Scripts {
     pub(crate) fn get() -> Self {
@@ -49,6 +53,8 @@ impl Scripts {
             progress: &PROGRESS,
             cancel: &CANCEL,
             unregister: &UNREGISTER,
+            requeue: &REQUEUE,
+            purge: &PURGE,
         }
     }
 }
