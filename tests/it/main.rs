@@ -3,6 +3,7 @@
 
 mod common;
 mod crash;
+mod dead_letter;
 mod durability;
 mod queue;
 mod worker;
