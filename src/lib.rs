@@ -42,6 +42,8 @@
 //! - [`worker`]: [`Worker`], [`Handler`], [`JobContext`], leases and heartbeats, shutdown
 //! - [`retry`]: [`RetryPolicy`], a pure function from attempt to delay
 //! - [`dead_letter`]: [`DeadLetter`]: list, inspect (with error history), requeue, purge
+//! - [`schedule`]: [`Periodic`] jobs on a cron or interval [`Schedule`], one enqueue per
+//!   tick across all processes
 //! - [`events`]: the per-queue event stream and subscriptions
 //! - [`redis`](mod@redis): connections, key layout, one Lua script per transition
 //!
@@ -58,6 +60,7 @@ pub mod job;
 pub mod queue;
 pub mod redis;
 pub mod retry;
+pub mod schedule;
 pub mod worker;
 
 pub use dead_letter::{DeadJob, DeadLetter};
@@ -67,4 +70,5 @@ pub use job::{AttemptError, JobId, JobOptions, JobState, JobStatus, Priority};
 pub use queue::{CancelOutcome, Enqueue, Enqueued, Queue, QueueBuilder, QueueStats};
 pub use redis::Connector;
 pub use retry::RetryPolicy;
+pub use schedule::{Periodic, Schedule};
 pub use worker::{Handler, HandlerFn, JobContext, QueueOrder, Worker, WorkerBuilder, handler_fn};
