@@ -6,4 +6,5 @@ mod crash;
 mod dead_letter;
 mod durability;
 mod queue;
+mod schedule;
 mod worker;
