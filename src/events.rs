@@ -44,6 +44,13 @@ pub enum EventKind {
     /// A worker's circuit breaker changed state. For this kind, `job_id` holds the
     /// worker's id and `data` the new state (`open`, `half_open`, `closed`).
     Breaker,
+    /// An operator sent a dead job back to ready (see
+    /// [`DeadLetter::requeue`](crate::DeadLetter::requeue)); it will run again under
+    /// the same id.
+    Requeued,
+    /// A dead job was deleted for good, by an operator or by the dead-letter cap
+    /// (then `data` is `dead letter cap`).
+    Purged,
     /// An event this version does not know (written by a newer one).
     Other(String),
 }
@@ -64,6 +71,8 @@ impl EventKind {
             "expired" => EventKind::Expired,
             "dead" => EventKind::Dead,
             "breaker" => EventKind::Breaker,
+            "requeued" => EventKind::Requeued,
+            "purged" => EventKind::Purged,
             other => EventKind::Other(other.to_owned()),
         }
     }

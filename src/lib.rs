@@ -42,6 +42,9 @@
 //! - [`worker`]: [`Worker`], [`Handler`], [`JobContext`], leases and heartbeats, shutdown
 //! - [`dedup`]: [`Deduplicator`] (one job per distinct request) and [`RateLimit`]
 //! - [`retry`]: [`RetryPolicy`], a pure function from attempt to delay
+//! - [`dead_letter`]: [`DeadLetter`]: list, inspect (with error history), requeue, purge
+//! - [`schedule`]: [`Periodic`] jobs on a cron or interval [`Schedule`], one enqueue per
+//!   tick across all processes
 //! - [`tts`]: speech requests, text, audio, captions, the `Synthesizer` trait, the
 //!   offline espeak-ng voice, result stores and [`tts::TtsHandler`]
 //! - [`events`]: the per-queue event stream and subscriptions
@@ -54,6 +57,7 @@
 //! lease is renewed from its own thread and checked by every transition, so a worker
 //! that lost a job cannot complete it. See `DESIGN.md` for the full list.
 
+pub mod dead_letter;
 pub mod dedup;
 pub mod error;
 pub mod events;
@@ -62,9 +66,11 @@ pub mod metrics;
 pub mod queue;
 pub mod redis;
 pub mod retry;
+pub mod schedule;
 pub mod tts;
 pub mod worker;
 
+pub use dead_letter::{DeadJob, DeadLetter};
 pub use dedup::{Deduplicator, RateLimit};
 pub use error::{Error, JobError};
 pub use events::{EventKind, EventStream, JobEvent};
@@ -72,6 +78,7 @@ pub use job::{AttemptError, JobId, JobOptions, JobState, JobStatus, Priority};
 pub use queue::{CancelOutcome, Enqueue, Enqueued, Queue, QueueBuilder, QueueStats, RecentStats};
 pub use redis::Connector;
 pub use retry::RetryPolicy;
+pub use schedule::{Periodic, Schedule};
 pub use worker::{
     BreakerState, CircuitBreaker, Handler, HandlerFn, JobContext, QueueOrder, Worker,
     WorkerBuilder, handler_fn,

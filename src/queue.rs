@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
 
+use crate::dead_letter::{DEAD_CAP_FIELD, DeadLetter, store_dead_cap};
 use crate::dedup::{Deduplicator, RateLimit, sha256_hex};
 use crate::error::Error;
 use crate::events::{EventHub, EventStream};
@@ -31,6 +32,8 @@ pub(crate) const LIVE_WINDOW: Duration = Duration::from_secs(15);
 pub(crate) struct QueueConfig {
     pub(crate) result_ttl: Duration,
     pub(crate) events_max: u64,
+    /// `Some(0)` removes the cap, `None` leaves whatever the queue has in Redis.
+    pub(crate) dead_cap: Option<u64>,
 }
 
 /// What one queue value shares with its clones and its workers.
@@ -155,6 +158,18 @@ impl<J> QueueBuilder<J> {
         self
     }
 
+    /// Keeps at most `cap` jobs in the dead letters: each burial beyond it deletes the
+    /// oldest dead jobs for good, so a poison flood cannot fill Redis. `0` removes the
+    /// cap.
+    ///
+    /// The cap belongs to the queue, not to this process: `connect` stores it in Redis,
+    /// where every worker's scripts read it, so a queue built without this setting
+    /// keeps the cap that another process set.
+    pub fn dead_letter_cap(mut self, cap: u64) -> Self {
+        self.config.dead_cap = Some(cap);
+        self
+    }
+
     /// Connects. Fails on a bad name or URL, or if Redis does not answer.
     pub async fn connect(self) -> Result<Queue<J>, Error> {
         let keys = Keys::new(&self.prefix, &self.name)?;
@@ -168,6 +183,9 @@ impl<J> QueueBuilder<J> {
             }
         };
         let conn = connector.connect().await?;
+        if let Some(cap) = self.config.dead_cap {
+            store_dead_cap(&conn, &keys, cap).await?;
+        }
         Ok(Queue {
             shared: Arc::new(Shared {
                 name: self.name,
@@ -229,7 +247,7 @@ pub struct QueueStats {
     pub open_breakers: u64,
     /// Monotonic totals since the queue was created: `enqueued`, `deduplicated`,
     /// `rate_limited`, `completed`, `failed` (attempts), `retried`, `dead`, `cancelled`,
-    /// `expired`, `stalled`.
+    /// `expired`, `stalled`, `requeued`, `purged`.
     pub totals: HashMap<String, u64>,
     /// Outcomes over the last minutes.
     pub recent: RecentStats,
@@ -298,6 +316,7 @@ impl<J> Queue<J> {
             config: QueueConfig {
                 result_ttl: Duration::from_secs(86_400),
                 events_max: 10_000,
+                dead_cap: None,
             },
         }
     }
@@ -394,6 +413,11 @@ impl<J> Queue<J> {
         }
     }
 
+    /// The queue's dead letters: jobs that failed for good, to inspect, requeue or purge.
+    pub fn dead_letter(&self) -> DeadLetter<J> {
+        DeadLetter::new(self.clone())
+    }
+
     /// Subscribes to this queue's events from now on.
     pub async fn events(&self) -> Result<EventStream, Error> {
         Ok(self.shared.hub().await?.subscribe())
@@ -458,7 +482,7 @@ impl<J> Queue<J> {
         metrics::workers(name, workers);
         let totals = fields
             .iter()
-            .filter(|(k, _)| !k.starts_with("w:"))
+            .filter(|(k, _)| !k.starts_with("w:") && k.as_str() != DEAD_CAP_FIELD)
             .filter_map(|(k, v)| Some((k.clone(), v.parse().ok()?)))
             .collect();
         Ok(QueueStats {

@@ -62,6 +62,9 @@ impl Keys {
     pub(crate) fn jobs(&self) -> &str {
         &self.all[0]
     }
+    pub(crate) fn payloads(&self) -> &str {
+        &self.all[1]
+    }
     pub(crate) fn results(&self) -> &str {
         &self.all[2]
     }

@@ -26,6 +26,8 @@ pub(crate) struct Scripts {
     pub(crate) cancel: &'static Script,
     pub(crate) unregister: &'static Script,
     pub(crate) breaker: &'static Script,
+    pub(crate) requeue: &'static Script,
+    pub(crate) purge: &'static Script,
 }
 
 static ENQUEUE: LazyLock<Script> = script!("lua/enqueue.lua");
@@ -38,6 +40,8 @@ static PROGRESS: LazyLock<Script> = script!("lua/progress.lua");
 static CANCEL: LazyLock<Script> = script!("lua/cancel.lua");
 static UNREGISTER: LazyLock<Script> = script!("lua/unregister.lua");
 static BREAKER: LazyLock<Script> = script!("lua/breaker.lua");
+static REQUEUE: LazyLock<Script> = script!("lua/requeue.lua");
+static PURGE: LazyLock<Script> = script!("lua/purge.lua");
 
 impl Scripts {
     pub(crate) fn get() -> Self {
@@ -52,6 +56,8 @@ impl Scripts {
             cancel: &CANCEL,
             unregister: &UNREGISTER,
             breaker: &BREAKER,
+            requeue: &REQUEUE,
+            purge: &PURGE,
         }
     }
 }

@@ -3,8 +3,10 @@
 
 mod common;
 mod crash;
+mod dead_letter;
 mod dedup;
 mod durability;
 mod metrics;
 mod queue;
+mod schedule;
 mod worker;

@@ -16,7 +16,7 @@
 --   KEYS[11] wake       list   one token per enqueue, for blocked workers
 --   KEYS[12] workers    zset   worker id -> last heartbeat ms
 --   KEYS[13] seq        string sequence for FIFO order and lease tokens
---   KEYS[14] stats      hash   monotonic counters
+--   KEYS[14] stats      hash   monotonic counters, and `dead_cap` (see trim_dead)
 --   KEYS[15] dedup      hash   sha256 of a request -> id of the job that owns it
 --   KEYS[16] dedup_exp  zset   sha256 -> ms after which the entry may be swept
 --   KEYS[17] limits     hash   rate-limit key -> theoretical arrival time (GCRA) ms
@@ -134,6 +134,36 @@ local function finish(job, state)
   emit(state, job.id)
 end
 
+-- Deletes every trace of a job (record, payload, result) and its dead-letter entry.
+local function erase(id)
+  redis.call('ZREM', K_DEAD, id)
+  redis.call('HDEL', K_JOBS, id)
+  redis.call('HDEL', K_PAYLOADS, id)
+  redis.call('HDEL', K_RESULTS, id)
+end
+
+-- The dead-letter cap lives in the stats hash (field `dead_cap`, written when a queue
+-- built with `dead_letter_cap` connects) rather than in ARGV: every script that can
+-- bury (claim through recover, fail, ...) then honours it without each caller having
+-- to pass it, and a worker built without the setting still enforces the cap that an
+-- operator's process set. Bounded per call; a lowered cap is reached over later burials.
+local function trim_dead()
+  local cap = tonumber(redis.call('HGET', K_STATS, 'dead_cap'))
+  if not cap or cap <= 0 then
+    return
+  end
+  local over = redis.call('ZCARD', K_DEAD) - cap
+  if over <= 0 then
+    return
+  end
+  local oldest = redis.call('ZRANGE', K_DEAD, 0, math.min(over, 100) - 1)
+  for _, id in ipairs(oldest) do
+    erase(id)
+    count('purged')
+    emit('purged', id, 'dead letter cap')
+  end
+end
+
 local function bury(job, reason)
   job.state = 'dead'
   job.finished_at = NOW
@@ -145,6 +175,7 @@ local function bury(job, reason)
   save(job)
   count('dead')
   emit('dead', job.id, reason)
+  trim_dead()
 end
 
 local function record_error(job, kind, message)
