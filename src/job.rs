@@ -171,7 +171,7 @@ pub struct JobOptions {
     /// Earliest start (absolute). Set by `delay` or `run_at`.
     pub run_at: Option<SystemTime>,
     /// Attempts before the job is dead (1 = no retry); unset, the worker's
-    /// [`RetryPolicy`](crate::RetryPolicy) decides.
+    /// [`RetryPolicy`] decides.
     pub max_attempts: Option<u32>,
     /// This job's own retry policy (its delays and, unless `max_attempts` is set,
     /// its attempts), instead of the worker's.

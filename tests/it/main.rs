@@ -9,4 +9,5 @@ mod durability;
 mod metrics;
 mod queue;
 mod schedule;
+mod tts;
 mod worker;

@@ -1,0 +1,100 @@
+//! Run with: `cargo run --example speak -- "Hello from voxqueue." --out out/`
+//! (needs Redis on 127.0.0.1:6379 and `espeak-ng`; `bash .ci/setup` installs both).
+//!
+//! The main job in one program: a producer enqueues a sentence, a worker with the
+//! offline voice synthesises it, and the audio and its captions are written to files.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use voxqueue::tts::{
+    self, AudioFormat, EspeakSynthesizer, Limits, RedisStore, ResultStore, SpeechResult,
+    SynthesisRequest, Synthesizer, TtsHandler,
+};
+use voxqueue::{Queue, Worker};
+
+#[derive(Debug, Parser)]
+#[command(about = "Speak a text through a voxqueue queue and write WAV + captions")]
+struct Args {
+    /// What to say.
+    #[arg(default_value = "Hello from voxqueue. Every job is spoken once, and never lost.")]
+    text: String,
+    /// Voice id (see --list-voices).
+    #[arg(long, default_value = "en-us")]
+    voice: String,
+    /// Speaking rate, 1.0 is normal.
+    #[arg(long, default_value_t = 1.0)]
+    speed: f32,
+    /// Output sample rate (default: the voice's own).
+    #[arg(long)]
+    sample_rate: Option<u32>,
+    /// Where to write speech.wav, speech.srt and speech.vtt.
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
+    /// Redis URL.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// Print the voices and exit.
+    #[arg(long)]
+    list_voices: bool,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let voice = EspeakSynthesizer::new()?;
+    if args.list_voices {
+        for v in voice.voices() {
+            println!("{:14} {}", v.id, v.name);
+        }
+        return Ok(());
+    }
+
+    let queue = Queue::<SynthesisRequest>::builder("speak")
+        .url(&args.redis)
+        .dedup(tts::deduplicator(Duration::from_secs(3600)))
+        .connect()
+        .await?;
+    let mut request = SynthesisRequest::new(args.text, args.voice)
+        .with_speed(args.speed)
+        .with_format(AudioFormat::Wav);
+    if let Some(rate) = args.sample_rate {
+        request = request.with_sample_rate(rate);
+    }
+    // Invalid requests are refused here, before anything is enqueued.
+    request.validate(&Limits::default(), &voice.voices())?;
+
+    let store = RedisStore::new(&queue);
+    let worker = Worker::builder(queue.clone()).build(TtsHandler::new(voice, store.clone()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(worker.run_until(async {
+        let _ = stopped.await;
+    }));
+
+    let job = queue.enqueue(request).await?;
+    if job.duplicate_of.is_some() {
+        tracing::info!(job = %job.id, "same request as an earlier job: reusing its audio");
+    }
+    let result: SpeechResult = queue.wait_result(&job.id, Duration::from_secs(60)).await?;
+    let audio = store.get(&result.audio).await?.ok_or("audio expired")?;
+
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(args.out.join("speech.wav"), &audio)?;
+    std::fs::write(args.out.join("speech.srt"), result.srt())?;
+    std::fs::write(args.out.join("speech.vtt"), result.vtt())?;
+    println!(
+        "wrote speech.wav ({:.2} s at {} Hz, {} captions) to {}",
+        result.duration().as_secs_f64(),
+        result.sample_rate,
+        result.captions.len(),
+        args.out.display()
+    );
+
+    let _ = stop.send(());
+    running.await??;
+    Ok(())
+}

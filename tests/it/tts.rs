@@ -1,0 +1,193 @@
+//! The TTS layer through a real queue and worker: the offline voice, both result
+//! stores, progress per sentence and cancellation between sentences.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use voxqueue::tts::{
+    Audio, EspeakSynthesizer, FileStore, RedisStore, ResultStore, SpeechResult, SynthesisRequest,
+    Synthesizer, TtsError, TtsHandler, Voice, decode_wav,
+};
+use voxqueue::{EventKind, JobState, Queue, Worker};
+
+use crate::common::{Prefix, shutdown};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn speak_through(
+    queue: &Queue<SynthesisRequest>,
+    store: Arc<dyn ResultStore>,
+    request: SynthesisRequest,
+) -> (SpeechResult, Vec<u8>) {
+    let synth = EspeakSynthesizer::new().expect("espeak-ng is installed by .ci/setup");
+    let handler = TtsHandler::from_shared(Arc::new(synth), store.clone());
+    let (stop, signal) = shutdown();
+    let worker = tokio::spawn(
+        Worker::builder(queue.clone())
+            .build(handler)
+            .run_until(signal),
+    );
+    let job = queue.enqueue(request).await.unwrap();
+    let result: SpeechResult = queue.wait_result(&job.id, WAIT).await.unwrap();
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+    let bytes = store
+        .get(&result.audio)
+        .await
+        .unwrap()
+        .expect("audio stored");
+    (result, bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_offline_voice_speaks_through_the_queue_into_redis() {
+    let p = Prefix::new();
+    let q = p.queue::<SynthesisRequest>("speech").await;
+    let store: Arc<dyn ResultStore> = Arc::new(RedisStore::new(&q));
+    let request =
+        SynthesisRequest::new("Hello from the queue. This is a second sentence.", "en-us")
+            .with_sample_rate(16_000);
+    let (result, bytes) = speak_through(&q, store, request).await;
+
+    let audio = decode_wav(&bytes).unwrap();
+    assert_eq!(audio.sample_rate, 16_000);
+    assert_eq!(result.sample_rate, 16_000);
+    assert_eq!(result.mime_type, "audio/wav");
+    assert_eq!(result.bytes as usize, bytes.len());
+    assert!(!audio.is_silent(0.01), "speech, not silence");
+    let reader = hound::WavReader::new(std::io::Cursor::new(&bytes)).unwrap();
+    assert_eq!(reader.spec().bits_per_sample, 16);
+    assert_eq!(reader.duration() as u64, audio.samples.len() as u64);
+    // Two sentences, two captions, ending with the audio.
+    assert_eq!(result.captions.len(), 2);
+    let end = result.captions.last().unwrap().end;
+    assert!(
+        end.abs_diff(audio.duration()) <= Duration::from_millis(1),
+        "{end:?} vs {:?}",
+        audio.duration()
+    );
+    assert!(result.srt().contains("Hello from the queue."));
+    assert!(result.vtt().starts_with("WEBVTT"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_store_keeps_audio_by_content_address() {
+    let p = Prefix::new();
+    let dir = tempfile::tempdir().unwrap();
+    let q = p.queue::<SynthesisRequest>("speech-files").await;
+    let store: Arc<dyn ResultStore> = Arc::new(FileStore::new(dir.path()));
+    let request = SynthesisRequest::new("Files  keep   audio.", "en-gb");
+    let (result, bytes) = speak_through(&q, store.clone(), request.clone()).await;
+    assert!(!decode_wav(&bytes).unwrap().is_silent(0.01));
+    // The same request, spelled with other whitespace, maps to the same object.
+    let (again, _) = speak_through(
+        &q,
+        store,
+        SynthesisRequest::new("Files keep audio.", "en-gb"),
+    )
+    .await;
+    assert_eq!(again.audio, result.audio);
+    let files: Vec<_> = walk(dir.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_request_fails_permanently_without_synthesis() {
+    let p = Prefix::new();
+    let q = p.queue::<SynthesisRequest>("speech-invalid").await;
+    let store = RedisStore::new(&q);
+    let handler = TtsHandler::new(EspeakSynthesizer::new().unwrap(), store);
+    let (stop, signal) = shutdown();
+    let worker = tokio::spawn(Worker::builder(q.clone()).build(handler).run_until(signal));
+    let job = q
+        .enqueue(SynthesisRequest::new("Hi", "klingon"))
+        .await
+        .unwrap();
+    let st = q.wait(&job.id, WAIT).await.unwrap();
+    assert_eq!((st.state, st.attempts), (JobState::Dead, 1));
+    assert!(st.reason.unwrap().contains("klingon"));
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+}
+
+/// A voice that takes its time, counting the chunks it was asked for.
+#[derive(Debug)]
+struct Slow {
+    chunks: Arc<AtomicUsize>,
+}
+
+impl Synthesizer for Slow {
+    fn voices(&self) -> Vec<Voice> {
+        vec![Voice::new("slow", "Slow")]
+    }
+    fn sample_rate(&self) -> u32 {
+        8_000
+    }
+    fn synthesize(&self, request: &SynthesisRequest) -> Result<Audio, TtsError> {
+        self.chunks.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(150));
+        Ok(Audio::new(vec![0.1; 80 * request.text.len()], 8_000))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_is_reported_per_sentence_and_cancel_stops_between_sentences() {
+    let p = Prefix::new();
+    let q = p.queue::<SynthesisRequest>("speech-slow").await;
+    let chunks = Arc::new(AtomicUsize::new(0));
+    let handler = TtsHandler::new(
+        Slow {
+            chunks: chunks.clone(),
+        },
+        RedisStore::new(&q),
+    );
+    let (stop, signal) = shutdown();
+    let worker = tokio::spawn(
+        Worker::builder(q.clone())
+            .heartbeat(Duration::from_millis(50))
+            .build(handler)
+            .run_until(signal),
+    );
+    let text = (1..=20)
+        .map(|i| format!("Sentence number {i}."))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut events = q.events().await.unwrap();
+    let job = q
+        .enqueue(SynthesisRequest::new(text, "slow"))
+        .await
+        .unwrap();
+    // Wait for the first progress report, then cancel.
+    loop {
+        let e = events.recv().await.unwrap();
+        if e.kind == EventKind::Progress && e.job_id == job.id {
+            let pct: f32 = e.data.unwrap().parse().unwrap();
+            assert!(pct > 0.0 && pct < 95.0, "{pct}");
+            break;
+        }
+    }
+    q.cancel(&job.id).await.unwrap();
+    let st = q.wait(&job.id, WAIT).await.unwrap();
+    assert_eq!(st.state, JobState::Cancelled);
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+    let spoken = chunks.load(Ordering::SeqCst);
+    assert!(
+        spoken < 20,
+        "cancellation did not stop the synthesis: {spoken} chunks"
+    );
+}
