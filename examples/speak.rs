@@ -54,9 +54,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
 
+    // Invalid requests are refused at enqueue, before anything is stored.
     let queue = Queue::<SynthesisRequest>::builder("speak")
         .url(&args.redis)
         .dedup(tts::deduplicator(Duration::from_secs(3600)))
+        .validate(tts::validator(Limits::default(), voice.voices()))
         .connect()
         .await?;
     let mut request = SynthesisRequest::new(args.text, args.voice)
@@ -65,8 +67,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(rate) = args.sample_rate {
         request = request.with_sample_rate(rate);
     }
-    // Invalid requests are refused here, before anything is enqueued.
-    request.validate(&Limits::default(), &voice.voices())?;
 
     let store = RedisStore::new(&queue);
     let worker = Worker::builder(queue.clone()).build(TtsHandler::new(voice, store.clone()));

@@ -26,6 +26,9 @@ pub enum Error {
     /// Caller-chosen ids must be printable and short.
     #[error("invalid job id {0:?}: it must be 1 to 256 characters without control characters")]
     InvalidJobId(String),
+    /// The queue's validator refused the job; nothing was enqueued.
+    #[error("invalid job: {0}")]
+    InvalidJob(String),
     /// A builder was given a value it cannot work with.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),

@@ -80,13 +80,18 @@ impl Shared {
 pub struct Queue<J> {
     shared: Arc<Shared>,
     dedup: Option<Deduplicator<J>>,
+    validator: Option<Validator<J>>,
 }
+
+/// A check every enqueue runs before anything is stored.
+type Validator<J> = Arc<dyn Fn(&J) -> Result<(), String> + Send + Sync>;
 
 impl<J> Clone for Queue<J> {
     fn clone(&self) -> Self {
         Queue {
             shared: self.shared.clone(),
             dedup: self.dedup.clone(),
+            validator: self.validator.clone(),
         }
     }
 }
@@ -103,6 +108,7 @@ impl<J> std::fmt::Debug for Queue<J> {
 /// Builds a [`Queue`] with non-default settings.
 pub struct QueueBuilder<J> {
     dedup: Option<Deduplicator<J>>,
+    validator: Option<Validator<J>>,
     name: String,
     prefix: String,
     connector: Option<Connector>,
@@ -152,6 +158,16 @@ impl<J> QueueBuilder<J> {
         self
     }
 
+    /// Checks every job before it is enqueued: a job `check` refuses is never stored,
+    /// and the enqueue fails with [`Error::InvalidJob`] (bulk: the whole call).
+    pub fn validate<F>(mut self, check: F) -> Self
+    where
+        F: Fn(&J) -> Result<(), String> + Send + Sync + 'static,
+    {
+        self.validator = Some(Arc::new(check));
+        self
+    }
+
     /// Approximate cap on the event stream's length (default 10 000).
     pub fn events_max(mut self, len: u64) -> Self {
         self.config.events_max = len.max(1);
@@ -197,6 +213,7 @@ impl<J> QueueBuilder<J> {
                 hub: OnceCell::new(),
             }),
             dedup: self.dedup,
+            validator: self.validator,
         })
     }
 }
@@ -309,6 +326,7 @@ impl<J> Queue<J> {
     pub fn builder(name: impl Into<String>) -> QueueBuilder<J> {
         QueueBuilder {
             dedup: None,
+            validator: None,
             name: name.into(),
             prefix: "vq".to_owned(),
             connector: None,
@@ -550,6 +568,9 @@ impl<J: Serialize> Queue<J> {
         dedup: &DedupChoice,
         now: u64,
     ) -> Result<Prepared, Error> {
+        if let Some(check) = &self.validator {
+            check(job).map_err(Error::InvalidJob)?;
+        }
         let payload = serde_json::to_vec(job).map_err(Error::Serialize)?;
         let (dedup_key, dedup_ttl) = match (dedup, &self.dedup) {
             (DedupChoice::Off, _) | (DedupChoice::Queue, None) => (String::new(), None),

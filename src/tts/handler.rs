@@ -61,6 +61,20 @@ pub fn deduplicator(ttl: Duration) -> Deduplicator<SynthesisRequest> {
     Deduplicator::by(ttl, SynthesisRequest::dedup_fields)
 }
 
+/// A queue validator for speech (see [`QueueBuilder::validate`](crate::QueueBuilder::validate)):
+/// requests that break `limits` or name a voice outside `voices` are refused at
+/// enqueue, so a bad request never reaches a worker.
+pub fn validator(
+    limits: Limits,
+    voices: Vec<super::Voice>,
+) -> impl Fn(&SynthesisRequest) -> Result<(), String> + Send + Sync + 'static {
+    move |request| {
+        request
+            .validate(&limits, &voices)
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Runs speech jobs with one [`Synthesizer`] (a model loaded once per worker) and one
 /// [`ResultStore`].
 #[derive(Clone)]

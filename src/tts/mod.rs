@@ -51,7 +51,7 @@ pub use audio::{Audio, decode_wav};
 pub use captions::{Caption, to_srt, to_vtt};
 pub use error::TtsError;
 pub use espeak::EspeakSynthesizer;
-pub use handler::{SpeechResult, TtsHandler, deduplicator};
+pub use handler::{SpeechResult, TtsHandler, deduplicator, validator};
 pub use request::{AudioFormat, Limits, SynthesisRequest};
 pub use store::{FileStore, RedisStore, ResultStore, StoreError};
 pub use synthesizer::{LongTextOptions, Synthesis, Synthesizer, Voice, synthesize_long};

@@ -105,6 +105,42 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+#[tokio::test]
+async fn invalid_requests_are_never_enqueued() {
+    let p = Prefix::new();
+    let voices = EspeakSynthesizer::new().unwrap().voices();
+    let q = p
+        .builder::<SynthesisRequest>("speech-checked")
+        .validate(voxqueue::tts::validator(
+            voxqueue::tts::Limits::default(),
+            voices,
+        ))
+        .connect()
+        .await
+        .unwrap();
+    for bad in [
+        SynthesisRequest::new("   ", "en-us"),
+        SynthesisRequest::new("Hi", "klingon"),
+        SynthesisRequest::new("Hi", "en-us").with_speed(9.0),
+        SynthesisRequest::new("x".repeat(5001), "en-us"),
+    ] {
+        let err = q.enqueue(bad).await.unwrap_err();
+        assert!(matches!(err, voxqueue::Error::InvalidJob(_)), "{err}");
+    }
+    let err = q
+        .enqueue_bulk(vec![
+            SynthesisRequest::new("Fine.", "en-us"),
+            SynthesisRequest::new("", "en-us"),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, voxqueue::Error::InvalidJob(_)));
+    assert_eq!(q.stats().await.unwrap().totals.get("enqueued"), None);
+    q.enqueue(SynthesisRequest::new("Fine.", "en-us"))
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_request_fails_permanently_without_synthesis() {
     let p = Prefix::new();
