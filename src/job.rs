@@ -267,6 +267,7 @@ pub(crate) struct JobRecord {
     pub(crate) id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) state: Option<String>,
+    #[serde(default = "normal_rank")]
     pub(crate) pri: u8,
     #[serde(default)]
     pub(crate) attempts: u32,
@@ -287,6 +288,7 @@ pub(crate) struct JobRecord {
     pub(crate) started_at: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) finished_at: u64,
+    #[serde(default)]
     pub(crate) result_ttl_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) dedup_ttl_ms: Option<u64>,
@@ -306,6 +308,10 @@ pub(crate) struct JobRecord {
     pub(crate) cancel: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) result: bool,
+}
+
+fn normal_rank() -> u8 {
+    Priority::Normal.rank()
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -614,3 +614,36 @@ async fn retries_follow_the_seeded_schedule_exactly_and_a_job_may_bring_its_own_
     }
     stop(w).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_is_dead_lettered_with_the_reason_and_the_queue_goes_on() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("corrupt").await;
+    let broken = q.enqueue(Echo { n: 1 }).await.unwrap();
+    let fine = q.enqueue(Echo { n: 2 }).await.unwrap();
+    // Something outside voxqueue scribbled over the record.
+    let client = redis::Client::open(crate::common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{}:{{corrupt}}:jobs", p.name);
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg(broken.id.as_str())
+        .arg("{not json")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(matches!(
+        q.status(&broken.id).await,
+        Err(Error::Corrupt { .. })
+    ));
+    let w = spawn(Worker::builder(q.clone()).build(echo()));
+    assert_eq!(q.wait_result::<u32>(&fine.id, WAIT).await.unwrap(), 2);
+    let st = eventually(WAIT, "buried", || async {
+        let st = q.status(&broken.id).await.ok()?;
+        (st.state == JobState::Dead).then_some(st)
+    })
+    .await;
+    assert!(st.reason.unwrap().contains("corrupt job record"));
+    assert_eq!(q.dead_letter().count().await.unwrap(), 1);
+    stop(w).await;
+}

@@ -43,12 +43,19 @@ local function int(n)
   return string.format('%.0f', n)
 end
 
+-- A record that does not decode must not fail every script that meets it (that would
+-- stop the whole queue): it comes back as a stub marked `corrupt`, keeping the raw
+-- bytes, and the transitions that meet it bury it with the reason.
 local function load(id)
   local raw = redis.call('HGET', K_JOBS, id)
   if not raw then
     return nil
   end
-  return cjson.decode(raw)
+  local ok, job = pcall(cjson.decode, raw)
+  if ok and type(job) == 'table' then
+    return job
+  end
+  return { id = id, state = 'corrupt', corrupt = tostring(job), raw = raw }
 end
 
 local function save(job)
@@ -101,7 +108,7 @@ local function push_ready(job, fresh_seq)
     job.seq = redis.call('INCR', K_SEQ)
   end
   job.state = 'queued'
-  redis.call('ZADD', K_READY, int(job.pri * PRI_SPAN + job.seq), job.id)
+  redis.call('ZADD', K_READY, int((job.pri or 1) * PRI_SPAN + job.seq), job.id)
 end
 
 local function release_lease(id)
@@ -220,7 +227,9 @@ local function promote(limit)
   for _, id in ipairs(ids) do
     redis.call('ZREM', K_SCHEDULED, id)
     local job = load(id)
-    if job then
+    if job and job.corrupt then
+      bury(job, 'corrupt job record: ' .. job.corrupt)
+    elseif job then
       push_ready(job, true)
       save(job)
       emit('queued', id)
@@ -236,6 +245,8 @@ local function recover(limit)
     local job = load(id)
     if not job then
       release_lease(id)
+    elseif job.corrupt then
+      bury(job, 'corrupt job record: ' .. job.corrupt)
     else
       local message = 'lease expired: worker ' .. tostring(job.worker) .. ' stopped heartbeating'
       record_error(job, 'stalled', message)
@@ -275,7 +286,9 @@ local function claim(worker, n, lease_ms, default_attempts)
     end
     local id = popped[1]
     local job = load(id)
-    if job then
+    if job and job.corrupt then
+      bury(job, 'corrupt job record: ' .. job.corrupt)
+    elseif job then
       if job.expires_at and job.expires_at > 0 and NOW > job.expires_at then
         finish(job, 'expired')
       else

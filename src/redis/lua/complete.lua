@@ -10,7 +10,10 @@ local id, token = ARGV[3], ARGV[4]
 local outcome = 'lost'
 if owned(id, token) then
   local job = load(id)
-  if job and job.cancel then
+  if job and job.corrupt then
+    bury(job, 'corrupt job record: ' .. job.corrupt)
+    outcome = 'dead'
+  elseif job and job.cancel then
     finish(job, 'cancelled')
     outcome = 'cancelled'
   elseif job then

@@ -10,7 +10,10 @@ local id, token = ARGV[3], ARGV[4]
 local outcome = 'lost'
 if owned(id, token) then
   local job = load(id)
-  if job then
+  if job and job.corrupt then
+    bury(job, 'corrupt job record: ' .. job.corrupt)
+    outcome = 'dead'
+  elseif job then
     record_error(job, ARGV[5], ARGV[6])
     count('failed')
     window(0, 1, NOW - (job.started_at or NOW))

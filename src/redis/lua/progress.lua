@@ -8,7 +8,7 @@ if not owned(id, token) then
   return 0
 end
 local job = load(id)
-if not job then
+if not job or job.corrupt then
   return 0
 end
 job.progress = tonumber(ARGV[5])

@@ -13,6 +13,10 @@ if not job then
   release_lease(id)
   return 'lost'
 end
+if job.corrupt then
+  bury(job, 'corrupt job record: ' .. job.corrupt)
+  return 'dead'
+end
 if job.cancel then
   finish(job, 'cancelled')
   return 'cancelled'
