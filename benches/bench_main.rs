@@ -1,0 +1,12 @@
+//! Run with: `cargo bench` (needs Redis on 127.0.0.1:6379, or `REDIS_URL`).
+//!
+//! Criterion benches of the hot paths, one file per path. Names carry the device
+//! (`cpu`); queue benches carry the Redis they ran against (`redis-local`).
+
+use criterion::criterion_main;
+
+mod audio;
+mod queue;
+mod text;
+
+criterion_main!(queue::benches, text::benches, audio::benches);
