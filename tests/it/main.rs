@@ -1,6 +1,7 @@
 //! The one integration-test binary (each extra binary is another full link): one
 //! module per concern, all against a real Redis.
 
+mod cluster;
 mod common;
 mod crash;
 mod dead_letter;

@@ -1,0 +1,73 @@
+//! Redis Cluster: queues in different slots, one worker over several of them, dedup,
+//! events and stats, all through the same scripts.
+
+use std::time::Duration;
+
+use voxqueue::{Connector, Deduplicator, JobContext, JobError, Queue, Worker, handler_fn};
+
+use crate::common::{RedisCluster, shutdown};
+use crate::queue::Echo;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_on_a_cluster_run_jobs_across_slots() {
+    let cluster = RedisCluster::start(3);
+    let connector = Connector::cluster(cluster.urls()).unwrap();
+    // Slots 865, 8623, 14438 and 1769: every one of the three masters holds a queue.
+    let names = ["alpha", "bravo", "echo", "charlie"];
+    let mut queues = Vec::new();
+    for name in names {
+        queues.push(
+            Queue::<Echo>::builder(name)
+                .connector(connector.clone())
+                .dedup(Deduplicator::new(Duration::from_secs(60)))
+                .connect()
+                .await
+                .unwrap(),
+        );
+    }
+    let mut jobs = Vec::new();
+    for (i, q) in queues.iter().enumerate() {
+        jobs.extend(
+            q.enqueue_bulk((0..25).map(|n| Echo {
+                n: i as u32 * 100 + n,
+            }))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (i, e.id)),
+        );
+        // A duplicate in the same slot attaches to the first job.
+        let dup = q.enqueue(Echo { n: i as u32 * 100 }).await.unwrap();
+        assert!(dup.duplicate_of.is_some());
+    }
+    let handler = handler_fn(|job: Echo, _ctx: JobContext| async move { Ok::<_, JobError>(job.n) });
+    let mut builder = Worker::builder(queues[0].clone()).concurrency(4);
+    for q in &queues[1..] {
+        builder = builder.queue(q.clone());
+    }
+    let (stop, signal) = shutdown();
+    let running = tokio::spawn(builder.build(handler).run_until(signal));
+    for (i, id) in &jobs {
+        let n: u32 = queues[*i]
+            .wait_result(id, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(n / 100, *i as u32);
+    }
+    // An idle worker blocked on a cluster still wakes for a new job.
+    let late = queues[3].enqueue(Echo { n: 399 }).await.unwrap();
+    assert_eq!(
+        queues[3]
+            .wait_result::<u32>(&late.id, Duration::from_secs(10))
+            .await
+            .unwrap(),
+        399
+    );
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    for q in &queues {
+        let stats = q.stats().await.unwrap();
+        assert_eq!((stats.queued, stats.active), (0, 0));
+        assert!(stats.totals.get("completed").copied().unwrap_or(0) >= 25);
+    }
+}
