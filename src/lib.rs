@@ -76,7 +76,7 @@ pub use error::{Error, JobError};
 pub use events::{EventKind, EventStream, JobEvent};
 pub use job::{AttemptError, JobId, JobOptions, JobState, JobStatus, Priority};
 pub use queue::{CancelOutcome, Enqueue, Enqueued, Queue, QueueBuilder, QueueStats, RecentStats};
-pub use redis::Connector;
+pub use redis::{Connector, TlsConfig};
 pub use retry::RetryPolicy;
 pub use schedule::{Periodic, Schedule};
 pub use worker::{

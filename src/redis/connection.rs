@@ -13,6 +13,10 @@ use crate::error::Error;
 /// Long enough for a script over a large queue, short enough to notice a dead server.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnection attempts per command before it fails: enough to ride out a Redis
+/// restart or failover of a few seconds, short enough that a wrong URL fails fast.
+const RECONNECT_RETRIES: usize = 4;
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// Where the queue's Redis is: one server or a cluster.
 ///
@@ -35,6 +39,24 @@ impl Connector {
     /// One Redis server (or a proxy) at `url`.
     pub fn single(url: &str) -> Result<Self, Error> {
         let client = Client::open(url).map_err(Error::Connect)?;
+        Ok(Self {
+            kind: Kind::Single(client),
+        })
+    }
+
+    /// One Redis server over TLS (`rediss://` URL) trusting `tls`'s CA instead of the
+    /// system's roots, optionally with a client certificate (mutual TLS).
+    pub fn single_tls(url: &str, tls: TlsConfig) -> Result<Self, Error> {
+        let certs = redis::TlsCertificates {
+            client_tls: tls
+                .client
+                .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                    client_cert,
+                    client_key,
+                }),
+            root_cert: tls.root_ca,
+        };
+        let client = Client::build_with_tls(url, certs).map_err(Error::Connect)?;
         Ok(Self {
             kind: Kind::Single(client),
         })
@@ -72,8 +94,8 @@ impl Connector {
                 let config = ConnectionManagerConfig::new()
                     .set_response_timeout(Some(RESPONSE_TIMEOUT))
                     .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_number_of_retries(6)
-                    .set_max_delay(Duration::from_secs(2));
+                    .set_number_of_retries(RECONNECT_RETRIES)
+                    .set_max_delay(RECONNECT_MAX_DELAY);
                 let manager = client
                     .get_connection_manager_with_config(config)
                     .await
@@ -97,8 +119,8 @@ impl Connector {
                 let config = ConnectionManagerConfig::new()
                     .set_response_timeout(None)
                     .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_number_of_retries(6)
-                    .set_max_delay(Duration::from_secs(2));
+                    .set_number_of_retries(RECONNECT_RETRIES)
+                    .set_max_delay(RECONNECT_MAX_DELAY);
                 let manager = client
                     .get_connection_manager_with_config(config)
                     .await
@@ -115,6 +137,46 @@ impl Connector {
                 Ok(Conn::Cluster(conn))
             }
         }
+    }
+}
+
+/// Certificates for [`Connector::single_tls`], all PEM.
+#[derive(Clone, Default)]
+pub struct TlsConfig {
+    root_ca: Option<Vec<u8>>,
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("TlsConfig")
+            .field("root_ca", &self.root_ca.is_some())
+            .field("client_identity", &self.client.is_some())
+            .finish()
+    }
+}
+
+impl TlsConfig {
+    /// System roots only (what a plain `rediss://` URL does).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Trusts this CA (a private CA, as managed Redis services and self-hosted TLS use).
+    pub fn root_ca(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_ca = Some(pem.into());
+        self
+    }
+
+    /// Presents this client certificate and key (mutual TLS).
+    pub fn client_identity(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.client = Some((cert_pem.into(), key_pem.into()));
+        self
     }
 }
 

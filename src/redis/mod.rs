@@ -6,6 +6,6 @@ mod keys;
 mod scripts;
 
 pub(crate) use connection::Conn;
-pub use connection::Connector;
+pub use connection::{Connector, TlsConfig};
 pub(crate) use keys::Keys;
 pub(crate) use scripts::Scripts;
