@@ -647,3 +647,48 @@ async fn a_corrupt_record_is_dead_lettered_with_the_reason_and_the_queue_goes_on
     assert_eq!(q.dead_letter().count().await.unwrap(), 1);
     stop(w).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_retry_survives_a_restart_of_every_worker() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("retry-restart").await;
+    let fail_once = handler_fn(|job: Echo, ctx: JobContext| async move {
+        if ctx.attempt() == 1 {
+            return Err(JobError::retry_after("busy", Duration::from_millis(300)));
+        }
+        Ok::<_, JobError>(job.n)
+    });
+    let job = q.enqueue(Echo { n: 5 }).await.unwrap();
+    let w = spawn(Worker::builder(q.clone()).build(fail_once));
+    eventually(WAIT, "retry scheduled", || async {
+        let st = q.status(&job.id).await.unwrap();
+        (st.state == JobState::Scheduled && st.attempts == 1).then_some(())
+    })
+    .await;
+    stop(w).await; // no worker left: the retry lives in Redis only
+    let w = spawn(Worker::builder(q.clone()).build(echo()));
+    assert_eq!(q.wait_result::<u32>(&job.id, WAIT).await.unwrap(), 5);
+    assert_eq!(q.status(&job.id).await.unwrap().attempts, 2);
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_are_swept_after_their_result_ttl() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("sweep").await;
+    let w = spawn(Worker::builder(q.clone()).build(echo()));
+    let job = q
+        .enqueue(Echo { n: 1 })
+        .result_ttl(Duration::from_millis(100))
+        .await
+        .unwrap();
+    q.wait_result::<u32>(&job.id, WAIT).await.unwrap();
+    // Sweeps ride on other transitions: keep the queue busy until the record is gone.
+    eventually(WAIT, "record swept", || async {
+        q.enqueue(Echo { n: 2 }).await.unwrap();
+        matches!(q.status(&job.id).await, Err(Error::NotFound(_))).then_some(())
+    })
+    .await;
+    assert_eq!(q.result_bytes(&job.id).await.unwrap(), None);
+    stop(w).await;
+}
