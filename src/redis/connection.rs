@@ -90,18 +90,7 @@ impl Connector {
     /// A shared, reconnecting connection for ordinary commands and scripts.
     pub(crate) async fn connect(&self) -> Result<Conn, Error> {
         match &self.kind {
-            Kind::Single(client) => {
-                let config = ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_number_of_retries(RECONNECT_RETRIES)
-                    .set_max_delay(RECONNECT_MAX_DELAY);
-                let manager = client
-                    .get_connection_manager_with_config(config)
-                    .await
-                    .map_err(Error::Connect)?;
-                Ok(Conn::Single(manager))
-            }
+            Kind::Single(client) => manager(client, Some(RESPONSE_TIMEOUT)).await,
             Kind::Cluster(client) => Ok(Conn::Cluster(
                 client
                     .get_async_connection()
@@ -115,18 +104,7 @@ impl Connector {
     /// stall every other caller of a shared multiplexed connection.
     pub(crate) async fn connect_blocking(&self) -> Result<Conn, Error> {
         match &self.kind {
-            Kind::Single(client) => {
-                let config = ConnectionManagerConfig::new()
-                    .set_response_timeout(None)
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_number_of_retries(RECONNECT_RETRIES)
-                    .set_max_delay(RECONNECT_MAX_DELAY);
-                let manager = client
-                    .get_connection_manager_with_config(config)
-                    .await
-                    .map_err(Error::Connect)?;
-                Ok(Conn::Single(manager))
-            }
+            Kind::Single(client) => manager(client, None).await,
             Kind::Cluster(client) => {
                 // Blocking commands wait at most a few seconds by our own timeouts.
                 let config = ClusterConfig::new().set_response_timeout(Duration::from_secs(3600));
@@ -138,6 +116,21 @@ impl Connector {
             }
         }
     }
+}
+
+/// A reconnecting connection to one node; `None` waits for replies as long as it takes
+/// (blocking commands bound their own wait).
+async fn manager(client: &Client, response_timeout: Option<Duration>) -> Result<Conn, Error> {
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(response_timeout)
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_number_of_retries(RECONNECT_RETRIES)
+        .set_max_delay(RECONNECT_MAX_DELAY);
+    let manager = client
+        .get_connection_manager_with_config(config)
+        .await
+        .map_err(Error::Connect)?;
+    Ok(Conn::Single(manager))
 }
 
 /// Certificates for [`Connector::single_tls`], all PEM.

@@ -93,35 +93,27 @@ pub trait Synthesizer: Send + Sync {
 /// Keeps [`Synthesizer`] object-safe: adding a generic method breaks this line, not users.
 fn _assert_object_safe(_: &dyn Synthesizer) {}
 
-impl<S: Synthesizer + ?Sized> Synthesizer for Box<S> {
-    fn voices(&self) -> Vec<Voice> {
-        (**self).voices()
-    }
-    fn sample_rate(&self) -> u32 {
-        (**self).sample_rate()
-    }
-    fn synthesize(&self, request: &SynthesisRequest) -> Result<Audio, TtsError> {
-        (**self).synthesize(request)
-    }
-    fn synthesize_batch(&self, requests: &[SynthesisRequest]) -> Vec<Result<Audio, TtsError>> {
-        (**self).synthesize_batch(requests)
-    }
+/// Smart pointers to a synthesizer are synthesizers (a model shared by handlers).
+macro_rules! delegate {
+    ($($ptr:ident),*) => {$(
+        impl<S: Synthesizer + ?Sized> Synthesizer for $ptr<S> {
+            fn voices(&self) -> Vec<Voice> {
+                (**self).voices()
+            }
+            fn sample_rate(&self) -> u32 {
+                (**self).sample_rate()
+            }
+            fn synthesize(&self, request: &SynthesisRequest) -> Result<Audio, TtsError> {
+                (**self).synthesize(request)
+            }
+            fn synthesize_batch(&self, requests: &[SynthesisRequest]) -> Vec<Result<Audio, TtsError>> {
+                (**self).synthesize_batch(requests)
+            }
+        }
+    )*};
 }
 
-impl<S: Synthesizer + ?Sized> Synthesizer for Arc<S> {
-    fn voices(&self) -> Vec<Voice> {
-        (**self).voices()
-    }
-    fn sample_rate(&self) -> u32 {
-        (**self).sample_rate()
-    }
-    fn synthesize(&self, request: &SynthesisRequest) -> Result<Audio, TtsError> {
-        (**self).synthesize(request)
-    }
-    fn synthesize_batch(&self, requests: &[SynthesisRequest]) -> Vec<Result<Audio, TtsError>> {
-        (**self).synthesize_batch(requests)
-    }
-}
+delegate!(Box, Arc);
 
 /// How [`synthesize_long`] cuts and joins long text.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -332,3 +332,14 @@ end
 local function owned(id, token)
   return redis.call('HGET', K_LEASES, id) == token
 end
+
+-- The tail of a report (complete, fail): claims the worker's next jobs in the same
+-- round trip. ARGV[first] is the worker id, then how many to claim, the lease ms and
+-- the default max attempts.
+local function and_claim_next(outcome, first)
+  local n = tonumber(ARGV[first + 1])
+  if n > 0 then
+    return { outcome, claim(ARGV[first], n, tonumber(ARGV[first + 2]), tonumber(ARGV[first + 3])) }
+  end
+  return { outcome, { -1 } }
+end

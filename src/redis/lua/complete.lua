@@ -27,8 +27,4 @@ if owned(id, token) then
     release_lease(id)
   end
 end
-local n = tonumber(ARGV[7])
-if n > 0 then
-  return { outcome, claim(ARGV[6], n, tonumber(ARGV[8]), tonumber(ARGV[9])) }
-end
-return { outcome, { -1 } }
+return and_claim_next(outcome, 6)

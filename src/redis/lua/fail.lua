@@ -39,8 +39,4 @@ if owned(id, token) then
     release_lease(id)
   end
 end
-local n = tonumber(ARGV[9])
-if n > 0 then
-  return { outcome, claim(ARGV[8], n, tonumber(ARGV[10]), tonumber(ARGV[11])) }
-end
-return { outcome, { -1 } }
+return and_claim_next(outcome, 8)
