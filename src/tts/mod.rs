@@ -36,8 +36,12 @@
 //! - `espeak` — the offline `espeak-ng` backend.
 //! - `store` — [`ResultStore`]: audio in Redis or in a directory.
 //! - `handler` — [`TtsHandler`], the queue's handler for speech, and [`SpeechResult`].
+//! - `candle` — the Parler-TTS backend on Candle (feature `candle`, on by default;
+//!   `cuda` and `metal` add the accelerators).
 
 pub mod audio;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod captions;
 pub mod error;
 pub mod espeak;
