@@ -492,7 +492,7 @@ async fn submit(
                 out["state"] = json!(done.state);
                 if done.state == JobState::Completed {
                     let result: Option<SpeechResult> = state.queue.result(&job.id).await?;
-                    out["result"] = json!(result);
+                    out["result"] = json!(result.map(|r| result_json(&job.id, &r)));
                 } else {
                     out["reason"] = json!(failure_reason(&done));
                 }
@@ -518,6 +518,25 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
         _ => (StatusCode::BAD_REQUEST, "bad_request"),
     };
     ApiError::new(status, code, rejection.body_text())
+}
+
+/// What a client needs of a [`SpeechResult`]: where to fetch the audio (not the store's
+/// internal reference) and plain-millisecond caption timings.
+fn result_json(id: &JobId, r: &SpeechResult) -> Value {
+    json!({
+        "audio_url": format!("/v1/jobs/{id}/audio"),
+        "mime_type": r.mime_type,
+        "format": r.format,
+        "sample_rate": r.sample_rate,
+        "duration_ms": r.duration_ms,
+        "bytes": r.bytes,
+        "captions": r.captions.iter().map(|c| json!({
+            "index": c.index,
+            "start_ms": c.start.as_millis() as u64,
+            "end_ms": c.end.as_millis() as u64,
+            "text": c.text,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 fn failure_reason(status: &JobStatus) -> Option<String> {
@@ -888,6 +907,8 @@ mod tests {
     /// A router over a fresh key prefix, with or without a worker.
     struct TestApp {
         app: Router,
+        queue: Queue<SynthesisRequest>,
+        store: Arc<dyn ResultStore>,
         worker: Option<RunningWorker>,
         // Last: keys are deleted after the worker has stopped.
         _prefix: Prefix,
@@ -933,28 +954,37 @@ mod tests {
                 .await
                 .expect("connect to test Redis");
             let store: Arc<dyn ResultStore> = Arc::new(RedisStore::new(&queue));
-            let worker = setup.worker.then(|| {
-                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-                let worker = Worker::builder(queue.clone())
-                    .build(TtsHandler::from_shared(Arc::new(voice), store.clone()));
-                let task = tokio::spawn(worker.run_until(async {
-                    let _ = stopped.await;
-                }));
-                RunningWorker { stop, task }
-            });
             let keys: Vec<String> = setup.keys.iter().map(|k| k.to_string()).collect();
             let state = AppState {
-                queue,
-                store,
+                queue: queue.clone(),
+                store: store.clone(),
                 keys: Arc::new(ApiKeys::new(&keys)),
                 rate: setup.rate,
                 metrics,
             };
-            TestApp {
+            let mut t = TestApp {
                 app: app(state),
-                worker,
+                queue,
+                store,
+                worker: None,
                 _prefix: prefix,
+            };
+            if setup.worker {
+                t.start_worker();
             }
+            t
+        }
+
+        /// A worker with the offline voice, as `--with-worker` runs it.
+        fn start_worker(&mut self) {
+            let voice = EspeakSynthesizer::new().expect("espeak-ng (see .ci/setup)");
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let worker = Worker::builder(self.queue.clone())
+                .build(TtsHandler::from_shared(Arc::new(voice), self.store.clone()));
+            let task = tokio::spawn(worker.run_until(async {
+                let _ = stopped.await;
+            }));
+            self.worker = Some(RunningWorker { stop, task });
         }
 
         async fn send(&self, request: Request<Body>) -> Response {
@@ -1093,6 +1123,8 @@ mod tests {
         let again = json_body(response).await;
         assert_eq!(again["duplicate_of"], id.as_str());
         assert_eq!(again["result"]["mime_type"], "audio/wav");
+        assert_eq!(again["result"]["audio_url"], format!("/v1/jobs/{id}/audio"));
+        assert_eq!(again["result"]["captions"][1]["text"], "This is a test.");
         t.stop().await;
     }
 
@@ -1279,16 +1311,16 @@ mod tests {
 
     #[tokio::test]
     async fn event_stream_ends_with_completed() {
-        let t = TestApp::start(Setup {
-            worker: true,
-            ..Setup::default()
-        })
-        .await;
-        let id = json_body(t.submit(hello("Tell me when it is done.")).await).await["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        // No worker yet: the subscription starts while the job waits, so the stream
+        // carries the live events, not only a final state.
+        let mut t = TestApp::start(Setup::default()).await;
+        let id =
+            json_body(t.submit(hello("Tell me when it is done. Then stop.")).await).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
         let response = t.get(&format!("/v1/jobs/{id}/events")).await;
+        t.start_worker();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(
             response.headers()[header::CONTENT_TYPE],
@@ -1305,6 +1337,11 @@ mod tests {
             .filter_map(|l| l.strip_prefix("event: "))
             .collect();
         assert_eq!(names.first(), Some(&"state"), "{text}");
+        assert!(text.contains(r#""state":"queued""#), "{text}");
+        assert!(
+            names.contains(&"active") && names.contains(&"progress"),
+            "{text}"
+        );
         assert_eq!(names.last(), Some(&"completed"), "{text}");
 
         // A late subscriber gets the final state and the end at once.
