@@ -56,6 +56,29 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// The lowercase name written to the stream (`progress`, `completed`, ...), the
+    /// inverse of how events are read: an SSE or webhook layer can pass it on as is.
+    pub fn as_str(&self) -> &str {
+        match self {
+            EventKind::Queued => "queued",
+            EventKind::Scheduled => "scheduled",
+            EventKind::Active => "active",
+            EventKind::Progress => "progress",
+            EventKind::Completed => "completed",
+            EventKind::Retrying => "retrying",
+            EventKind::Stalled => "stalled",
+            EventKind::Released => "released",
+            EventKind::Cancelling => "cancelling",
+            EventKind::Cancelled => "cancelled",
+            EventKind::Expired => "expired",
+            EventKind::Dead => "dead",
+            EventKind::Breaker => "breaker",
+            EventKind::Requeued => "requeued",
+            EventKind::Purged => "purged",
+            EventKind::Other(name) => name,
+        }
+    }
+
     fn parse(s: &str) -> Self {
         match s {
             "queued" => EventKind::Queued,
@@ -241,6 +264,35 @@ async fn read_loop(
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_names_round_trip() {
+        for name in [
+            "queued",
+            "scheduled",
+            "active",
+            "progress",
+            "completed",
+            "retrying",
+            "stalled",
+            "released",
+            "cancelling",
+            "cancelled",
+            "expired",
+            "dead",
+            "breaker",
+            "requeued",
+            "purged",
+            "from-a-newer-version",
+        ] {
+            assert_eq!(EventKind::parse(name).as_str(), name);
         }
     }
 }

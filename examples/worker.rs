@@ -1,0 +1,215 @@
+//! Run with: `cargo run --example worker -- --concurrency 2`
+//! (needs Redis on 127.0.0.1:6379 and `espeak-ng`; `bash .ci/setup` installs both).
+//!
+//! The worker program: it takes speech jobs from the queue the API (`examples/api.rs`)
+//! fills, synthesises them, and stores the audio where the API reads it. Run as many as
+//! you like, on as many hosts: they coordinate only through Redis, and a worker that
+//! dies mid-job loses nothing (its lease runs out and another worker takes the job).
+//!
+//! Backends: `--voice-backend espeak` (the offline espeak-ng voice) is the only one so
+//! far. The Candle backend plugs in here, as another `--voice-backend` value with a
+//! `--model-dir` flag for its local weights: everything below the choice of synthesiser
+//! (queue, leases, retries, result store) stays as it is.
+//!
+//! Ctrl-C or SIGTERM stops it gracefully: it takes no new jobs, lets running ones finish
+//! within `--shutdown-grace`, and hands the rest back to the queue at once, so another
+//! worker picks them up without waiting for a lease to expire.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use voxqueue::tts::{
+    EspeakSynthesizer, FileStore, RedisStore, ResultStore, SynthesisRequest, Synthesizer,
+    TtsHandler,
+};
+use voxqueue::{CircuitBreaker, Queue, RetryPolicy, Worker};
+
+#[derive(Debug, Parser)]
+#[command(about = "A voxqueue text-to-speech worker")]
+struct Args {
+    /// Redis URL (`rediss://` for TLS, credentials in the URL).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// Queue to take jobs from; the API must use the same.
+    #[arg(long, env = "VOXQUEUE_QUEUE", default_value = "speech")]
+    queue: String,
+    /// Key prefix, as the API's.
+    #[arg(long, env = "VOXQUEUE_PREFIX", default_value = "vq")]
+    prefix: String,
+    /// Jobs synthesised at once. Keep 1 on a GPU that one model fills; espeak-ng is a
+    /// process per sentence, so CPU workers can take about one per core.
+    #[arg(long, env = "VOXQUEUE_CONCURRENCY", default_value_t = 1)]
+    concurrency: usize,
+    /// Lease on a running job, renewed while it runs: if this worker dies, its jobs
+    /// run elsewhere after about this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    lease: Duration,
+    /// Time limit of one attempt (jobs may set their own).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    timeout: Duration,
+    /// After Ctrl-C/SIGTERM, how long running jobs may finish before they are handed
+    /// back to the queue.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+    /// Where the audio goes: `redis` (beside the queue, with its TTL) or `dir:<path>`
+    /// (a directory the API processes can read). Must match the API's `--store`.
+    #[arg(long, env = "VOXQUEUE_STORE", default_value = "redis", value_parser = parse_store)]
+    store: StoreChoice,
+    /// The synthesiser.
+    #[arg(long, value_enum, default_value_t = Backend::Espeak)]
+    voice_backend: Backend,
+    /// Attempts per job before it goes to the dead letters (1 = no retry).
+    #[arg(long, default_value_t = 4)]
+    max_attempts: u32,
+    /// First retry delay; each further one doubles, with ±20 % jitter so failed jobs
+    /// do not return in a herd.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    retry_delay: Duration,
+    /// Longest retry delay.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    retry_max_delay: Duration,
+    /// Transient failures in a row that open the circuit breaker (stop claiming, so a
+    /// broken backend does not burn every queued job's retries); 0 disables it.
+    #[arg(long, default_value_t = 5)]
+    breaker_threshold: u32,
+    /// How long an open breaker waits before trying one job.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    breaker_cooldown: Duration,
+    /// This worker's id in Redis (default: a fresh random one).
+    #[arg(long, env = "VOXQUEUE_WORKER_ID")]
+    id: Option<String>,
+}
+
+/// The synthesisers this program can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// espeak-ng as a subprocess: real words, no weights, no GPU.
+    Espeak,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum StoreChoice {
+    Redis,
+    Dir(PathBuf),
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+
+    // Load the backend before connecting: a worker that cannot speak should fail at
+    // start, with the reason, rather than claim jobs and fail them.
+    let synthesizer: Arc<dyn Synthesizer> = match args.voice_backend {
+        Backend::Espeak => {
+            Arc::new(EspeakSynthesizer::new().map_err(|e| format!("the espeak-ng voice: {e}"))?)
+        }
+    };
+
+    // No validator or deduplicator here: those act on enqueue, and the handler checks
+    // each request again anyway.
+    let queue = Queue::<SynthesisRequest>::builder(args.queue.as_str())
+        .url(&args.redis)
+        .prefix(args.prefix.as_str())
+        .connect()
+        .await
+        .map_err(|e| format!("queue {:?} on {}: {e}", args.queue, args.redis))?;
+    let store: Arc<dyn ResultStore> = match &args.store {
+        StoreChoice::Redis => Arc::new(RedisStore::new(&queue)),
+        StoreChoice::Dir(dir) => Arc::new(FileStore::new(dir)),
+    };
+
+    let retry = RetryPolicy::exponential(args.retry_delay)
+        .max_attempts(args.max_attempts.max(1))
+        .max_delay(args.retry_max_delay)
+        .jitter(0.2);
+    let mut builder = Worker::builder(queue)
+        .concurrency(args.concurrency)
+        .lease(args.lease)
+        .timeout(args.timeout)
+        .shutdown_grace(args.shutdown_grace)
+        .retry(retry);
+    if args.breaker_threshold > 0 {
+        builder = builder.circuit_breaker(CircuitBreaker::new(
+            args.breaker_threshold,
+            args.breaker_cooldown,
+        ));
+    }
+    if let Some(id) = args.id {
+        builder = builder.id(id);
+    }
+    let worker = builder.build(TtsHandler::from_shared(synthesizer, store));
+    tracing::info!(
+        worker = worker.id(),
+        queue = %args.queue,
+        concurrency = args.concurrency,
+        backend = ?args.voice_backend,
+        "waiting for jobs"
+    );
+    worker.run_until(shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM from a process manager.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: finishing running jobs");
+}
+
+/// `500ms`, `30s`, `10m`, `2h`; a bare number is seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration like 500ms, 30s, 10m or 2h"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn parse_store(s: &str) -> Result<StoreChoice, String> {
+    match s {
+        "redis" => Ok(StoreChoice::Redis),
+        _ => match s.strip_prefix("dir:") {
+            Some(path) if !path.is_empty() => Ok(StoreChoice::Dir(PathBuf::from(path))),
+            _ => Err(format!("{s:?}: expected `redis` or `dir:<path>`")),
+        },
+    }
+}
