@@ -1,6 +1,8 @@
 //! The one integration-test binary (each extra binary is another full link): one
 //! module per concern, all against a real Redis.
 
+#[cfg(feature = "candle")]
+mod candle;
 mod cluster;
 mod common;
 mod crash;
