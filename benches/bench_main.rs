@@ -6,7 +6,17 @@
 use criterion::criterion_main;
 
 mod audio;
+#[cfg(feature = "candle")]
+mod candle;
 mod queue;
 mod text;
 
+#[cfg(feature = "candle")]
+criterion_main!(
+    queue::benches,
+    text::benches,
+    audio::benches,
+    candle::benches
+);
+#[cfg(not(feature = "candle"))]
 criterion_main!(queue::benches, text::benches, audio::benches);

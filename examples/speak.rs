@@ -1,10 +1,12 @@
 //! Run with: `cargo run --example speak -- "Hello from voxqueue." --out out/`
 //! (needs Redis on 127.0.0.1:6379 and `espeak-ng`; `bash .ci/setup` installs both).
+//! With `--model-dir <parler-tts dir> [--device cuda]` it speaks with the neural backend.
 //!
 //! The main job in one program: a producer enqueues a sentence, a worker with the
 //! offline voice synthesises it, and the audio and its captions are written to files.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -20,9 +22,18 @@ struct Args {
     /// What to say.
     #[arg(default_value = "Hello from voxqueue. Every job is spoken once, and never lost.")]
     text: String,
-    /// Voice id (see --list-voices).
-    #[arg(long, default_value = "en-us")]
-    voice: String,
+    /// Voice id (see --list-voices; default: the backend's first voice).
+    #[arg(long)]
+    voice: Option<String>,
+    /// A Parler-TTS model directory (config.json, *.safetensors, tokenizer.json): speak
+    /// with the neural backend instead of the offline voice.
+    #[cfg(feature = "candle")]
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
+    /// Device for the neural backend: auto, cpu, cuda or metal.
+    #[cfg(feature = "candle")]
+    #[arg(long, default_value = "auto")]
+    device: String,
     /// Speaking rate, 1.0 is normal.
     #[arg(long, default_value_t = 1.0)]
     speed: f32,
@@ -40,13 +51,34 @@ struct Args {
     list_voices: bool,
 }
 
+/// The offline voice, or the Parler-TTS model given with `--model-dir`.
+fn backend(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
+    #[cfg(feature = "candle")]
+    if let Some(dir) = &args.model_dir {
+        use voxqueue::tts::candle::{DeviceChoice, ParlerOptions, ParlerSynthesizer};
+        let device = match args.device.as_str() {
+            "auto" => DeviceChoice::Auto,
+            "cpu" => DeviceChoice::Cpu,
+            "cuda" => DeviceChoice::Cuda(0),
+            "metal" => DeviceChoice::Metal(0),
+            other => {
+                return Err(format!("unknown device {other:?}: auto, cpu, cuda or metal").into());
+            }
+        };
+        let model = ParlerSynthesizer::load(dir, ParlerOptions::new().with_device(device))?;
+        return Ok(Arc::new(model));
+    }
+    let _ = args;
+    Ok(Arc::new(EspeakSynthesizer::new()?))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
-    let voice = EspeakSynthesizer::new()?;
+    let voice = backend(&args)?;
     if args.list_voices {
         for v in voice.voices() {
             println!("{:14} {}", v.id, v.name);
@@ -61,7 +93,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .validate(tts::validator(Limits::default(), voice.voices()))
         .connect()
         .await?;
-    let mut request = SynthesisRequest::new(args.text, args.voice)
+    let voice_id = match args.voice.clone() {
+        Some(v) => v,
+        None => voice
+            .voices()
+            .first()
+            .map(|v| v.id.clone())
+            .ok_or("the backend offers no voice")?,
+    };
+    let mut request = SynthesisRequest::new(args.text, voice_id)
         .with_speed(args.speed)
         .with_format(AudioFormat::Wav);
     if let Some(rate) = args.sample_rate {
@@ -69,7 +109,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let store = RedisStore::new(&queue);
-    let worker = Worker::builder(queue.clone()).build(TtsHandler::new(voice, store.clone()));
+    let worker = Worker::builder(queue.clone())
+        .build(TtsHandler::from_shared(voice, Arc::new(store.clone())));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(worker.run_until(async {
         let _ = stopped.await;

@@ -34,12 +34,14 @@
 //! - `captions` — [`Caption`], SRT and WebVTT output.
 //! - `synthesizer` — the [`Synthesizer`] trait, [`Voice`], and the long-text driver.
 //! - `espeak` — the offline `espeak-ng` backend.
+//! - `batch` — [`BatchingSynthesizer`]: concurrent jobs share one batched generation.
 //! - `store` — [`ResultStore`]: audio in Redis or in a directory.
 //! - `handler` — [`TtsHandler`], the queue's handler for speech, and [`SpeechResult`].
 //! - `candle` — the Parler-TTS backend on Candle (feature `candle`, on by default;
 //!   `cuda` and `metal` add the accelerators).
 
 pub mod audio;
+pub mod batch;
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod captions;
@@ -52,6 +54,7 @@ pub mod synthesizer;
 pub mod text;
 
 pub use audio::{Audio, decode_wav};
+pub use batch::BatchingSynthesizer;
 pub use captions::{Caption, to_srt, to_vtt};
 pub use error::TtsError;
 pub use espeak::EspeakSynthesizer;
