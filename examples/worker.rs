@@ -6,10 +6,11 @@
 //! you like, on as many hosts: they coordinate only through Redis, and a worker that
 //! dies mid-job loses nothing (its lease runs out and another worker takes the job).
 //!
-//! Backends: `--voice-backend espeak` (the offline espeak-ng voice) is the only one so
-//! far. The Candle backend plugs in here, as another `--voice-backend` value with a
-//! `--model-dir` flag for its local weights: everything below the choice of synthesiser
-//! (queue, leases, retries, result store) stays as it is.
+//! Backends: `--voice-backend espeak` (the offline espeak-ng voice) or
+//! `--voice-backend parler --model-dir <dir> [--device cuda] [--batch 8]` (Parler-TTS on
+//! Candle; with `--batch B` the worker runs B jobs at once and they share one batched
+//! generation). Everything below the choice of synthesiser (queue, leases, retries,
+//! result store) is the same for both.
 //!
 //! Ctrl-C or SIGTERM stops it gracefully: it takes no new jobs, lets running ones finish
 //! within `--shutdown-grace`, and hands the rest back to the queue at once, so another
@@ -60,6 +61,18 @@ struct Args {
     /// The synthesiser.
     #[arg(long, value_enum, default_value_t = Backend::Espeak)]
     voice_backend: Backend,
+    /// Parler-TTS model directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
+    /// Device for Parler-TTS: auto, cpu, cuda or metal.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Jobs per batched generation (Parler-TTS): sets the concurrency too.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// How long a batch waits for more jobs after its first.
+    #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+    batch_wait: Duration,
     /// Attempts per job before it goes to the dead letters (1 = no retry).
     #[arg(long, default_value_t = 4)]
     max_attempts: u32,
@@ -87,12 +100,56 @@ struct Args {
 enum Backend {
     /// espeak-ng as a subprocess: real words, no weights, no GPU.
     Espeak,
+    /// Parler-TTS on Candle (CPU, CUDA or Metal), from `--model-dir`.
+    Parler,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 enum StoreChoice {
     Redis,
     Dir(PathBuf),
+}
+
+/// Loads Parler-TTS once for this worker, wrapped in a batcher when `--batch` > 1.
+fn parler(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
+    #[cfg(feature = "candle")]
+    {
+        use voxqueue::tts::BatchingSynthesizer;
+        use voxqueue::tts::candle::{DeviceChoice, ParlerOptions, ParlerSynthesizer};
+        let dir = args
+            .model_dir
+            .as_ref()
+            .ok_or("--voice-backend parler needs --model-dir")?;
+        let device = match args.device.as_str() {
+            "auto" => DeviceChoice::Auto,
+            "cpu" => DeviceChoice::Cpu,
+            "cuda" => DeviceChoice::Cuda(0),
+            "metal" => DeviceChoice::Metal(0),
+            other => {
+                return Err(format!("unknown device {other:?}: auto, cpu, cuda or metal").into());
+            }
+        };
+        let options = ParlerOptions::new()
+            .with_device(device)
+            .with_max_batch(args.batch.max(1));
+        let model: Arc<dyn Synthesizer> = Arc::new(
+            ParlerSynthesizer::load(dir, options)
+                .map_err(|e| format!("Parler-TTS from {}: {e}", dir.display()))?,
+        );
+        if args.batch > 1 {
+            return Ok(Arc::new(BatchingSynthesizer::new(
+                model,
+                args.batch,
+                args.batch_wait,
+            )?));
+        }
+        Ok(model)
+    }
+    #[cfg(not(feature = "candle"))]
+    {
+        let _ = args;
+        Err("this build has no Candle backend (enable the `candle` feature)".into())
+    }
 }
 
 #[tokio::main]
@@ -108,7 +165,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Backend::Espeak => {
             Arc::new(EspeakSynthesizer::new().map_err(|e| format!("the espeak-ng voice: {e}"))?)
         }
+        Backend::Parler => parler(&args)?,
     };
+    let mut args = args;
+    if args.batch > 1 {
+        // B jobs at once, so B requests are there to batch.
+        args.concurrency = args.concurrency.max(args.batch);
+    }
 
     // No validator or deduplicator here: those act on enqueue, and the handler checks
     // each request again anyway.
