@@ -4,10 +4,18 @@
 //! encoder too, which text-to-speech never runs. We assemble the quantizer and decoder from
 //! candle's public blocks instead, sized from the config, so a real checkpoint loads the same
 //! tensors while tests can run a codec a thousand times smaller.
+//!
+//! The decoder's upsampling blocks are ours rather than candle's `dac::DecoderBlock`: candle
+//! computes a transposed convolution's output length as `(len - 1) * stride - 2 * padding + ...`
+//! in `usize`, which underflows (a panic in debug builds) on a one-frame input. We run the
+//! transposed convolution unpadded and crop `padding` samples from each end, which is what
+//! padding means for a transposed convolution, so one frame decodes exactly as the
+//! reference decodes it. The decoder also ends with the reference's `tanh`, which candle's
+//! `dac::Decoder` omits.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::dac;
+use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_nn::{Conv1d, Conv1dConfig, ConvTranspose1d, ConvTranspose1dConfig, VarBuilder};
+use candle_transformers::models::{dac, encodec};
 
 use super::config::CodecConfig;
 
@@ -15,7 +23,7 @@ use super::config::CodecConfig;
 #[derive(Debug, Clone)]
 pub(crate) struct Codec {
     quantizer: dac::ResidualVectorQuantizer,
-    decoder: dac::Decoder,
+    decoder: Decoder,
     hop_length: usize,
     num_codebooks: usize,
 }
@@ -32,11 +40,10 @@ impl Codec {
             cfg.codebook_dim,
             vb.pp("quantizer"),
         )?;
-        let decoder = dac::Decoder::new(
+        let decoder = Decoder::new(
             cfg.latent_dim,
             cfg.decoder_dim,
             &cfg.decoder_rates,
-            1,
             vb.pp("decoder"),
         )?;
         Ok(Self {
@@ -58,28 +65,119 @@ impl Codec {
         if frames.is_empty() {
             return Ok(Vec::new());
         }
-        // candle's DAC overflows on a one-frame input; decode the frame twice and keep the
-        // first half (the convolutions' receptive field makes it differ from a true
-        // one-frame decode only at the edge).
-        let n = frames.len();
-        let t = n.max(2);
+        let t = frames.len();
         let k = self.num_codebooks;
         let mut codes = vec![0_u32; k * t];
-        for step in 0..t {
-            let frame = &frames[step.min(n - 1)];
+        for (step, frame) in frames.iter().enumerate() {
             for (cb, &code) in frame.iter().enumerate().take(k) {
                 codes[cb * t + step] = code;
             }
         }
         let codes = Tensor::from_vec(codes, (1, k, t), device)?;
         let latents = self.quantizer.from_codes(&codes)?;
-        // The reference DAC ends its decoder with a tanh that candle's `dac::Decoder` omits.
-        let audio = self.decoder.forward(&latents)?.tanh()?;
+        let audio = self.decoder.forward(&latents)?;
         let mut samples = audio
             .flatten_all()?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;
-        samples.truncate(n * self.hop_length);
+        // Even strides (checked with the config) give exactly this many; never more.
+        samples.truncate(t * self.hop_length);
         Ok(samples)
+    }
+}
+
+/// An upsampling block of the DAC decoder (`decoder.model.{1..=rates}`): snake, transposed
+/// convolution, three dilated residual units.
+#[derive(Debug, Clone)]
+struct DecoderBlock {
+    snake: dac::Snake1d,
+    /// Built without padding; [`Self::crop`] samples are cut from each end instead.
+    upsample: ConvTranspose1d,
+    crop: usize,
+    residuals: [dac::ResidualUnit; 3],
+}
+
+impl DecoderBlock {
+    fn new(in_dim: usize, out_dim: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("block");
+        let config = ConvTranspose1dConfig {
+            stride,
+            padding: 0,
+            ..Default::default()
+        };
+        Ok(Self {
+            snake: dac::Snake1d::new(in_dim, vb.pp(0))?,
+            upsample: encodec::conv_transpose1d_weight_norm(
+                in_dim,
+                out_dim,
+                2 * stride,
+                true,
+                config,
+                vb.pp(1),
+            )?,
+            crop: stride.div_ceil(2),
+            residuals: [
+                dac::ResidualUnit::new(out_dim, 1, vb.pp(2))?,
+                dac::ResidualUnit::new(out_dim, 3, vb.pp(3))?,
+                dac::ResidualUnit::new(out_dim, 9, vb.pp(4))?,
+            ],
+        })
+    }
+}
+
+impl Module for DecoderBlock {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = xs.apply(&self.snake)?.apply(&self.upsample)?;
+        let len = ys.dim(D::Minus1)?;
+        let mut ys = ys.narrow(D::Minus1, self.crop, len - 2 * self.crop)?;
+        for unit in &self.residuals {
+            ys = ys.apply(unit)?;
+        }
+        Ok(ys)
+    }
+}
+
+/// The DAC decoder (`decoder.model.*`): convolution, upsampling blocks, snake, convolution,
+/// tanh; mono output.
+#[derive(Debug, Clone)]
+struct Decoder {
+    conv_in: Conv1d,
+    blocks: Vec<DecoderBlock>,
+    snake: dac::Snake1d,
+    conv_out: Conv1d,
+}
+
+impl Decoder {
+    fn new(latent_dim: usize, channels: usize, rates: &[usize], vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("model");
+        let same = Conv1dConfig {
+            padding: 3,
+            ..Default::default()
+        };
+        let conv_in = encodec::conv1d_weight_norm(latent_dim, channels, 7, same, vb.pp(0))?;
+        let mut dim = channels;
+        let mut blocks = Vec::with_capacity(rates.len());
+        for (i, &stride) in rates.iter().enumerate() {
+            blocks.push(DecoderBlock::new(dim, dim / 2, stride, vb.pp(i + 1))?);
+            dim /= 2;
+        }
+        let snake = dac::Snake1d::new(dim, vb.pp(rates.len() + 1))?;
+        let conv_out = encodec::conv1d_weight_norm(dim, 1, 7, same, vb.pp(rates.len() + 2))?;
+        Ok(Self {
+            conv_in,
+            blocks,
+            snake,
+            conv_out,
+        })
+    }
+}
+
+impl Module for Decoder {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = xs.apply(&self.conv_in)?;
+        for block in &self.blocks {
+            xs = xs.apply(block)?;
+        }
+        xs.apply(&self.snake)?.apply(&self.conv_out)?.tanh()
     }
 }

@@ -57,6 +57,8 @@ mod synthesizer;
 mod tiny;
 
 #[cfg(test)]
+mod parity;
+#[cfg(test)]
 mod tests;
 
 pub use device::DeviceChoice;
