@@ -30,7 +30,7 @@ struct Args {
     #[cfg(feature = "candle")]
     #[arg(long)]
     model_dir: Option<PathBuf>,
-    /// Device for the neural backend: auto, cpu, cuda or metal.
+    /// Device for the neural backend: auto, cpu, cuda[:N] or metal[:N].
     #[cfg(feature = "candle")]
     #[arg(long, default_value = "auto")]
     device: String,
@@ -56,15 +56,7 @@ fn backend(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Erro
     #[cfg(feature = "candle")]
     if let Some(dir) = &args.model_dir {
         use voxqueue::tts::candle::{DeviceChoice, ParlerOptions, ParlerSynthesizer};
-        let device = match args.device.as_str() {
-            "auto" => DeviceChoice::Auto,
-            "cpu" => DeviceChoice::Cpu,
-            "cuda" => DeviceChoice::Cuda(0),
-            "metal" => DeviceChoice::Metal(0),
-            other => {
-                return Err(format!("unknown device {other:?}: auto, cpu, cuda or metal").into());
-            }
-        };
+        let device: DeviceChoice = args.device.parse()?;
         let model = ParlerSynthesizer::load(dir, ParlerOptions::new().with_device(device))?;
         return Ok(Arc::new(model));
     }

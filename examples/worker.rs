@@ -64,7 +64,7 @@ struct Args {
     /// Parler-TTS model directory (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     model_dir: Option<PathBuf>,
-    /// Device for Parler-TTS: auto, cpu, cuda or metal.
+    /// Device for Parler-TTS: auto, cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "auto")]
     device: String,
     /// Jobs per batched generation (Parler-TTS): sets the concurrency too.
@@ -120,15 +120,7 @@ fn parler(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error
             .model_dir
             .as_ref()
             .ok_or("--voice-backend parler needs --model-dir")?;
-        let device = match args.device.as_str() {
-            "auto" => DeviceChoice::Auto,
-            "cpu" => DeviceChoice::Cpu,
-            "cuda" => DeviceChoice::Cuda(0),
-            "metal" => DeviceChoice::Metal(0),
-            other => {
-                return Err(format!("unknown device {other:?}: auto, cpu, cuda or metal").into());
-            }
-        };
+        let device: DeviceChoice = args.device.parse()?;
         let options = ParlerOptions::new()
             .with_device(device)
             .with_max_batch(args.batch.max(1));

@@ -38,6 +38,30 @@ impl fmt::Display for DeviceChoice {
     }
 }
 
+/// Parses what a command line or a config file says: `auto`, `cpu`, `cuda`, `cuda:1`,
+/// `metal`, `metal:0`.
+impl std::str::FromStr for DeviceChoice {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        let bad = || ModelError::InvalidOption {
+            option: "device",
+            reason: format!("{s:?} is not one of auto, cpu, cuda[:N], metal[:N]"),
+        };
+        let (kind, ordinal) = match s.trim().split_once(':') {
+            Some((kind, n)) => (kind, n.parse::<usize>().map_err(|_| bad())?),
+            None => (s.trim(), 0),
+        };
+        match kind.to_ascii_lowercase().as_str() {
+            "auto" if !s.contains(':') => Ok(Self::Auto),
+            "cpu" if !s.contains(':') => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(ordinal)),
+            "metal" => Ok(Self::Metal(ordinal)),
+            _ => Err(bad()),
+        }
+    }
+}
+
 impl DeviceChoice {
     /// Opens the device, or says precisely why it cannot be used.
     pub(crate) fn open(self) -> Result<Device, ModelError> {
@@ -112,6 +136,30 @@ fn open_metal(ordinal: usize) -> Result<Device, ModelError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn device_names_parse_and_round_trip() {
+        for (text, choice) in [
+            ("auto", DeviceChoice::Auto),
+            ("cpu", DeviceChoice::Cpu),
+            ("cuda", DeviceChoice::Cuda(0)),
+            ("cuda:1", DeviceChoice::Cuda(1)),
+            ("Metal:0", DeviceChoice::Metal(0)),
+        ] {
+            assert_eq!(text.parse::<DeviceChoice>().unwrap(), choice, "{text}");
+        }
+        assert_eq!(
+            DeviceChoice::Cuda(2)
+                .to_string()
+                .parse::<DeviceChoice>()
+                .unwrap(),
+            DeviceChoice::Cuda(2)
+        );
+        for bad in ["gpu", "cuda:x", "cpu:1", ""] {
+            assert!(bad.parse::<DeviceChoice>().is_err(), "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]
