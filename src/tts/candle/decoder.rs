@@ -10,7 +10,8 @@
 //!   request sounds the same alone or in any batch (a stronger guarantee than the
 //!   reference, whose batched positions count the padding);
 //! - the description's keys and values computed once per generation;
-//! - masks built in the model's dtype.
+//! - masks built in the model's dtype, and attention probabilities computed in f32, so the
+//!   decoder runs in f16 or bf16 ([`Precision`](super::Precision)).
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};
@@ -109,8 +110,12 @@ impl Attention {
             Some(mask) => weights.broadcast_add(mask)?,
             None => weights,
         };
-        let weights = candle_nn::ops::softmax_last_dim(&weights)?;
+        // In f32 whatever the model's dtype: half-precision exponentials of large scores
+        // lose the small probabilities, and flash/SDPA kernels do the same upcast.
+        let dtype = weights.dtype();
+        let weights = candle_nn::ops::softmax_last_dim(&weights.to_dtype(DType::F32)?)?;
         weights
+            .to_dtype(dtype)?
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, len, ()))?

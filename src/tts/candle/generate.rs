@@ -286,7 +286,11 @@ fn encode_descriptions(
     for item in items {
         let ids = Tensor::new(item.description_ids.as_slice(), device)?.unsqueeze(0)?;
         model.text_encoder.clear_kv_cache();
-        let hidden = model.text_encoder.forward(&ids)?;
+        // The encoder may run in a wider dtype than the decoder (see `text_encoder_dtype`).
+        let hidden = model
+            .text_encoder
+            .forward(&ids)?
+            .to_dtype(model.decoder.dtype())?;
         let hidden = match &model.enc_to_dec_proj {
             Some(proj) => proj.forward(&hidden)?,
             None => hidden,

@@ -24,7 +24,6 @@ use tokenizers::Tokenizer;
 use super::codec::Codec;
 use super::config::{GenerationConfig, ParlerConfig, io_error, read_text};
 use super::decoder::ParlerDecoder;
-use super::device::dtype_for;
 use super::error::ModelError;
 
 /// `config.json`.
@@ -57,7 +56,10 @@ impl ParlerModel {
     /// Any `VarBuilder` works, which is how the test helper learns the tensor names and
     /// shapes it must write.
     pub(crate) fn new(cfg: &ParlerConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let text_encoder = t5::T5EncoderModel::load(vb.pp("text_encoder"), &cfg.text_encoder)?;
+        let encoder_vb = vb
+            .pp("text_encoder")
+            .set_dtype(text_encoder_dtype(vb.dtype()));
+        let text_encoder = t5::T5EncoderModel::load(encoder_vb, &cfg.text_encoder)?;
         let decoder = ParlerDecoder::new(&cfg.decoder, vb.pp("decoder"))?;
         let embed_prompts = candle_nn::embedding(
             cfg.vocab_size,
@@ -89,6 +91,20 @@ impl ParlerModel {
     }
 }
 
+/// The dtype of the T5 text encoder when the rest of the model is in `dtype`.
+///
+/// T5's feed-forward activations exceed f16's largest value (65504) in released checkpoints,
+/// which Hugging Face works around by keeping parts of T5 in f32 and clamping; candle's T5
+/// does neither, so under f16 the encoder stays in f32. It runs once per request, so this
+/// costs memory, not speed. bf16 has f32's range and needs no such care.
+pub(crate) fn text_encoder_dtype(dtype: DType) -> DType {
+    if dtype == DType::F16 {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
 /// Everything [`load_dir`] reads.
 #[derive(Debug)]
 pub(crate) struct Loaded {
@@ -100,8 +116,9 @@ pub(crate) struct Loaded {
     pub(crate) description_tokenizer: Option<Tokenizer>,
 }
 
-/// Loads a model directory onto `device`, checking every file before the slow part.
-pub(crate) fn load_dir(dir: &Path, device: &Device) -> Result<Loaded, ModelError> {
+/// Loads a model directory onto `device` in `dtype`, checking every file before the slow
+/// part.
+pub(crate) fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Loaded, ModelError> {
     let config = ParlerConfig::load(&dir.join(CONFIG_FILE))?;
     let generation = GenerationConfig::load_optional(&dir.join(GENERATION_CONFIG_FILE))?;
     let prompt_tokenizer = load_tokenizer(&dir.join(TOKENIZER_FILE), config.vocab_size, "prompt")?;
@@ -124,7 +141,7 @@ pub(crate) fn load_dir(dir: &Path, device: &Device) -> Result<Loaded, ModelError
     let files = weight_files(dir)?;
     let backend = Weights::read(&files)?;
     let failure = Arc::clone(&backend.failure);
-    let vb = VarBuilder::from_backend(Box::new(backend), dtype_for(device), device.clone());
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
     let model = ParlerModel::new(&config, vb).map_err(|err| {
         let recorded = failure.lock().ok().and_then(|mut f| f.take());
         recorded.unwrap_or_else(|| ModelError::Build(err.to_string()))

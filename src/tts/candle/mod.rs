@@ -27,9 +27,13 @@
 //! assembly are ours, because candle's Parler decoder cannot run a batch, its `generate`
 //! neither seeds per request nor stops codebooks in order, and its DAC has one fixed size.
 //!
+//! [`Precision::Auto`] runs f32 on the CPU and half precision on CUDA, where memory and
+//! tensor cores make it pay; parts whose numerics half precision would hurt stay in f32
+//! (attention softmax, logits before sampling, the T5 encoder under f16, the samples out).
+//!
 //! # Layout
 //!
-//! - `device` — [`DeviceChoice`]: the only module that knows devices.
+//! - `device` — [`DeviceChoice`] and [`Precision`]: the only module that knows devices.
 //! - `config` — `config.json` and `generation_config.json`.
 //! - `load` — weights (single or sharded safetensors) and tokenizers into a model.
 //! - `decoder` — the audio-token decoder, batched with per-sequence positions.
@@ -61,7 +65,7 @@ mod parity;
 #[cfg(test)]
 mod tests;
 
-pub use device::DeviceChoice;
+pub use device::{DeviceChoice, Precision};
 pub use error::ModelError;
 #[cfg(feature = "hub")]
 pub use hub::download_from_hub;

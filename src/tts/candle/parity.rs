@@ -119,7 +119,7 @@ fn matches_the_pytorch_reference() {
     let dir = tempfile::tempdir().unwrap();
     write_parity_model(dir.path());
     let device = Device::Cpu;
-    let mut loaded = load_dir(dir.path(), &device).unwrap();
+    let mut loaded = load_dir(dir.path(), &device, DType::F32).unwrap();
     let model = &mut loaded.model;
     let desc_ids = ids(&r("description_ids"));
     let prompt_ids = ids(&r("prompt_ids"));
@@ -247,7 +247,7 @@ fn matches_the_pytorch_reference() {
     // (c'') the "eos" scenario: every codebook ends and generation stops early.
     let eos_dir = tempfile::tempdir().unwrap();
     write_eos_model(eos_dir.path(), cfg.decoder.eos_token_id as usize);
-    let mut eos_loaded = load_dir(eos_dir.path(), &device).unwrap();
+    let mut eos_loaded = load_dir(eos_dir.path(), &device, DType::F32).unwrap();
     let eos_rows = r("eos_rows");
     let written =
         candle_core::safetensors::load(eos_dir.path().join(WEIGHTS_FILE), &device).unwrap();

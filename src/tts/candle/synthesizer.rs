@@ -4,10 +4,10 @@ use std::fmt;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use tokenizers::Tokenizer;
 
-use super::device::{DeviceChoice, describe};
+use super::device::{DeviceChoice, Precision, describe, dtype_for};
 use super::error::ModelError;
 use super::generate::{GenItem, Special, generate, undelay};
 use super::load::{ParlerModel, load_dir};
@@ -82,6 +82,9 @@ pub fn default_voices() -> Vec<Voice> {
 pub struct ParlerOptions {
     /// Where to run (default [`DeviceChoice::Auto`]).
     pub device: DeviceChoice,
+    /// The dtype of weights and activations (default [`Precision::Auto`]: f32 on the CPU,
+    /// half precision on CUDA GPUs).
+    pub precision: Precision,
     /// Softmax temperature; 0 decodes greedily (default: generation config, else 1.0).
     pub temperature: Option<f64>,
     /// Sample among the k most likely tokens; 0 disables (default: generation config, else 50).
@@ -110,6 +113,7 @@ impl Default for ParlerOptions {
     fn default() -> Self {
         Self {
             device: DeviceChoice::Auto,
+            precision: Precision::Auto,
             temperature: None,
             top_k: None,
             top_p: None,
@@ -133,6 +137,13 @@ impl ParlerOptions {
     #[must_use]
     pub fn with_device(mut self, device: DeviceChoice) -> Self {
         self.device = device;
+        self
+    }
+
+    /// Sets the precision.
+    #[must_use]
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
         self
     }
 
@@ -224,6 +235,8 @@ pub struct ParlerSynthesizer {
     prompt_tokenizer: Tokenizer,
     description_tokenizer: Option<Tokenizer>,
     device: Device,
+    /// The model's dtype, for logs.
+    dtype: DType,
     special: Special,
     settings: Settings,
     voices: Vec<Voice>,
@@ -237,6 +250,7 @@ impl fmt::Debug for ParlerSynthesizer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ParlerSynthesizer")
             .field("device", &describe(&self.device))
+            .field("dtype", &self.dtype)
             .field("sample_rate", &self.sample_rate)
             .field("num_codebooks", &self.special.num_codebooks)
             .field("voices", &self.voices.len())
@@ -252,7 +266,8 @@ impl ParlerSynthesizer {
     pub fn load(dir: impl AsRef<Path>, options: ParlerOptions) -> Result<Self, ModelError> {
         let dir = dir.as_ref();
         let device = options.device.open()?;
-        let loaded = load_dir(dir, &device)?;
+        let dtype = dtype_for(&device, options.precision);
+        let loaded = load_dir(dir, &device, dtype)?;
         let generation = &loaded.generation;
         let greedy_by_default = generation.do_sample == Some(false);
         let temperature = options.temperature.unwrap_or(if greedy_by_default {
@@ -280,6 +295,7 @@ impl ParlerSynthesizer {
         tracing::info!(
             dir = %dir.display(),
             device = describe(&device),
+            ?dtype,
             sample_rate = config.audio_encoder.sampling_rate,
             codebooks = config.decoder.num_codebooks,
             "loaded Parler-TTS"
@@ -293,6 +309,7 @@ impl ParlerSynthesizer {
             prompt_tokenizer: loaded.prompt_tokenizer,
             description_tokenizer: loaded.description_tokenizer,
             device,
+            dtype,
             settings,
             voices: options.voices,
         })
