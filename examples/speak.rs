@@ -34,6 +34,10 @@ struct Args {
     #[cfg(feature = "candle")]
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Precision for the neural backend: auto, f32, f16 or bf16.
+    #[cfg(feature = "candle")]
+    #[arg(long, default_value = "auto")]
+    precision: String,
     /// Speaking rate, 1.0 is normal.
     #[arg(long, default_value_t = 1.0)]
     speed: f32,
@@ -55,9 +59,13 @@ struct Args {
 fn backend(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
     #[cfg(feature = "candle")]
     if let Some(dir) = &args.model_dir {
-        use voxqueue::tts::candle::{DeviceChoice, ParlerOptions, ParlerSynthesizer};
+        use voxqueue::tts::candle::{DeviceChoice, ParlerOptions, ParlerSynthesizer, Precision};
         let device: DeviceChoice = args.device.parse()?;
-        let model = ParlerSynthesizer::load(dir, ParlerOptions::new().with_device(device))?;
+        let precision: Precision = args.precision.parse()?;
+        let options = ParlerOptions::new()
+            .with_device(device)
+            .with_precision(precision);
+        let model = ParlerSynthesizer::load(dir, options)?;
         return Ok(Arc::new(model));
     }
     let _ = args;

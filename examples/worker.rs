@@ -67,6 +67,9 @@ struct Args {
     /// Device for Parler-TTS: auto, cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Precision for Parler-TTS: auto, f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
+    precision: String,
     /// Jobs per batched generation (Parler-TTS): sets the concurrency too.
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -115,7 +118,7 @@ fn parler(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error
     #[cfg(feature = "candle")]
     {
         use voxqueue::tts::BatchingSynthesizer;
-        use voxqueue::tts::candle::{DeviceChoice, ParlerOptions, ParlerSynthesizer};
+        use voxqueue::tts::candle::{DeviceChoice, ParlerOptions, ParlerSynthesizer, Precision};
         let dir = args
             .model_dir
             .as_ref()
@@ -123,6 +126,7 @@ fn parler(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error
         let device: DeviceChoice = args.device.parse()?;
         let options = ParlerOptions::new()
             .with_device(device)
+            .with_precision(args.precision.parse::<Precision>()?)
             .with_max_batch(args.batch.max(1));
         let model: Arc<dyn Synthesizer> = Arc::new(
             ParlerSynthesizer::load(dir, options)
