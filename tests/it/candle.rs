@@ -56,3 +56,59 @@ async fn a_tiny_parler_model_speaks_through_the_queue() {
         .unwrap();
     assert_eq!(one.samples, two.samples);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_jobs_keep_their_own_results() {
+    use voxqueue::tts::BatchingSynthesizer;
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), 11).unwrap();
+    let options = ParlerOptions::new()
+        .with_seed(3)
+        .with_max_steps(30)
+        .with_max_batch(4);
+    let model: Arc<dyn Synthesizer> =
+        Arc::new(ParlerSynthesizer::load(dir.path(), options).unwrap());
+    let voice = model.voices()[0].id.clone();
+    let batcher = BatchingSynthesizer::new(model.clone(), 4, Duration::from_millis(50)).unwrap();
+
+    let p = Prefix::new();
+    let q = p.queue::<SynthesisRequest>("neural-batch").await;
+    let store: Arc<dyn ResultStore> = Arc::new(RedisStore::new(&q));
+    let handler = TtsHandler::from_shared(Arc::new(batcher), store.clone());
+    let texts = [
+        "One.",
+        "Two words.",
+        "Three small words.",
+        "Four words in here.",
+    ];
+    let jobs = q
+        .enqueue_bulk(
+            texts
+                .iter()
+                .map(|t| SynthesisRequest::new(*t, voice.clone())),
+        )
+        .await
+        .unwrap();
+    let (stop, signal) = shutdown();
+    let worker = tokio::spawn(
+        Worker::builder(q.clone())
+            .concurrency(4)
+            .build(handler)
+            .run_until(signal),
+    );
+    for (job, text) in jobs.iter().zip(texts) {
+        let result: SpeechResult = q
+            .wait_result(&job.id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(result.captions[0].text, text);
+        // Each job's audio is what the model makes for that request alone.
+        let alone = model
+            .synthesize(&SynthesisRequest::new(text, voice.clone()))
+            .unwrap();
+        let stored = decode_wav(&store.get(&result.audio).await.unwrap().unwrap()).unwrap();
+        assert_eq!(stored.samples.len(), alone.samples.len(), "{text}");
+    }
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+}
