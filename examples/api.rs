@@ -29,10 +29,12 @@
 //! curl -s localhost:8080/v1/jobs/$ID/audio -o hello.wav
 //! ```
 
+mod common;
+
+use common::{StoreChoice, parse_duration, parse_store, shutdown_signal};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -52,8 +54,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use voxqueue::tts::{
-    self, EspeakSynthesizer, FileStore, Limits, RedisStore, ResultStore, SpeechResult,
-    SynthesisRequest, Synthesizer, TtsHandler,
+    self, EspeakSynthesizer, Limits, ResultStore, SpeechResult, SynthesisRequest, Synthesizer,
+    TtsHandler,
 };
 use voxqueue::{
     CancelOutcome, EventStream, JobEvent, JobId, JobState, JobStatus, Priority, Queue, RateLimit,
@@ -112,12 +114,6 @@ struct Args {
 struct Rate {
     limit: u32,
     period: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-enum StoreChoice {
-    Redis,
-    Dir(PathBuf),
 }
 
 /// Everything a handler needs; cheap to clone (every field is shared).
@@ -214,10 +210,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .connect()
         .await
         .map_err(|e| format!("queue {:?} on {}: {e}", args.queue, args.redis))?;
-    let store: Arc<dyn ResultStore> = match &args.store {
-        StoreChoice::Redis => Arc::new(RedisStore::new(&queue)),
-        StoreChoice::Dir(dir) => Arc::new(FileStore::new(dir)),
-    };
+    let store = args.store.open(&queue);
 
     let keys = ApiKeys::new(&args.api_keys);
     if keys.is_open() {
@@ -265,34 +258,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         worker.await??;
     }
     Ok(())
-}
-
-/// Ctrl-C, or SIGTERM from a process manager.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -835,36 +800,6 @@ fn parse_rate(s: &str) -> Result<Rate, String> {
     Ok(Rate { limit, period })
 }
 
-/// `500ms`, `30s`, `10m`, `2h`; a bare number is seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a duration like 500ms, 30s, 10m or 2h"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
-}
-
-fn parse_store(s: &str) -> Result<StoreChoice, String> {
-    match s {
-        "redis" => Ok(StoreChoice::Redis),
-        _ => match s.strip_prefix("dir:") {
-            Some(path) if !path.is_empty() => Ok(StoreChoice::Dir(PathBuf::from(path))),
-            _ => Err(format!("{s:?}: expected `redis` or `dir:<path>`")),
-        },
-    }
-}
-
 // ---------------------------------------------------------------------------------
 // Tests: the whole router in-process (`oneshot`, no socket) against the shared Redis,
 // under a key prefix of their own that is deleted when each test ends.
@@ -953,7 +888,7 @@ mod tests {
                 .connect()
                 .await
                 .expect("connect to test Redis");
-            let store: Arc<dyn ResultStore> = Arc::new(RedisStore::new(&queue));
+            let store: Arc<dyn ResultStore> = StoreChoice::Redis.open(&queue);
             let keys: Vec<String> = setup.keys.iter().map(|k| k.to_string()).collect();
             let state = AppState {
                 queue: queue.clone(),

@@ -5,6 +5,8 @@
 //! The main job in one program: a producer enqueues a sentence, a worker with the
 //! offline voice synthesises it, and the audio and its captions are written to files.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,14 +61,7 @@ struct Args {
 fn backend(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
     #[cfg(feature = "candle")]
     if let Some(dir) = &args.model_dir {
-        use voxqueue::tts::candle::{DeviceChoice, ParlerOptions, ParlerSynthesizer, Precision};
-        let device: DeviceChoice = args.device.parse()?;
-        let precision: Precision = args.precision.parse()?;
-        let options = ParlerOptions::new()
-            .with_device(device)
-            .with_precision(precision);
-        let model = ParlerSynthesizer::load(dir, options)?;
-        return Ok(Arc::new(model));
+        return common::load_parler(dir, &args.device, &args.precision, 1, Duration::ZERO);
     }
     let _ = args;
     Ok(Arc::new(EspeakSynthesizer::new()?))

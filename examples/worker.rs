@@ -16,15 +16,15 @@
 //! within `--shutdown-grace`, and hands the rest back to the queue at once, so another
 //! worker picks them up without waiting for a lease to expire.
 
+mod common;
+
+use common::{StoreChoice, load_parler, parse_duration, parse_store};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use voxqueue::tts::{
-    EspeakSynthesizer, FileStore, RedisStore, ResultStore, SynthesisRequest, Synthesizer,
-    TtsHandler,
-};
+use voxqueue::tts::{EspeakSynthesizer, SynthesisRequest, Synthesizer, TtsHandler};
 use voxqueue::{CircuitBreaker, Queue, RetryPolicy, Worker};
 
 #[derive(Debug, Parser)]
@@ -107,45 +107,19 @@ enum Backend {
     Parler,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-enum StoreChoice {
-    Redis,
-    Dir(PathBuf),
-}
-
-/// Loads Parler-TTS once for this worker, wrapped in a batcher when `--batch` > 1.
+/// Loads Parler-TTS once for this worker.
 fn parler(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
-    #[cfg(feature = "candle")]
-    {
-        use voxqueue::tts::BatchingSynthesizer;
-        use voxqueue::tts::candle::{DeviceChoice, ParlerOptions, ParlerSynthesizer, Precision};
-        let dir = args
-            .model_dir
-            .as_ref()
-            .ok_or("--voice-backend parler needs --model-dir")?;
-        let device: DeviceChoice = args.device.parse()?;
-        let options = ParlerOptions::new()
-            .with_device(device)
-            .with_precision(args.precision.parse::<Precision>()?)
-            .with_max_batch(args.batch.max(1));
-        let model: Arc<dyn Synthesizer> = Arc::new(
-            ParlerSynthesizer::load(dir, options)
-                .map_err(|e| format!("Parler-TTS from {}: {e}", dir.display()))?,
-        );
-        if args.batch > 1 {
-            return Ok(Arc::new(BatchingSynthesizer::new(
-                model,
-                args.batch,
-                args.batch_wait,
-            )?));
-        }
-        Ok(model)
-    }
-    #[cfg(not(feature = "candle"))]
-    {
-        let _ = args;
-        Err("this build has no Candle backend (enable the `candle` feature)".into())
-    }
+    let dir = args
+        .model_dir
+        .as_ref()
+        .ok_or("--voice-backend parler needs --model-dir")?;
+    load_parler(
+        dir,
+        &args.device,
+        &args.precision,
+        args.batch,
+        args.batch_wait,
+    )
 }
 
 #[tokio::main]
@@ -177,10 +151,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .connect()
         .await
         .map_err(|e| format!("queue {:?} on {}: {e}", args.queue, args.redis))?;
-    let store: Arc<dyn ResultStore> = match &args.store {
-        StoreChoice::Redis => Arc::new(RedisStore::new(&queue)),
-        StoreChoice::Dir(dir) => Arc::new(FileStore::new(dir)),
-    };
+    let store = args.store.open(&queue);
 
     let retry = RetryPolicy::exponential(args.retry_delay)
         .max_attempts(args.max_attempts.max(1))
@@ -214,61 +185,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Ctrl-C, or SIGTERM from a process manager.
+/// The shared signal, announced: running jobs now get their grace period.
 async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
+    common::shutdown_signal().await;
     tracing::info!("shutting down: finishing running jobs");
-}
-
-/// `500ms`, `30s`, `10m`, `2h`; a bare number is seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a duration like 500ms, 30s, 10m or 2h"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
-}
-
-fn parse_store(s: &str) -> Result<StoreChoice, String> {
-    match s {
-        "redis" => Ok(StoreChoice::Redis),
-        _ => match s.strip_prefix("dir:") {
-            Some(path) if !path.is_empty() => Ok(StoreChoice::Dir(PathBuf::from(path))),
-            _ => Err(format!("{s:?}: expected `redis` or `dir:<path>`")),
-        },
-    }
 }

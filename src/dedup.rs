@@ -77,7 +77,7 @@ impl<J> Deduplicator<J> {
 
     /// The dedup key of `job`: sha256 (hex) of its canonical form.
     pub fn key(&self, job: &J) -> Result<String, Error> {
-        Ok(sha256_hex(canonical_json(&(self.key)(job)?).as_bytes()))
+        Ok(digest(&(self.key)(job)?))
     }
 }
 
@@ -117,6 +117,12 @@ fn write_canonical(value: &Value, out: &mut String) {
         }
         other => out.push_str(&other.to_string()),
     }
+}
+
+/// The dedup key of a value: sha256 (hex) of its canonical form. The TTS result
+/// store addresses audio by the same key, so a request's job and its audio agree.
+pub(crate) fn digest(value: &Value) -> String {
+    sha256_hex(canonical_json(value).as_bytes())
 }
 
 /// Lowercase hex sha256.

@@ -13,7 +13,7 @@ use super::{
     AudioFormat, Caption, Limits, LongTextOptions, SynthesisRequest, Synthesizer, TtsError,
     synthesize_long, to_srt, to_vtt,
 };
-use crate::dedup::{Deduplicator, canonical_json, sha256_hex};
+use crate::dedup::{Deduplicator, digest};
 use crate::error::JobError;
 use crate::worker::{Handler, JobContext};
 
@@ -162,7 +162,7 @@ impl Handler<SynthesisRequest> for TtsHandler {
         // Content-addressed: the same request always lands on the same object.
         let key = format!(
             "{}.{}",
-            sha256_hex(canonical_json(&request.dedup_fields()).as_bytes()),
+            digest(&request.dedup_fields()),
             request.format.extension()
         );
 

@@ -191,3 +191,45 @@ async fn wait_times_out_on_a_job_nobody_runs() {
         .unwrap_err();
     assert!(err.is_timeout(), "{err}");
 }
+
+#[tokio::test]
+async fn the_event_stream_is_capped() {
+    let p = Prefix::new();
+    let q = p
+        .builder::<Echo>("capped")
+        .events_max(50)
+        .connect()
+        .await
+        .unwrap();
+    for chunk in 0..4 {
+        q.enqueue_bulk((0..250).map(|n| Echo { n: chunk * 250 + n }))
+            .await
+            .unwrap();
+    }
+    let client = redis::Client::open(crate::common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let len: u64 = redis::cmd("XLEN")
+        .arg(format!("{}:{{capped}}:events", p.name))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // MAXLEN ~ trims whole stream nodes (100 entries by default), never keeps all 1000.
+    assert!(len < 250, "{len} events kept");
+}
+
+#[tokio::test]
+async fn one_bulk_call_with_a_repeated_caller_id_makes_one_job() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("bulk-ids").await;
+    let id = JobId::new("same").unwrap();
+    let out = q
+        .enqueue_bulk_with(vec![
+            (Echo { n: 1 }, JobOptions::new().id(id.clone())),
+            (Echo { n: 2 }, JobOptions::new().id(id.clone())),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out[0].duplicate_of, None);
+    assert_eq!(out[1].duplicate_of, Some(id.clone()));
+    assert_eq!(q.stats().await.unwrap().queued, 1);
+}

@@ -54,14 +54,15 @@ end
 
 -- Pass 2: create the new jobs. Two identical requests in one batch make one job.
 local created_here = {}
+local created_ids = {}
 for _, i in ipairs(fresh) do
   local base = 7 + i * 4
   local id, dedup = ARGV[base], ARGV[base + 3]
-  if dedup ~= '' and created_here[dedup] then
+  -- Within one batch, a repeated request or a repeated caller id is one job too.
+  local twin = (dedup ~= '' and created_here[dedup]) or created_ids[id]
+  if twin then
     count('deduplicated')
-    out[i + 1] = { created_here[dedup][1], 0, created_here[dedup][2] }
-  elseif load(id) then
-    out[i + 1] = { id, 0, load(id).state }
+    out[i + 1] = { twin[1], 0, twin[2] }
   else
     local job = cjson.decode(ARGV[base + 1])
     job.id = id
@@ -83,6 +84,7 @@ for _, i in ipairs(fresh) do
     save(job)
     count('enqueued')
     emit(job.state, id)
+    created_ids[id] = { id, job.state }
     out[i + 1] = { id, 1, job.state }
   end
 end

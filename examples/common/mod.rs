@@ -1,0 +1,122 @@
+//! What the example programs share: flag parsers, the result-store choice, the
+//! shutdown signal and the loading of the neural backend. Each program uses a part.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use voxqueue::Queue;
+use voxqueue::tts::{FileStore, RedisStore, ResultStore, Synthesizer};
+
+/// Where the audio goes; API and workers must agree.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum StoreChoice {
+    Redis,
+    Dir(PathBuf),
+}
+
+impl StoreChoice {
+    /// Opens the store beside `queue` (Redis) or in the directory.
+    pub(crate) fn open<J>(&self, queue: &Queue<J>) -> Arc<dyn ResultStore> {
+        match self {
+            StoreChoice::Redis => Arc::new(RedisStore::new(queue)),
+            StoreChoice::Dir(dir) => Arc::new(FileStore::new(dir)),
+        }
+    }
+}
+
+/// `redis` or `dir:<path>`.
+pub(crate) fn parse_store(s: &str) -> Result<StoreChoice, String> {
+    match s {
+        "redis" => Ok(StoreChoice::Redis),
+        _ => match s.strip_prefix("dir:") {
+            Some(path) if !path.is_empty() => Ok(StoreChoice::Dir(PathBuf::from(path))),
+            _ => Err(format!("{s:?}: expected `redis` or `dir:<path>`")),
+        },
+    }
+}
+
+/// `500ms`, `30s`, `10m`, `2h`; a bare number is seconds.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration like 500ms, 30s, 10m or 2h"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// Ctrl-C, or SIGTERM from a process manager.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+/// Loads Parler-TTS from `dir` once, wrapped in a batcher when `batch` > 1 so that
+/// concurrent jobs share one generation.
+pub(crate) fn load_parler(
+    dir: &std::path::Path,
+    device: &str,
+    precision: &str,
+    batch: usize,
+    batch_wait: Duration,
+) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
+    #[cfg(feature = "candle")]
+    {
+        use voxqueue::tts::BatchingSynthesizer;
+        use voxqueue::tts::candle::{DeviceChoice, ParlerOptions, ParlerSynthesizer, Precision};
+        let options = ParlerOptions::new()
+            .with_device(device.parse::<DeviceChoice>()?)
+            .with_precision(precision.parse::<Precision>()?)
+            .with_max_batch(batch.max(1));
+        let model: Arc<dyn Synthesizer> = Arc::new(
+            ParlerSynthesizer::load(dir, options)
+                .map_err(|e| format!("Parler-TTS from {}: {e}", dir.display()))?,
+        );
+        if batch > 1 {
+            return Ok(Arc::new(BatchingSynthesizer::new(
+                model, batch, batch_wait,
+            )?));
+        }
+        Ok(model)
+    }
+    #[cfg(not(feature = "candle"))]
+    {
+        let _ = (dir, device, precision, batch, batch_wait);
+        Err("this build has no Candle backend (enable the `candle` feature)".into())
+    }
+}
