@@ -215,35 +215,106 @@ mod tests {
         assert_eq!(delays, vec![1, 3, 9, 20, 20]);
     }
 
+    /// Whole milliseconds of each delay from attempt 1 on.
+    fn schedule(p: &RetryPolicy, attempts: u32) -> Vec<u128> {
+        (1..=attempts)
+            .map(|a| p.next_delay(a).unwrap().as_millis())
+            .collect()
+    }
+
+    // The literals below were computed by hand from the documented formula (an
+    // independent Python re-implementation of splitmix64 and the jitter factor,
+    // `capped * (1 - f + 2 f u)` with `u` from the seed and the attempt), not by this code.
+
     #[test]
-    fn seeded_jitter_is_exact_and_within_bounds() {
+    fn seeded_proportional_jitter_gives_an_exact_exponential_schedule() {
         let p = RetryPolicy::exponential(Duration::from_secs(10))
             .max_attempts(5)
             .jitter(0.2)
             .seed(42);
-        let q = p.clone();
-        for attempt in 1..5 {
-            let d = p.next_delay(attempt).unwrap();
-            assert_eq!(Some(d), q.next_delay(attempt));
-            let nominal = 10.0 * 2f64.powi(attempt as i32 - 1);
-            assert!(d.as_secs_f64() >= nominal * 0.8 && d.as_secs_f64() <= nominal * 1.2);
-        }
+        assert_eq!(schedule(&p, 4), vec![10_966, 22_793, 37_989, 75_014]);
+        assert_eq!(p.next_delay(5), None);
+        // The same seed on another policy value gives the same schedule.
+        assert_eq!(schedule(&p.clone(), 4), schedule(&p, 4));
         let other = RetryPolicy::exponential(Duration::from_secs(10))
             .max_attempts(5)
             .jitter(0.2)
             .seed(43);
-        assert_ne!(p.next_delay(1), other.next_delay(1));
+        assert_eq!(other.next_delay(1).unwrap().as_millis(), 8_274);
     }
 
     #[test]
-    fn full_jitter_stays_below_the_nominal_delay() {
+    fn seeded_proportional_jitter_gives_an_exact_fixed_schedule() {
+        let p = RetryPolicy::fixed(Duration::from_millis(500))
+            .max_attempts(4)
+            .jitter(0.25)
+            .seed(7);
+        assert_eq!(schedule(&p, 3), vec![616, 550, 601]);
+    }
+
+    #[test]
+    fn the_cap_applies_before_the_jitter() {
+        // 1 s doubling, capped at 5 s, then ±10 %: attempts 4 and 5 jitter around 5 s.
+        let p = RetryPolicy::exponential(Duration::from_secs(1))
+            .max_attempts(6)
+            .max_delay(Duration::from_secs(5))
+            .jitter(0.1)
+            .seed(3);
+        assert_eq!(schedule(&p, 5), vec![1_013, 2_165, 4_396, 4_572, 4_944]);
+    }
+
+    #[test]
+    fn seeded_full_jitter_gives_an_exact_schedule_below_the_nominal_delay() {
         let p = RetryPolicy::fixed(Duration::from_secs(4))
             .max_attempts(100)
             .full_jitter()
             .seed(1);
+        assert_eq!(schedule(&p, 3), vec![3_575, 2_983, 877]);
         for attempt in 1..100 {
             assert!(p.next_delay(attempt).unwrap() < Duration::from_secs(4));
         }
+    }
+
+    #[test]
+    fn unseeded_jitter_still_stays_within_its_range() {
+        let p = RetryPolicy::fixed(Duration::from_secs(10))
+            .max_attempts(1000)
+            .jitter(0.2);
+        let delays: Vec<Duration> = (1..1000).map(|a| p.next_delay(a).unwrap()).collect();
+        assert!(delays.iter().all(|d| {
+            *d >= Duration::from_secs(8) && *d <= Duration::from_secs(12)
+        }));
+        // Spread over the range, not stuck at one value.
+        assert!(delays.iter().any(|d| *d < Duration::from_secs(9)));
+        assert!(delays.iter().any(|d| *d > Duration::from_secs(11)));
+    }
+
+    #[test]
+    fn the_default_policy_is_three_attempts_exponential_from_one_second() {
+        let p = RetryPolicy::default();
+        assert_eq!(p.attempts(), 3);
+        for (attempt, nominal) in [(1u32, 1.0f64), (2, 2.0)] {
+            let d = p.next_delay(attempt).unwrap().as_secs_f64();
+            assert!(d >= nominal * 0.8 && d <= nominal * 1.2, "{d}");
+        }
+        assert_eq!(p.next_delay(3), None);
+    }
+
+    #[test]
+    fn factor_and_attempts_are_clamped() {
+        let p = RetryPolicy::exponential(Duration::from_secs(1))
+            .factor(0.5)
+            .max_attempts(0);
+        assert_eq!(p.attempts(), 1);
+        // A factor below one would shrink delays: it is raised to one.
+        assert_eq!(p.delay_for(3), Duration::from_secs(1));
+        // A fixed policy ignores a factor.
+        let f = RetryPolicy::fixed(Duration::from_secs(2)).factor(3.0);
+        assert_eq!(f.delay_for(4), Duration::from_secs(2));
+        // Jitter is clamped to 100 %: never a negative delay.
+        let j = RetryPolicy::fixed(Duration::from_secs(2)).jitter(5.0).seed(1);
+        assert!(j.delay_for(1) <= Duration::from_secs(4));
+        assert_eq!(RetryPolicy::fixed(Duration::from_secs(2)).jitter(0.0).seed(1).delay_for(1), Duration::from_secs(2));
     }
 
     #[test]

@@ -12,8 +12,11 @@ use crate::queue::Echo;
 async fn queues_on_a_cluster_run_jobs_across_slots() {
     let cluster = RedisCluster::start(3);
     let connector = Connector::cluster(cluster.urls()).unwrap();
-    // Slots 865, 8623, 14438 and 1769: every one of the three masters holds a queue.
+    // Hash slots of the queues' tags (CRC16 of the name, worked out by hand): the
+    // three masters own 0-5460, 5461-10922 and 10923-16383, so each holds a queue.
     let names = ["alpha", "bravo", "echo", "charlie"];
+    let slots: [u16; 4] = [865, 8623, 14438, 1769];
+    let owners: [usize; 4] = [0, 1, 2, 0];
     let mut queues = Vec::new();
     for name in names {
         queues.push(
@@ -37,8 +40,36 @@ async fn queues_on_a_cluster_run_jobs_across_slots() {
             .map(|e| (i, e.id)),
         );
         // A duplicate in the same slot attaches to the first job.
+        let first = jobs[i * 25].1.clone();
         let dup = q.enqueue(Echo { n: i as u32 * 100 }).await.unwrap();
-        assert!(dup.duplicate_of.is_some());
+        assert_eq!(dup.duplicate_of, Some(first));
+    }
+    // Every key of a queue lives in its tag's slot, on the master that owns the slot.
+    for (i, name) in names.iter().enumerate() {
+        let port = cluster.nodes[owners[i]].port;
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        for key in ["jobs", "payloads", "ready", "events", "stats", "dedup"] {
+            let slot: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(format!("vq:{{{name}}}:{key}"))
+                .query(&mut conn)
+                .unwrap();
+            assert_eq!(slot, slots[i], "{name} {key}");
+        }
+        let keys: Vec<String> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slots[i])
+            .arg(100)
+            .query(&mut conn)
+            .unwrap();
+        assert!(
+            keys.contains(&format!("vq:{{{name}}}:jobs")),
+            "{name} is not on node {}: {keys:?}",
+            owners[i]
+        );
     }
     let handler = handler_fn(|job: Echo, _ctx: JobContext| async move { Ok::<_, JobError>(job.n) });
     let mut builder = Worker::builder(queues[0].clone()).concurrency(4);
@@ -65,9 +96,12 @@ async fn queues_on_a_cluster_run_jobs_across_slots() {
     );
     let _ = stop.send(());
     running.await.unwrap().unwrap();
-    for q in &queues {
+    for (i, q) in queues.iter().enumerate() {
         let stats = q.stats().await.unwrap();
-        assert_eq!((stats.queued, stats.active), (0, 0));
-        assert!(stats.totals.get("completed").copied().unwrap_or(0) >= 25);
+        assert_eq!((stats.queued, stats.active, stats.dead), (0, 0, 0));
+        let late = u64::from(i == 3);
+        assert_eq!(stats.totals.get("enqueued"), Some(&(25 + late)), "{}", names[i]);
+        assert_eq!(stats.totals.get("completed"), Some(&(25 + late)), "{}", names[i]);
+        assert_eq!(stats.totals.get("deduplicated"), Some(&1), "{}", names[i]);
     }
 }

@@ -70,6 +70,10 @@ async fn sigkilled_worker_process_loses_no_job() {
         },
     )
     .await;
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     child.kill().expect("SIGKILL");
     child.wait().unwrap();
     let orphaned = q.stats().await.unwrap().active;
@@ -81,9 +85,10 @@ async fn sigkilled_worker_process_loses_no_job() {
         .build(slow_echo());
     let (stop, signal) = crate::common::shutdown();
     let running = tokio::spawn(worker.run_until(signal));
-    for job in &jobs {
+    for (n, job) in jobs.iter().enumerate() {
         let st = q.wait(&job.id, Duration::from_secs(60)).await.unwrap();
         assert_eq!(st.state, JobState::Completed, "{:?}", st);
+        assert_eq!(q.result::<u32>(&job.id).await.unwrap(), Some(n as u32));
     }
     let _ = stop.send(());
     running.await.unwrap().unwrap();
@@ -94,12 +99,16 @@ async fn sigkilled_worker_process_loses_no_job() {
         (0, 0, 0, 0)
     );
     assert_eq!(stats.totals.get("completed"), Some(&300));
-    // The jobs the dead worker held were recovered from their expired leases.
+    // The jobs the dead worker held were recovered from their expired leases, within
+    // the lease (1 s) and a second of slack after the kill, as the README promises.
     let mut recovered = 0;
     for job in &jobs {
         let st = q.status(&job.id).await.unwrap();
-        if st.errors.iter().any(|e| e.kind == "stalled") {
+        if let Some(stalled) = st.errors.iter().find(|e| e.kind == "stalled") {
             assert_eq!(st.worker.as_deref(), Some("survivor"));
+            assert_eq!(st.attempts, 2);
+            let after = stalled.at.saturating_sub(killed_at);
+            assert!(after <= 2_000, "recovered {after} ms after the kill");
             recovered += 1;
         }
     }

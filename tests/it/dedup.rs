@@ -175,6 +175,7 @@ async fn the_rate_limit_rejects_the_next_job_and_recovers() {
     let p = Prefix::new();
     let q = dedup_queue(&p, "limits", Duration::from_secs(60)).await;
     let limit = RateLimit::new("api-key-1", 3, Duration::from_millis(600)).unwrap();
+    let t0 = std::time::Instant::now();
     for n in 0..3 {
         q.enqueue(Echo { n })
             .rate_limit(limit.clone())
@@ -195,9 +196,13 @@ async fn the_rate_limit_rejects_the_next_job_and_recovers() {
         panic!("{err}")
     };
     assert_eq!(key, "api-key-1");
+    // GCRA, 3 per 600 ms: each job costs 200 ms of arrival time, so the fourth fits
+    // 200 ms after the first, less the time these calls took (rounded up to the ms).
+    let elapsed = t0.elapsed();
     assert!(
-        retry_after > Duration::ZERO && retry_after <= Duration::from_millis(600),
-        "{retry_after:?}"
+        retry_after <= Duration::from_millis(200)
+            && retry_after + elapsed + Duration::from_millis(2) >= Duration::from_millis(200),
+        "{retry_after:?} after {elapsed:?}"
     );
     // Another key has its own budget.
     let other = RateLimit::new("api-key-2", 3, Duration::from_millis(600)).unwrap();

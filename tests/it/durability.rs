@@ -1,6 +1,8 @@
 //! Durability and connection options, on private Redis servers: restarts with AOF,
 //! credentials in the URL.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use voxqueue::{Error, JobContext, JobError, JobState, Queue, Worker, handler_fn};
@@ -17,9 +19,18 @@ async fn a_redis_restart_with_aof_loses_no_job() {
         .await
         .unwrap();
     let jobs = q.enqueue_bulk((0..200).map(|n| Echo { n })).await.unwrap();
-    let handler = handler_fn(|job: Echo, _ctx: JobContext| async move {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        Ok::<_, JobError>(job.n)
+    // The first 20 jobs finish; jobs 20 to 23 then hold the worker's four slots until
+    // Redis has been killed, so the kill meets work both queued and active.
+    let restarted = Arc::new(AtomicBool::new(false));
+    let r = restarted.clone();
+    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
+        let r = r.clone();
+        async move {
+            while job.n >= 20 && !r.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok::<_, JobError>(job.n)
+        }
     });
     let (stop, signal) = shutdown();
     let worker = Worker::builder(q.clone())
@@ -27,22 +38,29 @@ async fn a_redis_restart_with_aof_loses_no_job() {
         .lease(Duration::from_secs(2))
         .build(handler);
     let running = tokio::spawn(worker.run_until(signal));
-    eventually(Duration::from_secs(30), "some jobs done", || async {
+    eventually(Duration::from_secs(30), "20 done, 4 held", || async {
         let s = q.stats().await.ok()?;
-        (s.totals.get("completed").copied().unwrap_or(0) >= 20).then_some(())
+        (s.totals.get("completed") == Some(&20) && s.active == 4).then_some(())
     })
     .await;
+    let at_kill = q.stats().await.unwrap();
+    assert_eq!((at_kill.queued, at_kill.active), (176, 4));
     // SIGKILL: no shutdown save; the AOF (fsync always) is all that survives. The new
     // server has no scripts loaded, so every script call meets NOSCRIPT first.
     server.restart();
-    for job in &jobs {
-        let st = eventually(
+    restarted.store(true, Ordering::SeqCst);
+    for (expected, job) in jobs.iter().enumerate() {
+        let n = eventually(
             Duration::from_secs(60),
             "job finished after restart",
-            || async { q.wait(&job.id, Duration::from_secs(5)).await.ok() },
+            || async {
+                q.wait_result::<u32>(&job.id, Duration::from_secs(5))
+                    .await
+                    .ok()
+            },
         )
         .await;
-        assert_eq!(st.state, JobState::Completed, "{st:?}");
+        assert_eq!(n as usize, expected);
     }
     let _ = stop.send(());
     running.await.unwrap().unwrap();
@@ -51,6 +69,8 @@ async fn a_redis_restart_with_aof_loses_no_job() {
         (stats.queued, stats.active, stats.scheduled, stats.dead),
         (0, 0, 0, 0)
     );
+    // Every job completed exactly once: none lost, none run to completion twice.
+    assert_eq!(stats.totals.get("completed"), Some(&200));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,108 +106,115 @@ async fn credentials_and_acl_users_go_in_the_url() {
     }
 }
 
-/// Makes a CA and a server certificate for 127.0.0.1 with the openssl CLI.
+/// Makes a CA, a server certificate for 127.0.0.1 and a client certificate, all with
+/// the openssl CLI, plus a second CA that signed nothing here.
 fn make_certs(dir: &std::path::Path) {
     let run = |args: &[&str]| {
         let out = std::process::Command::new("openssl")
             .args(args)
             .current_dir(dir)
             .output()
-            .expect("openssl");
+            .expect("openssl must be installed (see .ci/setup)");
         assert!(
             out.status.success(),
             "openssl {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=voxqueue test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
+    for (ca, cn) in [("ca", "voxqueue test CA"), ("other-ca", "another CA")] {
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.crt"),
+        ]);
+    }
     std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "server.crt",
-    ]);
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (name, cn, ext) in [
+        ("server", "127.0.0.1", "san.ext"),
+        ("client", "voxqueue worker", "client.ext"),
+    ] {
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            ext,
+            "-out",
+            &format!("{name}.crt"),
+        ]);
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_queue_runs_over_tls() {
-    let certs = tempfile::tempdir().unwrap();
-    make_certs(certs.path());
-    let path = |f: &str| certs.path().join(f).display().to_string();
-    // The TLS server listens on a free port; the plain port is disabled.
-    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = std::process::Command::new("redis-server")
-        .args(["--port", "0", "--bind", "127.0.0.1", "--save", ""])
-        .args(["--tls-port", &tls_port.to_string()])
-        .args([
-            "--tls-cert-file",
-            &path("server.crt"),
-            "--tls-key-file",
-            &path("server.key"),
-        ])
-        .args([
-            "--tls-ca-cert-file",
-            &path("ca.crt"),
-            "--tls-auth-clients",
-            "no",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("rediss://127.0.0.1:{tls_port}");
-    let ca = std::fs::read(certs.path().join("ca.crt")).unwrap();
-    let connector =
-        voxqueue::Connector::single_tls(&url, voxqueue::TlsConfig::new().root_ca(ca)).unwrap();
-    let q = eventually(Duration::from_secs(10), "TLS server up", || async {
-        Queue::<Echo>::builder("tls")
-            .connector(connector.clone())
-            .connect()
-            .await
-            .ok()
-    })
-    .await;
+/// A TLS-only Redis with the certificates of `make_certs`; `mutual` makes it demand a
+/// client certificate. Killed on drop, also when the test panics.
+fn tls_server(certs: &std::path::Path, mutual: bool) -> RedisServer {
+    let path = |f: &str| certs.join(f).display().to_string();
+    RedisServer::start_tls(&[
+        "--tls-cert-file",
+        &path("server.crt"),
+        "--tls-key-file",
+        &path("server.key"),
+        "--tls-ca-cert-file",
+        &path("ca.crt"),
+        "--tls-auth-clients",
+        if mutual { "yes" } else { "no" },
+    ])
+}
+
+/// The error and all its sources, for matching the TLS cause.
+fn chain(e: &Error) -> String {
+    let mut out = format!("{e:?}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(&format!(" <- {s:?}"));
+        source = s.source();
+    }
+    out
+}
+
+async fn tls_queue(url: &str, tls: voxqueue::TlsConfig) -> Result<Queue<Echo>, Error> {
+    let connector = voxqueue::Connector::single_tls(url, tls)?;
+    let q = Queue::<Echo>::builder("tls")
+        .connector(connector)
+        .connect()
+        .await?;
+    // A connection that is refused late (mutual TLS) fails on first use.
+    q.stats().await?;
+    Ok(q)
+}
+
+async fn round_trip(q: &Queue<Echo>) {
     let handler = handler_fn(|job: Echo, _ctx: JobContext| async move { Ok::<_, JobError>(job.n) });
     let (stop, signal) = shutdown();
     let running = tokio::spawn(Worker::builder(q.clone()).build(handler).run_until(signal));
@@ -200,15 +227,55 @@ async fn a_queue_runs_over_tls() {
     );
     let _ = stop.send(());
     running.await.unwrap().unwrap();
-    // Without the CA, the server's certificate is refused.
-    let untrusted = voxqueue::Connector::single(&url).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_runs_over_tls_and_an_unknown_issuer_is_refused() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let server = tls_server(certs.path(), false);
+    let url = format!("rediss://127.0.0.1:{}", server.port);
+    let ca = std::fs::read(certs.path().join("ca.crt")).unwrap();
+    let q = tls_queue(&url, voxqueue::TlsConfig::new().root_ca(ca))
+        .await
+        .unwrap();
+    round_trip(&q).await;
+    // Trusting only the system roots, or another CA, the server's certificate is
+    // refused for its issuer.
+    let other = std::fs::read(certs.path().join("other-ca.crt")).unwrap();
+    for tls in [
+        voxqueue::TlsConfig::new(),
+        voxqueue::TlsConfig::new().root_ca(other),
+    ] {
+        let err = tls_queue(&url, tls).await.unwrap_err();
+        let text = chain(&err);
+        assert!(text.contains("UnknownIssuer"), "{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_presents_the_client_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let server = tls_server(certs.path(), true);
+    let url = format!("rediss://127.0.0.1:{}", server.port);
+    let read = |f: &str| std::fs::read(certs.path().join(f)).unwrap();
+    let q = tls_queue(
+        &url,
+        voxqueue::TlsConfig::new()
+            .root_ca(read("ca.crt"))
+            .client_identity(read("client.crt"), read("client.key")),
+    )
+    .await
+    .unwrap();
+    round_trip(&q).await;
+    // The server demands a certificate: without one, no queue.
+    let err = tls_queue(&url, voxqueue::TlsConfig::new().root_ca(read("ca.crt")))
+        .await
+        .unwrap_err();
     assert!(
-        Queue::<Echo>::builder("tls")
-            .connector(untrusted)
-            .connect()
-            .await
-            .is_err()
+        matches!(err, Error::Connect(_) | Error::Redis(_)),
+        "{}",
+        chain(&err)
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }

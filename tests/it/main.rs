@@ -12,5 +12,6 @@ mod durability;
 mod metrics;
 mod queue;
 mod schedule;
+mod transitions;
 mod tts;
 mod worker;

@@ -100,6 +100,28 @@ async fn bulk_enqueue_stores_every_job_in_order() {
     assert_eq!(stats.queued, 1200);
     assert_eq!(stats.queued_by_priority[1], (Priority::Normal, 1200));
     assert_eq!(stats.totals.get("enqueued"), Some(&1200));
+    // In line in the order given, each with its own payload.
+    let client = redis::Client::open(crate::common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let ready: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{}:{{bulk}}:ready", p.name))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(ready, ids);
+    let payloads: Vec<Vec<u8>> = redis::cmd("HMGET")
+        .arg(format!("{}:{{bulk}}:payloads", p.name))
+        .arg(&ids)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for (n, payload) in payloads.iter().enumerate() {
+        let echo: Echo = serde_json::from_slice(payload).unwrap();
+        assert_eq!(echo.n, n as u32);
+    }
 
     let mixed = q
         .enqueue_bulk_with(vec![

@@ -365,16 +365,51 @@ fn custom_voices_replace_the_table() {
 
 #[test]
 fn description_tokenizer_is_used_when_present() {
+    // The same vocabulary in reverse order: every known word of a description gets
+    // another id, so a loader that ignored this file would speak as before.
     let dir = copy_of_model();
+    let mut tokenizer: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join(TOKENIZER_FILE)).unwrap()).unwrap();
+    let vocab = tokenizer["model"]["vocab"].as_object_mut().unwrap();
+    let specials = 3; // <pad>, </s>, <unk> keep their ids
+    let mut words: Vec<(String, u64)> = vocab
+        .iter()
+        .map(|(w, id)| (w.clone(), id.as_u64().unwrap()))
+        .filter(|(_, id)| *id >= specials)
+        .collect();
+    words.sort_by_key(|(_, id)| *id);
+    let last = words.last().unwrap().1;
+    for (word, id) in &words {
+        vocab.insert(word.clone(), Value::from(last + specials - id));
+    }
+    std::fs::write(
+        dir.path().join(DESCRIPTION_TOKENIZER_FILE),
+        serde_json::to_vec(&tokenizer).unwrap(),
+    )
+    .unwrap();
+    let reversed = load(dir.path(), options());
+    let plain = tts();
+    let request = request("Hello world.");
+    let before = plain.prepare(&request).unwrap();
+    let after = reversed.prepare(&request).unwrap();
+    // The transcript still goes through tokenizer.json; only the description changes.
+    assert_eq!(after.prompt_ids, before.prompt_ids);
+    assert_ne!(after.description_ids, before.description_ids);
+    assert_eq!(after.description_ids.len(), before.description_ids.len());
+    assert_ne!(
+        reversed.synthesize(&request).unwrap().samples,
+        plain.synthesize(&request).unwrap().samples
+    );
+    // The same mapping in both files speaks exactly as one file does.
     std::fs::copy(
         dir.path().join(TOKENIZER_FILE),
         dir.path().join(DESCRIPTION_TOKENIZER_FILE),
     )
     .unwrap();
-    let a = load(dir.path(), options())
-        .synthesize(&request("Hello world."))
-        .unwrap();
-    assert_eq!(a, tts().synthesize(&request("Hello world.")).unwrap());
+    assert_eq!(
+        load(dir.path(), options()).synthesize(&request).unwrap(),
+        plain.synthesize(&request).unwrap()
+    );
 }
 
 /// Splits the weights into two shards with an index, as large checkpoints ship.

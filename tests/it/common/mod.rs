@@ -100,6 +100,8 @@ pub(crate) struct RedisServer {
     pub(crate) dir: tempfile::TempDir,
     child: Option<Child>,
     args: Vec<String>,
+    /// The port speaks TLS only (`--tls-port`; the plain port is off).
+    tls: bool,
 }
 
 impl RedisServer {
@@ -111,6 +113,20 @@ impl RedisServer {
             dir,
             child: None,
             args: extra.iter().map(|s| s.to_string()).collect(),
+            tls: false,
+        };
+        server.spawn(true);
+        server
+    }
+
+    /// A server whose only port speaks TLS; `extra` names its certificates.
+    pub(crate) fn start_tls(extra: &[&str]) -> Self {
+        let mut server = RedisServer {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            tls: true,
         };
         server.spawn(true);
         server
@@ -124,9 +140,14 @@ impl RedisServer {
     /// taken (not on restart, whose clients know the port).
     fn spawn(&mut self, may_move: bool) {
         for _ in 0..5 {
+            let port = self.port.to_string();
+            let ports: [&str; 4] = if self.tls {
+                ["--port", "0", "--tls-port", &port]
+            } else {
+                ["--port", &port, "--port", &port]
+            };
             let mut child = Command::new("redis-server")
-                .arg("--port")
-                .arg(self.port.to_string())
+                .args(ports)
                 .arg("--bind")
                 .arg("127.0.0.1")
                 .arg("--dir")
@@ -144,7 +165,12 @@ impl RedisServer {
                 if child.try_wait().expect("poll redis-server").is_some() {
                     break;
                 }
-                if answers_ping(self.port) {
+                let up = if self.tls {
+                    std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                } else {
+                    answers_ping(self.port)
+                };
+                if up {
                     self.child = Some(child);
                     return;
                 }
@@ -252,5 +278,69 @@ impl RedisCluster {
 
     pub(crate) fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+}
+
+impl Prefix {
+    /// Every key under this prefix with its contents, for "changed nothing" claims.
+    /// Left out: what live workers rewrite on their own (lease deadlines, the scores of
+    /// `active`; the `workers` liveness set, which a stopping worker leaves; and the
+    /// `wake` tokens idle workers pop).
+    pub(crate) async fn snapshot(&self) -> std::collections::BTreeMap<String, String> {
+        use redis::AsyncCommands;
+        let client = redis::Client::open(self.url.as_str()).expect("test Redis URL");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to test Redis");
+        let mut keys: Vec<String> = conn.keys(format!("{}:*", self.name)).await.unwrap();
+        keys.sort();
+        let mut out = std::collections::BTreeMap::new();
+        for key in keys {
+            let kind: String = redis::cmd("TYPE")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let value = match kind.as_str() {
+                "string" => {
+                    let v: Vec<u8> = conn.get(&key).await.unwrap();
+                    format!("{v:?}")
+                }
+                "hash" => {
+                    let h: std::collections::BTreeMap<String, Vec<u8>> =
+                        conn.hgetall(&key).await.unwrap();
+                    format!("{h:?}")
+                }
+                "zset" if key.ends_with(":workers") => continue,
+                "zset" if key.ends_with(":active") => {
+                    let mut m: Vec<String> = conn.zrange(&key, 0, -1).await.unwrap();
+                    m.sort();
+                    format!("{m:?}")
+                }
+                "zset" => {
+                    let m: Vec<(String, f64)> = conn.zrange_withscores(&key, 0, -1).await.unwrap();
+                    format!("{m:?}")
+                }
+                "list" if key.ends_with(":wake") => continue,
+                "list" => {
+                    let v: Vec<Vec<u8>> = conn.lrange(&key, 0, -1).await.unwrap();
+                    format!("{v:?}")
+                }
+                "stream" => {
+                    let v: redis::Value = redis::cmd("XRANGE")
+                        .arg(&key)
+                        .arg("-")
+                        .arg("+")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    format!("{v:?}")
+                }
+                other => format!("<{other}>"),
+            };
+            out.insert(key, value);
+        }
+        out
     }
 }

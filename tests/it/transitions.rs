@@ -1,0 +1,341 @@
+//! Every way an attempt ends (the handler completes, fails, is handed back on shutdown,
+//! or its worker vanishes and the lease expires), met by each thing that can happen to
+//! the job meanwhile (nothing, a cancel request, a corrupt record, a record deleted
+//! from under it): one test per branch of the transition scripts, so that removing any
+//! state move breaks one (see scripts/mutate-lua).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use voxqueue::{
+    CancelOutcome, Error, JobContext, JobError, JobId, JobState, Priority, Queue, Worker,
+    handler_fn,
+};
+
+use crate::common::{Prefix, eventually};
+use crate::queue::Echo;
+use crate::worker::{spawn, stop};
+
+const WAIT: Duration = Duration::from_secs(10);
+/// The job the recovering worker holds so that a recovered job has to wait in line.
+const BLOCKER: u32 = 99;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Meanwhile {
+    Nothing,
+    CancelRequested,
+    Corrupted,
+    Vanished,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Ending {
+    Complete,
+    Fail,
+    Release,
+    Expire,
+}
+
+/// Runs one attempt of a job with `attempts` allowed to `ending`, with `meanwhile`
+/// happening while it runs; returns the queue and the job for the caller's checks.
+async fn end_an_attempt(
+    p: &Prefix,
+    meanwhile: Meanwhile,
+    ending: Ending,
+    attempts: u32,
+) -> (Queue<Echo>, JobId) {
+    let q = p.queue::<Echo>("ends").await;
+    let job = q
+        .enqueue(Echo { n: 1 })
+        .max_attempts(attempts)
+        .await
+        .unwrap();
+    let (holding, ended, go) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(Notify::new()),
+    );
+    let (h, e, g) = (holding.clone(), ended.clone(), go.clone());
+    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
+        let (h, e, g) = (h.clone(), e.clone(), g.clone());
+        async move {
+            h.store(true, Ordering::SeqCst);
+            if matches!(ending, Ending::Release | Ending::Expire) {
+                std::future::pending::<()>().await;
+            }
+            g.notified().await;
+            e.store(true, Ordering::SeqCst);
+            match ending {
+                Ending::Fail => Err(JobError::transient("late failure")),
+                _ => Ok::<_, JobError>(job.n),
+            }
+        }
+    });
+    let mut builder = Worker::builder(q.clone())
+        .id("holder")
+        .cancel_grace(Duration::from_secs(60))
+        .shutdown_grace(Duration::from_millis(100));
+    if ending == Ending::Expire {
+        // Never renews: the lease lapses as if the worker had died.
+        builder = builder
+            .lease(Duration::from_millis(300))
+            .heartbeat(Duration::from_secs(3600));
+    }
+    let holder = spawn(builder.build(handler));
+    eventually(WAIT, "the job is held", || async {
+        holding.load(Ordering::SeqCst).then_some(())
+    })
+    .await;
+
+    match meanwhile {
+        Meanwhile::Nothing => {}
+        Meanwhile::CancelRequested => {
+            assert_eq!(q.cancel(&job.id).await.unwrap(), CancelOutcome::Requested);
+        }
+        Meanwhile::Corrupted | Meanwhile::Vanished => {
+            let key = format!("{}:{{ends}}:jobs", p.name);
+            let mut cmd = if meanwhile == Meanwhile::Corrupted {
+                redis::cmd("HSET")
+            } else {
+                redis::cmd("HDEL")
+            };
+            cmd.arg(&key).arg(job.id.as_str());
+            if meanwhile == Meanwhile::Corrupted {
+                cmd.arg("{not json");
+            }
+            let _: i64 = cmd.query_async(&mut conn().await).await.unwrap();
+        }
+    }
+
+    match ending {
+        Ending::Complete | Ending::Fail => {
+            go.notify_one();
+            eventually(WAIT, "the handler ended", || async {
+                ended.load(Ordering::SeqCst).then_some(())
+            })
+            .await;
+            stop(holder).await;
+        }
+        Ending::Release => stop(holder).await,
+        Ending::Expire => {
+            // Once the lease has lapsed, another worker's claim finds it. That worker
+            // takes a job of higher priority first and is then busy, so a job that
+            // goes back to ready stays there for the checks.
+            let active = format!("{}:{{ends}}:active", p.name);
+            eventually(WAIT, "the lease lapsed", || async {
+                let lapsed: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                    .arg(&active)
+                    .arg("-inf")
+                    .arg(voxqueue_now_ms())
+                    .query_async(&mut conn().await)
+                    .await
+                    .unwrap();
+                lapsed.contains(&job.id.as_str().to_owned()).then_some(())
+            })
+            .await;
+            let blocker = q
+                .enqueue(Echo { n: BLOCKER })
+                .priority(Priority::High)
+                .await
+                .unwrap();
+            let recoverer = handler_fn(|job: Echo, _ctx: JobContext| async move {
+                if job.n == BLOCKER {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, JobError>(job.n)
+            });
+            let other = spawn(
+                Worker::builder(q.clone())
+                    .shutdown_grace(Duration::from_millis(100))
+                    .build(recoverer),
+            );
+            // The claim that handed the blocker over recovered lapsed leases first.
+            eventually(WAIT, "the other worker claimed", || async {
+                (q.status(&blocker.id).await.unwrap().state == JobState::Active).then_some(())
+            })
+            .await;
+            stop(other).await;
+            // Checked before the first worker stops: its hand-back would drop a lease
+            // that the recovery forgot.
+            no_lease_left(p, &job.id, ending).await;
+            stop(holder).await;
+        }
+    }
+    (q, job.id)
+}
+
+/// The job's lease is gone: nothing active but the blocker, no lease entry left.
+async fn no_lease_left(p: &Prefix, id: &JobId, ending: Ending) {
+    let mut conn = conn().await;
+    let lease: Option<String> = redis::cmd("HGET")
+        .arg(format!("{}:{{ends}}:leases", p.name))
+        .arg(id.as_str())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(lease, None, "{ending:?} left the lease");
+    let active: Option<f64> = redis::cmd("ZSCORE")
+        .arg(format!("{}:{{ends}}:active", p.name))
+        .arg(id.as_str())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(active, None, "{ending:?} left the job active");
+}
+
+async fn conn() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(crate::common::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+fn voxqueue_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+async fn nothing_happened(ending: Ending, attempts: u32) -> (Prefix, voxqueue::JobStatus) {
+    let p = Prefix::new();
+    let (q, id) = end_an_attempt(&p, Meanwhile::Nothing, ending, attempts).await;
+    no_lease_left(&p, &id, ending).await;
+    let st = q.status(&id).await.unwrap();
+    (p, st)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_attempt_stores_the_result_and_drops_the_lease() {
+    let (_p, st) = nothing_happened(Ending::Complete, 5).await;
+    assert_eq!((st.state, st.attempts, st.has_result), (JobState::Completed, 1, true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_with_attempts_left_is_scheduled_without_its_lease() {
+    let (_p, st) = nothing_happened(Ending::Fail, 5).await;
+    assert_eq!((st.state, st.attempts), (JobState::Scheduled, 1));
+    assert_eq!(st.last_error().unwrap().message, "late failure");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_back_attempt_is_queued_uncounted_without_its_lease() {
+    let (_p, st) = nothing_happened(Ending::Release, 5).await;
+    assert_eq!((st.state, st.attempts), (JobState::Queued, 0));
+    assert!(st.errors.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_lease_requeues_the_job_without_the_old_lease() {
+    let (_p, st) = nothing_happened(Ending::Expire, 5).await;
+    assert_eq!((st.state, st.attempts), (JobState::Queued, 1));
+    assert_eq!(st.errors.len(), 1);
+    assert_eq!(st.errors[0].kind, "stalled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_lease_on_the_last_attempt_buries_the_job() {
+    let (p, st) = nothing_happened(Ending::Expire, 1).await;
+    assert_eq!((st.state, st.attempts), (JobState::Dead, 1));
+    assert_eq!(
+        st.reason.as_deref(),
+        Some("lease expired: worker holder stopped heartbeating")
+    );
+    let q = p.queue::<Echo>("ends").await;
+    assert_eq!(q.dead_letter().count().await.unwrap(), 1);
+}
+
+async fn cancel_requested(ending: Ending) {
+    let p = Prefix::new();
+    let (q, id) = end_an_attempt(&p, Meanwhile::CancelRequested, ending, 5).await;
+    no_lease_left(&p, &id, ending).await;
+    let st = q.status(&id).await.unwrap();
+    assert_eq!(st.state, JobState::Cancelled, "{ending:?}");
+    assert!(!st.has_result, "{ending:?}");
+    assert_eq!(q.result_bytes(&id).await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_request_wins_over_a_late_completion() {
+    cancel_requested(Ending::Complete).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_request_wins_over_a_late_failure() {
+    cancel_requested(Ending::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_request_wins_over_a_hand_back() {
+    cancel_requested(Ending::Release).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_request_wins_over_a_lapsed_lease() {
+    cancel_requested(Ending::Expire).await;
+}
+
+async fn corrupted(ending: Ending) {
+    let p = Prefix::new();
+    let (q, id) = end_an_attempt(&p, Meanwhile::Corrupted, ending, 5).await;
+    no_lease_left(&p, &id, ending).await;
+    let st = q.status(&id).await.unwrap();
+    assert_eq!(st.state, JobState::Dead, "{ending:?}");
+    assert!(
+        st.reason.as_deref().unwrap().starts_with("corrupt job record"),
+        "{ending:?}: {:?}",
+        st.reason
+    );
+    assert_eq!(q.dead_letter().count().await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_corrupted_during_the_attempt_is_buried_on_completion() {
+    corrupted(Ending::Complete).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_corrupted_during_the_attempt_is_buried_on_failure() {
+    corrupted(Ending::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_corrupted_during_the_attempt_is_buried_on_hand_back() {
+    corrupted(Ending::Release).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_corrupted_during_the_attempt_is_buried_when_the_lease_lapses() {
+    corrupted(Ending::Expire).await;
+}
+
+async fn vanished(ending: Ending) {
+    let p = Prefix::new();
+    let (q, id) = end_an_attempt(&p, Meanwhile::Vanished, ending, 5).await;
+    no_lease_left(&p, &id, ending).await;
+    assert!(matches!(q.status(&id).await, Err(Error::NotFound(_))));
+    assert_eq!(q.stats().await.unwrap().active, 0, "{ending:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_record_drops_its_lease_on_completion() {
+    vanished(Ending::Complete).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_record_drops_its_lease_on_failure() {
+    vanished(Ending::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_record_drops_its_lease_on_hand_back() {
+    vanished(Ending::Release).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_record_drops_its_lease_when_the_lease_lapses() {
+    vanished(Ending::Expire).await;
+}
