@@ -281,9 +281,11 @@ mod tests {
             .max_attempts(1000)
             .jitter(0.2);
         let delays: Vec<Duration> = (1..1000).map(|a| p.next_delay(a).unwrap()).collect();
-        assert!(delays.iter().all(|d| {
-            *d >= Duration::from_secs(8) && *d <= Duration::from_secs(12)
-        }));
+        assert!(
+            delays
+                .iter()
+                .all(|d| { *d >= Duration::from_secs(8) && *d <= Duration::from_secs(12) })
+        );
         // Spread over the range, not stuck at one value.
         assert!(delays.iter().any(|d| *d < Duration::from_secs(9)));
         assert!(delays.iter().any(|d| *d > Duration::from_secs(11)));
@@ -312,9 +314,17 @@ mod tests {
         let f = RetryPolicy::fixed(Duration::from_secs(2)).factor(3.0);
         assert_eq!(f.delay_for(4), Duration::from_secs(2));
         // Jitter is clamped to 100 %: never a negative delay.
-        let j = RetryPolicy::fixed(Duration::from_secs(2)).jitter(5.0).seed(1);
+        let j = RetryPolicy::fixed(Duration::from_secs(2))
+            .jitter(5.0)
+            .seed(1);
         assert!(j.delay_for(1) <= Duration::from_secs(4));
-        assert_eq!(RetryPolicy::fixed(Duration::from_secs(2)).jitter(0.0).seed(1).delay_for(1), Duration::from_secs(2));
+        assert_eq!(
+            RetryPolicy::fixed(Duration::from_secs(2))
+                .jitter(0.0)
+                .seed(1)
+                .delay_for(1),
+            Duration::from_secs(2)
+        );
     }
 
     #[test]

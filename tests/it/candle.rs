@@ -73,10 +73,17 @@ async fn a_tiny_parler_model_speaks_through_the_queue() {
 }
 
 /// Passes calls through to the model, recording the size of each batch it is asked for.
-#[derive(Debug)]
 struct BatchSizes {
     inner: Arc<dyn Synthesizer>,
     sizes: Mutex<Vec<usize>>,
+}
+
+impl std::fmt::Debug for BatchSizes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchSizes")
+            .field("sizes", &self.sizes)
+            .finish()
+    }
 }
 
 impl Synthesizer for BatchSizes {
@@ -113,7 +120,8 @@ async fn batched_jobs_keep_their_own_results() {
         sizes: Mutex::new(Vec::new()),
     });
     // A generous window: the four jobs' chunks must meet in one batch on a slow machine.
-    let batcher = BatchingSynthesizer::new(recorder.clone(), 4, Duration::from_millis(500)).unwrap();
+    let batcher =
+        BatchingSynthesizer::new(recorder.clone(), 4, Duration::from_millis(500)).unwrap();
 
     let p = Prefix::new();
     let q = p.queue::<SynthesisRequest>("neural-batch").await;

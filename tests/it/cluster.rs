@@ -100,8 +100,18 @@ async fn queues_on_a_cluster_run_jobs_across_slots() {
         let stats = q.stats().await.unwrap();
         assert_eq!((stats.queued, stats.active, stats.dead), (0, 0, 0));
         let late = u64::from(i == 3);
-        assert_eq!(stats.totals.get("enqueued"), Some(&(25 + late)), "{}", names[i]);
-        assert_eq!(stats.totals.get("completed"), Some(&(25 + late)), "{}", names[i]);
+        assert_eq!(
+            stats.totals.get("enqueued"),
+            Some(&(25 + late)),
+            "{}",
+            names[i]
+        );
+        assert_eq!(
+            stats.totals.get("completed"),
+            Some(&(25 + late)),
+            "{}",
+            names[i]
+        );
         assert_eq!(stats.totals.get("deduplicated"), Some(&1), "{}", names[i]);
     }
 }

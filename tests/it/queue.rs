@@ -193,9 +193,13 @@ async fn events_are_published_for_transitions() {
     let mut events = q.events().await.unwrap();
     let job = q.enqueue(Echo { n: 1 }).await.unwrap();
     q.cancel(&job.id).await.unwrap();
-    let first = events.recv().await.unwrap();
+    let first = crate::common::within("queued event", events.recv())
+        .await
+        .unwrap();
     assert_eq!((first.kind, &first.job_id), (EventKind::Queued, &job.id));
-    let second = events.recv().await.unwrap();
+    let second = crate::common::within("cancelled event", events.recv())
+        .await
+        .unwrap();
     assert_eq!(
         (second.kind, &second.job_id),
         (EventKind::Cancelled, &job.id)
@@ -235,8 +239,9 @@ async fn the_event_stream_is_capped() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    // MAXLEN ~ trims whole stream nodes (100 entries by default), never keeps all 1000.
-    assert!(len < 250, "{len} events kept");
+    // MAXLEN ~ 50 trims whole stream nodes (100 entries by default): at least 50 are
+    // kept, and less than one node more.
+    assert!((50..150).contains(&len), "{len} events kept");
 }
 
 #[tokio::test]

@@ -211,7 +211,10 @@ async fn nothing_happened(ending: Ending, attempts: u32) -> (Prefix, voxqueue::J
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completed_attempt_stores_the_result_and_drops_the_lease() {
     let (_p, st) = nothing_happened(Ending::Complete, 5).await;
-    assert_eq!((st.state, st.attempts, st.has_result), (JobState::Completed, 1, true));
+    assert_eq!(
+        (st.state, st.attempts, st.has_result),
+        (JobState::Completed, 1, true)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,7 +288,10 @@ async fn corrupted(ending: Ending) {
     let st = q.status(&id).await.unwrap();
     assert_eq!(st.state, JobState::Dead, "{ending:?}");
     assert!(
-        st.reason.as_deref().unwrap().starts_with("corrupt job record"),
+        st.reason
+            .as_deref()
+            .unwrap()
+            .starts_with("corrupt job record"),
         "{ending:?}: {:?}",
         st.reason
     );

@@ -209,7 +209,9 @@ async fn progress_is_reported_per_sentence_and_cancel_stops_between_sentences() 
         .unwrap();
     // Wait for the first progress report, then cancel.
     loop {
-        let e = events.recv().await.unwrap();
+        let e = crate::common::within("an event", events.recv())
+            .await
+            .unwrap();
         if e.kind == EventKind::Progress && e.job_id == job.id {
             let pct: f32 = e.data.unwrap().parse().unwrap();
             assert!(pct > 0.0 && pct < 95.0, "{pct}");
@@ -222,8 +224,10 @@ async fn progress_is_reported_per_sentence_and_cancel_stops_between_sentences() 
     let _ = stop.send(());
     worker.await.unwrap().unwrap();
     let spoken = chunks.load(Ordering::SeqCst);
+    // The first sentence, then the one under way when the token fired (each takes
+    // 150 ms, the heartbeat comes every 50 ms); observed 2, a third only on a slow beat.
     assert!(
-        spoken < 20,
-        "cancellation did not stop the synthesis: {spoken} chunks"
+        (2..=3).contains(&spoken),
+        "cancellation did not stop the synthesis: {spoken} chunks of 20"
     );
 }

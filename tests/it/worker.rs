@@ -17,7 +17,9 @@ use crate::queue::Echo;
 const WAIT: Duration = Duration::from_secs(10);
 
 /// Runs a worker in the background; dropping the sender stops it.
-pub(crate) fn spawn<J, H>(worker: Worker<J, H>) -> (oneshot::Sender<()>, JoinHandle<Result<(), Error>>)
+pub(crate) fn spawn<J, H>(
+    worker: Worker<J, H>,
+) -> (oneshot::Sender<()>, JoinHandle<Result<(), Error>>)
 where
     J: serde::de::DeserializeOwned + Send + 'static,
     H: Handler<J>,
@@ -380,7 +382,10 @@ enum Stale {
 /// The job's second claim, by a worker with the SAME id as the first (so a check on
 /// the worker id alone cannot pass): it reports progress 10, then holds the job until
 /// `finish` is notified and returns 2.
-fn second_claim(started: Arc<AtomicUsize>, finish: Arc<Notify>) -> impl Handler<Echo, Output = u32> {
+fn second_claim(
+    started: Arc<AtomicUsize>,
+    finish: Arc<Notify>,
+) -> impl Handler<Echo, Output = u32> {
     handler_fn(move |_job: Echo, ctx: JobContext| {
         let (started, finish) = (started.clone(), finish.clone());
         async move {
@@ -454,7 +459,10 @@ async fn a_stale_worker_changes_nothing(action: Stale) {
     .await;
     let before = p.snapshot().await;
     let st = q.status(&job.id).await.unwrap();
-    assert_eq!((st.state, st.attempts, st.progress), (JobState::Active, 2, Some(10.0)));
+    assert_eq!(
+        (st.state, st.attempts, st.progress),
+        (JobState::Active, 2, Some(10.0))
+    );
     assert_eq!(st.errors.len(), 1);
     assert_eq!(st.errors[0].kind, "stalled");
 
@@ -466,7 +474,11 @@ async fn a_stale_worker_changes_nothing(action: Stale) {
     // Stopping waits for its report (or, for Release, its hand-back) to be answered.
     stop(wa).await;
     if action == Stale::Progress {
-        assert_eq!(acted.lock().unwrap().clone(), Some(Ok(false)), "stale progress accepted");
+        assert_eq!(
+            acted.lock().unwrap().clone(),
+            Some(Ok(false)),
+            "stale progress accepted"
+        );
     }
     let after = p.snapshot().await;
     for (key, value) in &before {
@@ -477,7 +489,10 @@ async fn a_stale_worker_changes_nothing(action: Stale) {
     finish.notify_one();
     assert_eq!(q.wait_result::<u32>(&job.id, WAIT).await.unwrap(), 2);
     let st = q.status(&job.id).await.unwrap();
-    assert_eq!((st.state, st.attempts, st.progress), (JobState::Completed, 2, Some(100.0)));
+    assert_eq!(
+        (st.state, st.attempts, st.progress),
+        (JobState::Completed, 2, Some(100.0))
+    );
     assert_eq!(st.errors.len(), 1);
     stop(wb).await;
 }
@@ -560,7 +575,10 @@ async fn a_stale_heartbeat_is_refused_and_fires_the_stale_handlers_token() {
     }
     assert_eq!(after.len(), before.len());
     let st = q.status(&job.id).await.unwrap();
-    assert_eq!((st.state, st.attempts, st.progress), (JobState::Active, 2, Some(10.0)));
+    assert_eq!(
+        (st.state, st.attempts, st.progress),
+        (JobState::Active, 2, Some(10.0))
+    );
     finish.notify_one();
     assert_eq!(q.wait_result::<u32>(&job.id, WAIT).await.unwrap(), 2);
     stop(wb).await;
@@ -749,7 +767,9 @@ async fn the_circuit_breaker_opens_holds_jobs_untouched_and_closes() {
     assert_eq!(calls.load(Ordering::SeqCst), 3 + 8);
     let mut states = Vec::new();
     while states.len() < 3 {
-        let e = events.recv().await.unwrap();
+        let e = crate::common::within("an event", events.recv())
+            .await
+            .unwrap();
         if e.kind == voxqueue::EventKind::Breaker {
             assert_eq!(e.job_id.as_str(), "flaky-gpu");
             states.push(e.data.unwrap());

@@ -344,3 +344,11 @@ impl Prefix {
         out
     }
 }
+
+/// Awaits `fut` for at most ten seconds: a test that waits on an event must fail, not
+/// hang, when the event never comes.
+pub(crate) async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for: {what}"))
+}
