@@ -161,7 +161,9 @@ const PREFILL: usize = 20_000;
 async fn bulk_enqueue_rate() -> f64 {
     let q = queue("fig-bulk").await;
     let start = Instant::now();
-    q.enqueue_bulk((0..PREFILL).map(|_| job200())).await.unwrap();
+    q.enqueue_bulk((0..PREFILL).map(|_| job200()))
+        .await
+        .unwrap();
     PREFILL as f64 / start.elapsed().as_secs_f64()
 }
 
@@ -179,7 +181,9 @@ async fn one_by_one_enqueue_rate() -> f64 {
 /// from the worker's start until the last one completed.
 async fn end_to_end_rate(concurrency: usize) -> f64 {
     let q = queue(&format!("fig-noop-{concurrency}")).await;
-    q.enqueue_bulk((0..PREFILL).map(|_| job200())).await.unwrap();
+    q.enqueue_bulk((0..PREFILL).map(|_| job200()))
+        .await
+        .unwrap();
     let handler =
         handler_fn(|j: Job, _ctx: JobContext| async move { Ok::<_, JobError>(j.text.len()) });
     let worker = Worker::builder(q.clone())
