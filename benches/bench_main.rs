@@ -2,6 +2,8 @@
 //!
 //! Criterion benches of the hot paths, one file per path. Names carry the device
 //! (`cpu`); queue benches carry the Redis they ran against (`redis-local`).
+//! `scripts/bench-queue` prints the queue's figures as ratios to Redis's own LPUSH
+//! rate, measured against the same server in the same run.
 
 use criterion::criterion_main;
 
@@ -13,10 +15,16 @@ mod text;
 
 #[cfg(feature = "candle")]
 criterion_main!(
+    queue::queue_figures,
     queue::benches,
     text::benches,
     audio::benches,
     candle::benches
 );
 #[cfg(not(feature = "candle"))]
-criterion_main!(queue::benches, text::benches, audio::benches);
+criterion_main!(
+    queue::queue_figures,
+    queue::benches,
+    text::benches,
+    audio::benches
+);

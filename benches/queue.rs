@@ -111,3 +111,158 @@ fn through_worker(c: &mut Criterion) {
 }
 
 criterion_group!(benches, enqueue, through_worker);
+criterion_group!(queue_figures, figures);
+
+/// The figures of issue #8, printed as `FIGURE <name> <value> <unit>` lines for
+/// `scripts/bench-queue`, which measures Redis's own LPUSH rate against the same server
+/// right before and prints the ratios. Runs only with `VOXQUEUE_FIGURES=1` (it is not
+/// a criterion measurement: each figure is one timed run of a fixed size).
+fn figures(_c: &mut Criterion) {
+    if std::env::var_os("VOXQUEUE_FIGURES").is_none() {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let bulk = bulk_enqueue_rate().await;
+        figure("enqueue-bulk", bulk, "jobs/s");
+        let one = one_by_one_enqueue_rate().await;
+        figure("enqueue-one", one, "jobs/s");
+        for concurrency in [1usize, 50] {
+            let rate = end_to_end_rate(concurrency).await;
+            figure(&format!("noop-c{concurrency}"), rate, "jobs/s");
+        }
+        let (p50, p99) = idle_pickup().await;
+        figure("pickup-p50", p50, "ms");
+        figure("pickup-p99", p99, "ms");
+        let (per_job, payload) = memory_per_job().await;
+        figure("memory-per-job", per_job, "B");
+        figure("memory-beyond-payload", per_job - payload, "B");
+    });
+    cleanup(&prefix());
+}
+
+fn figure(name: &str, value: f64, unit: &str) {
+    println!("FIGURE {name} {value:.3} {unit}");
+}
+
+/// A ~200 B JSON job, as the issue's figures use.
+fn job200() -> Job {
+    Job {
+        text: "The quick brown fox jumps over the lazy dog; ".repeat(4)
+            + "pack my box with five dozen jugs.",
+    }
+}
+
+const PREFILL: usize = 20_000;
+
+async fn bulk_enqueue_rate() -> f64 {
+    let q = queue("fig-bulk").await;
+    let start = Instant::now();
+    q.enqueue_bulk((0..PREFILL).map(|_| job200()))
+        .await
+        .unwrap();
+    PREFILL as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn one_by_one_enqueue_rate() -> f64 {
+    let q = queue("fig-one").await;
+    const N: usize = 5_000;
+    let start = Instant::now();
+    for _ in 0..N {
+        q.enqueue(job200()).await.unwrap();
+    }
+    N as f64 / start.elapsed().as_secs_f64()
+}
+
+/// 20 000 pre-filled no-op jobs through one worker at `concurrency`: jobs per second
+/// from the worker's start until the last one completed.
+async fn end_to_end_rate(concurrency: usize) -> f64 {
+    let q = queue(&format!("fig-noop-{concurrency}")).await;
+    q.enqueue_bulk((0..PREFILL).map(|_| job200()))
+        .await
+        .unwrap();
+    let handler =
+        handler_fn(|j: Job, _ctx: JobContext| async move { Ok::<_, JobError>(j.text.len()) });
+    let worker = Worker::builder(q.clone())
+        .concurrency(concurrency)
+        .build(handler);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let start = Instant::now();
+    let running = tokio::spawn(worker.run_until(async {
+        let _ = stopped.await;
+    }));
+    loop {
+        let stats = q.stats().await.unwrap();
+        if stats.totals.get("completed").copied().unwrap_or(0) >= PREFILL as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = PREFILL as f64 / start.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    rate
+}
+
+/// Enqueue → handler start, one job at a time to an idle worker: p50 and p99 in ms.
+async fn idle_pickup() -> (f64, f64) {
+    let q = queue("fig-pickup").await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let handler = handler_fn(move |_j: Job, _ctx: JobContext| {
+        let _ = tx.send(Instant::now());
+        async move { Ok::<_, JobError>(0u8) }
+    });
+    let worker = Worker::builder(q.clone()).build(handler);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(worker.run_until(async {
+        let _ = stopped.await;
+    }));
+    let mut samples = Vec::new();
+    for i in 0..400 {
+        // Let the worker finish the last job and block again: an idle pickup.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let sent = Instant::now();
+        q.enqueue(job200()).await.unwrap();
+        let started = rx.recv().await.unwrap();
+        if i >= 20 {
+            samples.push(started.duration_since(sent).as_secs_f64() * 1000.0);
+        }
+    }
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    samples.sort_by(f64::total_cmp);
+    let at = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+    (at(0.5), at(0.99))
+}
+
+/// Redis memory per queued job (100 000 queued, `INFO memory`), and the payload size.
+async fn memory_per_job() -> (f64, f64) {
+    let q = queue("fig-memory").await;
+    let client = redis::Client::open(url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let used = |info: String| -> f64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    };
+    // Warm the queue's keys (and the script cache) so their fixed cost is not counted.
+    q.enqueue(job200()).await.unwrap();
+    let before: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    const N: usize = 100_000;
+    q.enqueue_bulk((0..N).map(|_| job200())).await.unwrap();
+    let after: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let payload = serde_json::to_vec(&job200()).unwrap().len() as f64;
+    ((used(after) - used(before)) / N as f64, payload)
+}

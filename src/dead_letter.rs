@@ -5,15 +5,16 @@
 //! spends its attempts, or when its payload does not decode. It stays there, with its
 //! payload and every recorded error, until an operator decides: fix the cause and
 //! [`requeue`](DeadLetter::requeue) it, or [`purge`](DeadLetter::purge) it. Nothing
-//! expires on its own unless the queue has a cap
-//! ([`QueueBuilder::dead_letter_cap`](crate::QueueBuilder::dead_letter_cap)).
+//! expires on its own, but the dead letters are capped: by default at
+//! [`DEFAULT_DEAD_LETTER_CAP`] jobs (the oldest go first), or as set with
+//! [`QueueBuilder::dead_letter_cap`](crate::QueueBuilder::dead_letter_cap).
 
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
 use crate::error::Error;
-use crate::job::{JobId, JobRecord, JobStatus, now_ms};
+use crate::job::{JobId, JobRecord, JobStatus, safe_ms};
 use crate::queue::Queue;
 use crate::redis::{Conn, Keys};
 
@@ -25,18 +26,20 @@ const BATCH: usize = 500;
 /// common.lua reads it (and `Queue::stats` leaves it out of the totals).
 pub(crate) const DEAD_CAP_FIELD: &str = "dead_cap";
 
-/// Stores the queue's dead-letter cap in Redis at connect time (`0` removes it).
+/// How many dead jobs a queue keeps when nobody set a cap (`DEAD_CAP_DEFAULT` in
+/// common.lua): a poison flood cannot fill Redis by default. Beyond it, each burial
+/// deletes the oldest dead jobs for good.
+pub const DEFAULT_DEAD_LETTER_CAP: u64 = 10_000;
+
+/// Stores the queue's dead-letter cap in Redis at connect time (`0` removes it: the
+/// field then holds 0, since an absent field means the default cap).
 pub(crate) async fn store_dead_cap(conn: &Conn, keys: &Keys, cap: u64) -> Result<(), Error> {
-    let mut cmd = if cap == 0 {
-        redis::cmd("HDEL")
-    } else {
-        redis::cmd("HSET")
-    };
-    cmd.arg(keys.stats()).arg(DEAD_CAP_FIELD);
-    if cap > 0 {
-        cmd.arg(cap);
-    }
-    let _: () = cmd.query_async(&mut conn.clone()).await?;
+    let _: () = redis::cmd("HSET")
+        .arg(keys.stats())
+        .arg(DEAD_CAP_FIELD)
+        .arg(cap)
+        .query_async(&mut conn.clone())
+        .await?;
     Ok(())
 }
 
@@ -172,7 +175,7 @@ impl<J> DeadLetter<J> {
     /// Jobs that die while this runs are left where they are, so a job that dies again
     /// at once cannot keep this call going forever.
     pub async fn requeue_all(&self) -> Result<u64, Error> {
-        let cutoff = now_ms();
+        let cutoff = self.queue.shared().redis_now().await?;
         let mut total = 0;
         loop {
             let ids = self.dead_ids(cutoff, 0).await?;
@@ -189,7 +192,7 @@ impl<J> DeadLetter<J> {
     /// The filter sees the jobs that were dead when the call started; a job whose
     /// record cannot be read is skipped with a warning.
     pub async fn requeue_where(&self, filter: impl Fn(&JobStatus) -> bool) -> Result<u64, Error> {
-        let cutoff = now_ms();
+        let cutoff = self.queue.shared().redis_now().await?;
         let mut chosen = Vec::new();
         let mut offset = 0;
         loop {
@@ -215,7 +218,7 @@ impl<J> DeadLetter<J> {
     /// in the dead letters. Jobs that are not dead are never touched.
     pub async fn purge(&self, id: &JobId) -> Result<bool, Error> {
         let shared = self.queue.shared();
-        let mut inv = shared.invocation(shared.scripts.purge, now_ms());
+        let mut inv = shared.invocation(shared.scripts.purge);
         inv.arg("ids").arg(id.as_str());
         let purged: u64 = shared.invoke(&inv).await?;
         Ok(purged == 1)
@@ -223,22 +226,22 @@ impl<J> DeadLetter<J> {
 
     /// Deletes every job in the dead letters for good; returns how many.
     pub async fn purge_all(&self) -> Result<u64, Error> {
-        self.purge_before("+inf".to_owned()).await
+        self.purge_before(String::new()).await
     }
 
     /// Deletes the jobs that died more than `age` ago; returns how many. Run it from a
     /// periodic job to keep the dead letters for a retention period.
     pub async fn purge_older_than(&self, age: Duration) -> Result<u64, Error> {
-        let cutoff = now_ms().saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
-        self.purge_before(format!("({cutoff}")).await
+        self.purge_before(safe_ms(age).to_string()).await
     }
 
-    async fn purge_before(&self, max_score: String) -> Result<u64, Error> {
+    /// Purges the jobs dead for longer than `age` ms (`""` for all), on Redis's clock.
+    async fn purge_before(&self, age: String) -> Result<u64, Error> {
         let shared = self.queue.shared();
         let mut total = 0;
         loop {
-            let mut inv = shared.invocation(shared.scripts.purge, now_ms());
-            inv.arg("before").arg(&max_score).arg(BATCH);
+            let mut inv = shared.invocation(shared.scripts.purge);
+            inv.arg("before").arg(&age).arg(BATCH);
             let purged: u64 = shared.invoke(&inv).await?;
             total += purged;
             if purged < BATCH as u64 {
@@ -251,7 +254,7 @@ impl<J> DeadLetter<J> {
         let shared = self.queue.shared();
         let mut total = 0;
         for chunk in ids.chunks(BATCH) {
-            let mut inv = shared.invocation(shared.scripts.requeue, now_ms());
+            let mut inv = shared.invocation(shared.scripts.requeue);
             for id in chunk {
                 inv.arg(id.as_str());
             }

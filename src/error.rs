@@ -83,6 +83,25 @@ impl Error {
         }
     }
 
+    /// Whether the same call may succeed if tried again later: the connection's
+    /// failures ([`Error::is_connection_error`]) and the server's passing states — a
+    /// restarted server still loading its data (`LOADING`), a cluster resharding or
+    /// failing over (`TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `READONLY` on a demoted
+    /// primary), or a server busy with a long script (`BUSY`). Workers retry these;
+    /// they never count as a job's failure.
+    pub fn is_transient(&self) -> bool {
+        if self.is_connection_error() {
+            return true;
+        }
+        match self {
+            Error::Redis(e) => matches!(
+                e.code(),
+                Some("LOADING" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "READONLY" | "BUSY")
+            ),
+            _ => false,
+        }
+    }
+
     /// Whether waiting timed out (the job may still finish).
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::WaitTimeout(_))
@@ -174,5 +193,32 @@ impl JobError {
             JobError::Panic(_) => "panic",
             JobError::Decode(_) => "decode",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: &str) -> Error {
+        Error::Redis(redis::make_extension_error(code.to_owned(), None))
+    }
+
+    #[test]
+    fn passing_server_states_are_transient_and_real_errors_are_not() {
+        for code in [
+            "LOADING",
+            "TRYAGAIN",
+            "CLUSTERDOWN",
+            "MASTERDOWN",
+            "READONLY",
+            "BUSY",
+        ] {
+            assert!(server(code).is_transient(), "{code}");
+        }
+        for code in ["ERR", "WRONGTYPE", "NOPERM", "NOSCRIPT"] {
+            assert!(!server(code).is_transient(), "{code}");
+        }
+        assert!(!Error::Protocol("x".into()).is_transient());
     }
 }

@@ -51,6 +51,10 @@ pub enum EventKind {
     /// A dead job was deleted for good, by an operator or by the dead-letter cap
     /// (then `data` is `dead letter cap`).
     Purged,
+    /// Not a job's event: this reader may have missed events (it reconnected, or
+    /// fell behind a stream trimmed past where it was). Anyone waiting for a job
+    /// re-reads its status on this; `job_id` is empty.
+    Gap,
     /// An event this version does not know (written by a newer one).
     Other(String),
 }
@@ -75,6 +79,7 @@ impl EventKind {
             EventKind::Breaker => "breaker",
             EventKind::Requeued => "requeued",
             EventKind::Purged => "purged",
+            EventKind::Gap => "gap",
             EventKind::Other(name) => name,
         }
     }
@@ -96,6 +101,7 @@ impl EventKind {
             "breaker" => EventKind::Breaker,
             "requeued" => EventKind::Requeued,
             "purged" => EventKind::Purged,
+            "gap" => EventKind::Gap,
             other => EventKind::Other(other.to_owned()),
         }
     }
@@ -226,6 +232,43 @@ async fn last_id(conn: &mut Conn, key: &str) -> Result<String, Error> {
         .unwrap_or_else(|| "0-0".to_owned()))
 }
 
+/// Entries per stream read.
+const READ_BATCH: usize = 512;
+
+/// Whether entries after `last` were trimmed away unread: the stream's first entry
+/// lies beyond `last`. (If `last` itself was the one trimmed, this says "gap" once
+/// too often; a waiter then re-reads a status, which costs one read.)
+async fn trimmed_past(conn: &mut Conn, key: &str, last: &str) -> Result<bool, Error> {
+    let first: Vec<(String, Value)> = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    Ok(match first.first() {
+        Some((id, _)) => stream_id(id) > stream_id(last),
+        None => false,
+    })
+}
+
+/// A stream id (`<ms>-<seq>`) as numbers, for ordering.
+fn stream_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+fn gap_event(last: &str) -> JobEvent {
+    JobEvent {
+        stream_id: last.to_owned(),
+        kind: EventKind::Gap,
+        job_id: JobId::from_stored(String::new()),
+        at: SystemTime::now(),
+        data: None,
+    }
+}
+
 async fn read_loop(
     mut conn: Conn,
     key: String,
@@ -233,9 +276,32 @@ async fn read_loop(
     tx: broadcast::Sender<JobEvent>,
     stop: CancellationToken,
 ) {
-    let opts = StreamReadOptions::default().block(2_000).count(512);
+    let opts = StreamReadOptions::default().block(2_000).count(READ_BATCH);
     let mut backoff = Duration::from_millis(50);
+    // After a failed read (the connection may have been down for a while) the stream
+    // may have been trimmed past `last`: check before trusting the next read.
+    let mut check_gap = false;
     loop {
+        if check_gap {
+            match trimmed_past(&mut conn, &key, &last).await {
+                Ok(gap) => {
+                    check_gap = false;
+                    if gap {
+                        tracing::warn!(stream = %key, after = %last, "job events were trimmed before they were read");
+                        let _ = tx.send(gap_event(&last));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, stream = %key, "reading job events failed; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            }
+        }
         let mut cmd = redis::cmd("XREAD");
         cmd.arg(&opts).arg("STREAMS").arg(&key).arg(&last);
         let read = cmd.query_async(&mut conn);
@@ -247,6 +313,8 @@ async fn read_loop(
             Ok(reply) => {
                 backoff = Duration::from_millis(50);
                 for stream in reply.map(|r| r.keys).unwrap_or_default() {
+                    // A full batch: we are behind, and the writers may trim past us.
+                    check_gap = stream.ids.len() >= READ_BATCH;
                     for entry in stream.ids {
                         last.clone_from(&entry.id);
                         if let Some(event) = JobEvent::from_entry(entry.id, &entry.map) {
@@ -258,6 +326,7 @@ async fn read_loop(
             }
             Err(e) => {
                 tracing::warn!(error = %e, stream = %key, "reading job events failed; retrying");
+                check_gap = true;
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
@@ -271,6 +340,13 @@ async fn read_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_ids_order_numerically() {
+        assert!(stream_id("10-0") > stream_id("9-5"));
+        assert!(stream_id("10-12") > stream_id("10-3"));
+        assert_eq!(stream_id("0-0"), (0, 0));
+    }
 
     #[test]
     fn event_names_round_trip() {
@@ -290,6 +366,7 @@ mod tests {
             "breaker",
             "requeued",
             "purged",
+            "gap",
             "from-a-newer-version",
         ] {
             assert_eq!(EventKind::parse(name).as_str(), name);

@@ -182,6 +182,9 @@ pub struct JobOptions {
     pub ttl: Option<Duration>,
     /// How long the result and the finished record are kept.
     pub result_ttl: Option<Duration>,
+    /// Set by `delay`: counted from the enqueue on Redis's clock, so a producer whose
+    /// clock is off still delays by exactly this much. `run_at` wins when set later.
+    pub(crate) delay: Option<Duration>,
 }
 
 impl JobOptions {
@@ -202,15 +205,18 @@ impl JobOptions {
         self
     }
 
-    /// Starts the job no sooner than `delay` from now.
+    /// Starts the job no sooner than `delay` from now (from the enqueue, on Redis's
+    /// clock; `run_at` reads the local estimate).
     pub fn delay(mut self, delay: Duration) -> Self {
         self.run_at = Some(SystemTime::now() + delay);
+        self.delay = Some(delay);
         self
     }
 
     /// Starts the job no sooner than `at`.
     pub fn run_at(mut self, at: SystemTime) -> Self {
         self.run_at = Some(at);
+        self.delay = None;
         self
     }
 
@@ -276,7 +282,9 @@ pub(crate) struct JobRecord {
     pub(crate) max_attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) timeout_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Stored as JSON text inside the record: cjson would turn a large seed into a
+    /// float (see [`MAX_MS`] for the numbers it does see).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "policy_text")]
     pub(crate) retry: Option<RetryPolicy>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) created_at: u64,
@@ -284,6 +292,12 @@ pub(crate) struct JobRecord {
     pub(crate) run_at: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) expires_at: u64,
+    /// Sent at enqueue only: the script turns it into `expires_at` on Redis's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ttl_ms: Option<u64>,
+    /// Sent at enqueue only: the script turns it into `run_at` on Redis's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) delay_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) started_at: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -308,6 +322,59 @@ pub(crate) struct JobRecord {
     pub(crate) cancel: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) result: bool,
+}
+
+/// The largest number of milliseconds a record holds (about 317 years). Lua's cjson
+/// writes numbers with 14 significant digits, so a larger integer (a "forever"
+/// timeout, `Duration::MAX`) would come back as a float and make the record
+/// unreadable: every duration and time is clamped to this on the way in.
+pub(crate) const MAX_MS: u64 = 10_000_000_000_000;
+
+/// A duration in ms, clamped to what a record holds exactly.
+pub(crate) fn safe_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).min(MAX_MS)
+}
+
+/// A time or duration already in ms, clamped like [`safe_ms`].
+pub(crate) fn clamp_ms(ms: u64) -> u64 {
+    ms.min(MAX_MS)
+}
+
+/// A retry policy as JSON text inside the record (either form reads back).
+mod policy_text {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::retry::RetryPolicy;
+
+    pub(super) fn serialize<S: Serializer>(
+        policy: &Option<RetryPolicy>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match policy {
+            Some(p) => serde_json::to_string(p)
+                .map_err(serde::ser::Error::custom)?
+                .serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<RetryPolicy>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Stored {
+            Text(String),
+            Policy(RetryPolicy),
+        }
+        match Option::<Stored>::deserialize(d)? {
+            None => Ok(None),
+            Some(Stored::Policy(p)) => Ok(Some(p)),
+            Some(Stored::Text(t)) => serde_json::from_str(&t)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 fn normal_rank() -> u8 {
@@ -446,6 +513,24 @@ mod tests {
         let rec = JobRecord::parse("a", raw).unwrap();
         assert!(rec.errors.is_empty());
         assert_eq!(rec.status().unwrap().state, JobState::Queued);
+    }
+
+    #[test]
+    fn large_numbers_stay_exact_through_the_record() {
+        assert_eq!(safe_ms(Duration::MAX), MAX_MS);
+        assert_eq!(safe_ms(Duration::from_millis(1500)), 1500);
+        let policy = RetryPolicy::fixed(Duration::from_secs(1)).seed(u64::MAX - 7);
+        let rec = JobRecord {
+            id: "a".into(),
+            retry: Some(policy.clone()),
+            ..JobRecord::default()
+        };
+        let raw = serde_json::to_vec(&rec).unwrap();
+        let back = JobRecord::parse("a", &raw).unwrap();
+        assert_eq!(
+            serde_json::to_string(&back.retry.unwrap()).unwrap(),
+            serde_json::to_string(&policy).unwrap()
+        );
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub mod schedule;
 pub mod tts;
 pub mod worker;
 
-pub use dead_letter::{DeadJob, DeadLetter};
+pub use dead_letter::{DEFAULT_DEAD_LETTER_CAP, DeadJob, DeadLetter};
 pub use dedup::{Deduplicator, RateLimit};
 pub use error::{Error, JobError};
 pub use events::{EventKind, EventStream, JobEvent};

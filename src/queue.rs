@@ -16,8 +16,11 @@ use tokio::sync::OnceCell;
 use crate::dead_letter::{DEAD_CAP_FIELD, DeadLetter, store_dead_cap};
 use crate::dedup::{Deduplicator, RateLimit, sha256_hex};
 use crate::error::Error;
-use crate::events::{EventHub, EventStream};
-use crate::job::{JobId, JobOptions, JobRecord, JobState, JobStatus, Priority, now_ms, time_to_ms};
+use crate::events::{EventHub, EventKind, EventStream};
+use crate::job::{
+    JobId, JobOptions, JobRecord, JobState, JobStatus, Priority, clamp_ms, now_ms, safe_ms,
+    time_to_ms,
+};
 use crate::metrics;
 use crate::redis::{Conn, Connector, Keys, Scripts};
 use crate::retry::RetryPolicy;
@@ -34,6 +37,9 @@ pub(crate) struct QueueConfig {
     pub(crate) events_max: u64,
     /// `Some(0)` removes the cap, `None` leaves whatever the queue has in Redis.
     pub(crate) dead_cap: Option<u64>,
+    /// Tests only: how far this handle pretends its host's clock is off. No script
+    /// ever sees it (Redis's clock is the queue's only clock); it proves exactly that.
+    pub(crate) host_clock_skew_ms: i64,
 }
 
 /// What one queue value shares with its clones and its workers.
@@ -49,13 +55,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// A script call with the queue's keys, the clock and the stream cap already given.
-    pub(crate) fn invocation<'a>(&self, script: &'a Script, now: u64) -> ScriptInvocation<'a> {
+    /// A script call with the queue's keys and the stream cap already given. The
+    /// first argument is empty: scripts read Redis's own clock (`TIME`), never ours.
+    pub(crate) fn invocation<'a>(&self, script: &'a Script) -> ScriptInvocation<'a> {
         let mut inv = script.prepare_invoke();
         for key in self.keys.all() {
             inv.key(key);
         }
-        inv.arg(now).arg(self.config.events_max);
+        inv.arg("").arg(self.config.events_max);
         inv
     }
 
@@ -64,6 +71,20 @@ impl Shared {
         inv: &ScriptInvocation<'_>,
     ) -> Result<T, Error> {
         Ok(inv.invoke_async(&mut self.conn.clone()).await?)
+    }
+
+    /// Redis's clock in ms since the epoch, for the few reads that compare against
+    /// times the scripts stamped (stats windows, dead-letter cutoffs).
+    pub(crate) async fn redis_now(&self) -> Result<u64, Error> {
+        let (secs, micros): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
+    /// This host's clock, as far as this handle knows it (skewed in tests only).
+    pub(crate) fn host_now(&self) -> u64 {
+        now_ms().saturating_add_signed(self.config.host_clock_skew_ms)
     }
 
     async fn hub(&self) -> Result<&EventHub, Error> {
@@ -174,15 +195,25 @@ impl<J> QueueBuilder<J> {
         self
     }
 
-    /// Keeps at most `cap` jobs in the dead letters: each burial beyond it deletes the
-    /// oldest dead jobs for good, so a poison flood cannot fill Redis. `0` removes the
-    /// cap.
+    /// Keeps at most `cap` jobs in the dead letters (default
+    /// [`DEFAULT_DEAD_LETTER_CAP`](crate::DEFAULT_DEAD_LETTER_CAP)): each burial
+    /// beyond it deletes the oldest dead jobs for good, so a poison flood cannot fill
+    /// Redis. `0` removes the cap.
     ///
     /// The cap belongs to the queue, not to this process: `connect` stores it in Redis,
     /// where every worker's scripts read it, so a queue built without this setting
     /// keeps the cap that another process set.
     pub fn dead_letter_cap(mut self, cap: u64) -> Self {
         self.config.dead_cap = Some(cap);
+        self
+    }
+
+    /// Tests only: pretends this host's clock is off by `skew_ms`. Nothing the queue
+    /// does depends on it, since every script runs on Redis's clock; tests use it to
+    /// prove that hosts with skewed clocks neither re-run live jobs nor stretch limits.
+    #[doc(hidden)]
+    pub fn host_clock_skew_for_tests(mut self, skew_ms: i64) -> Self {
+        self.config.host_clock_skew_ms = skew_ms;
         self
     }
 
@@ -335,6 +366,7 @@ impl<J> Queue<J> {
                 result_ttl: Duration::from_secs(86_400),
                 events_max: 10_000,
                 dead_cap: None,
+                host_clock_skew_ms: 0,
             },
         }
     }
@@ -413,7 +445,16 @@ impl<J> Queue<J> {
         // either seen by the read or delivered to us.
         let mut events = self.events().await?;
         loop {
-            let status = self.status(id).await?;
+            let status = match self.status(id).await {
+                Ok(status) => status,
+                // A dropped connection (the same outage that made the reader miss
+                // events, say) is waited out until the deadline.
+                Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if status.state.is_terminal() {
                 return Ok(status);
             }
@@ -421,6 +462,8 @@ impl<J> Queue<J> {
                 match tokio::time::timeout_at(deadline, events.raw().recv()).await {
                     Err(_) => return Err(Error::WaitTimeout(id.clone())),
                     Ok(Ok(event)) if &event.job_id == id && event.kind.is_terminal() => break,
+                    // Events may have been missed: the status says what happened.
+                    Ok(Ok(event)) if event.kind == EventKind::Gap => break,
                     Ok(Ok(_)) => {}
                     Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
                     Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
@@ -443,7 +486,7 @@ impl<J> Queue<J> {
 
     /// Cancels a job: at once if it waits, through its handler's token if it runs.
     pub async fn cancel(&self, id: &JobId) -> Result<CancelOutcome, Error> {
-        let mut inv = self.shared.invocation(self.shared.scripts.cancel, now_ms());
+        let mut inv = self.shared.invocation(self.shared.scripts.cancel);
         inv.arg(id.as_str());
         let outcome: String = self.shared.invoke(&inv).await?;
         match outcome.as_str() {
@@ -470,9 +513,10 @@ impl<J> Queue<J> {
             let lo = u64::from(p.rank()) * 10_000_000_000_000;
             pipe.zcount(k.ready(), lo, format!("({}", lo + 10_000_000_000_000));
         }
-        let live_since = now_ms().saturating_sub(LIVE_WINDOW.as_millis() as u64);
-        pipe.zcount(k.workers(), live_since, "+inf")
-            .hlen(k.breakers())
+        let now = self.shared.redis_now().await?;
+        let live_since = now.saturating_sub(LIVE_WINDOW.as_millis() as u64);
+        pipe.zrangebyscore(k.workers(), live_since, "+inf")
+            .hkeys(k.breakers())
             .hgetall(k.stats());
         type Reply = (
             u64,
@@ -482,12 +526,16 @@ impl<J> Queue<J> {
             u64,
             u64,
             u64,
-            u64,
-            u64,
+            Vec<String>,
+            Vec<String>,
             HashMap<String, String>,
         );
-        let (queued, scheduled, active, dead, high, normal, low, workers, open_breakers, fields): Reply =
+        let (queued, scheduled, active, dead, high, normal, low, live, breakers, fields): Reply =
             pipe.query_async(&mut self.shared.conn.clone()).await?;
+        let workers = live.len() as u64;
+        // Only live workers' breakers count: a killed worker's entry lingers until the
+        // heartbeat of another forgets it.
+        let open_breakers = breakers.iter().filter(|w| live.contains(w)).count() as u64;
         let name = &self.shared.name;
         for (state, n) in [
             ("queued", queued),
@@ -515,7 +563,7 @@ impl<J> Queue<J> {
             ],
             workers,
             open_breakers,
-            recent: recent_stats(&fields, now_ms()),
+            recent: recent_stats(&fields, now),
             totals,
         })
     }
@@ -549,25 +597,18 @@ impl<J: Serialize> Queue<J> {
         &self,
         jobs: impl IntoIterator<Item = (J, JobOptions)>,
     ) -> Result<Vec<Enqueued>, Error> {
-        let now = now_ms();
         let prepared = jobs
             .into_iter()
-            .map(|(job, opts)| self.prepare(&job, &opts, &DedupChoice::Queue, now))
+            .map(|(job, opts)| self.prepare(&job, &opts, &DedupChoice::Queue))
             .collect::<Result<Vec<_>, _>>()?;
         let mut out = Vec::with_capacity(prepared.len());
         for chunk in prepared.chunks(BULK_CHUNK) {
-            out.extend(self.store(chunk, None, now).await?);
+            out.extend(self.store(chunk, None).await?);
         }
         Ok(out)
     }
 
-    fn prepare(
-        &self,
-        job: &J,
-        opts: &JobOptions,
-        dedup: &DedupChoice,
-        now: u64,
-    ) -> Result<Prepared, Error> {
+    fn prepare(&self, job: &J, opts: &JobOptions, dedup: &DedupChoice) -> Result<Prepared, Error> {
         if let Some(check) = &self.validator {
             check(job).map_err(Error::InvalidJob)?;
         }
@@ -588,14 +629,20 @@ impl<J: Serialize> Queue<J> {
                 .or(opts.retry.as_ref().map(RetryPolicy::attempts))
                 .unwrap_or(0),
             retry: opts.retry.clone(),
-            timeout_ms: opts.timeout.map(|d| d.as_millis() as u64),
-            run_at: opts.run_at.map(time_to_ms).unwrap_or(0),
-            expires_at: opts.ttl.map(|t| now + t.as_millis() as u64).unwrap_or(0),
-            result_ttl_ms: opts
-                .result_ttl
-                .unwrap_or(self.shared.config.result_ttl)
-                .as_millis() as u64,
-            dedup_ttl_ms: dedup_ttl.map(|t| t.as_millis() as u64),
+            timeout_ms: opts.timeout.map(safe_ms),
+            // Every start time travels as a delay from now, which the script adds to
+            // Redis's clock: an absolute run-at is read against this host's clock once,
+            // here, so hosts whose clocks disagree still schedule alike.
+            delay_ms: match (opts.delay, opts.run_at) {
+                (Some(d), _) => Some(safe_ms(d)),
+                (None, Some(at)) => Some(clamp_ms(
+                    time_to_ms(at).saturating_sub(self.shared.host_now()),
+                )),
+                (None, None) => None,
+            },
+            ttl_ms: opts.ttl.map(safe_ms),
+            result_ttl_ms: safe_ms(opts.result_ttl.unwrap_or(self.shared.config.result_ttl)),
+            dedup_ttl_ms: dedup_ttl.map(safe_ms),
             ..JobRecord::default()
         };
         let record = serde_json::to_string(&record).map_err(Error::Serialize)?;
@@ -611,14 +658,10 @@ impl<J: Serialize> Queue<J> {
         &self,
         jobs: &[Prepared],
         limit: Option<&RateLimit>,
-        now: u64,
     ) -> Result<Vec<Enqueued>, Error> {
-        let mut inv = self.shared.invocation(self.shared.scripts.enqueue, now);
+        let mut inv = self.shared.invocation(self.shared.scripts.enqueue);
         match limit {
-            Some(l) => inv
-                .arg(&l.key)
-                .arg(l.limit)
-                .arg(l.period.as_millis() as u64),
+            Some(l) => inv.arg(&l.key).arg(l.limit).arg(safe_ms(l.period)),
             None => inv.arg("").arg(0).arg(0),
         };
         inv.arg(jobs.len());
@@ -748,7 +791,7 @@ impl<J> Enqueue<'_, J> {
 
     /// Starts the job no sooner than `at`.
     pub fn run_at(mut self, at: SystemTime) -> Self {
-        self.options.run_at = Some(at);
+        self.options = self.options.run_at(at);
         self
     }
 
@@ -789,17 +832,10 @@ impl<'q, J: Serialize + Send + Sync + 'q> IntoFuture for Enqueue<'q, J> {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
-            let now = now_ms();
-            let prepared = self
-                .queue
-                .prepare(&self.job, &self.options, &self.dedup, now)?;
+            let prepared = self.queue.prepare(&self.job, &self.options, &self.dedup)?;
             let mut out = self
                 .queue
-                .store(
-                    std::slice::from_ref(&prepared),
-                    self.rate_limit.as_ref(),
-                    now,
-                )
+                .store(std::slice::from_ref(&prepared), self.rate_limit.as_ref())
                 .await?;
             out.pop()
                 .ok_or_else(|| Error::Protocol("enqueue returned nothing".into()))

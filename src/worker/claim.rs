@@ -7,7 +7,7 @@ use backon::{ExponentialBuilder, Retryable};
 use redis::Value;
 
 use crate::error::{Error, JobError};
-use crate::job::{JobId, JobRecord, now_ms};
+use crate::job::{JobId, JobRecord, safe_ms};
 use crate::queue::Shared;
 
 /// A job handed to this worker under a lease.
@@ -28,12 +28,12 @@ pub(crate) struct ClaimArgs {
     pub(crate) default_attempts: u32,
 }
 
-/// The reply of a claim: jobs, and when the queue next needs a look (a scheduled job
-/// comes due or a lease runs out), in ms since the epoch.
+/// The reply of a claim: jobs, and how long until the queue next needs a look (a
+/// scheduled job comes due or a lease runs out), as Redis's clock counts it.
 #[derive(Debug, Default)]
 pub(crate) struct Claim {
     pub(crate) jobs: Vec<Claimed>,
-    pub(crate) next_wake: Option<u64>,
+    pub(crate) next_wake: Option<Duration>,
 }
 
 pub(crate) async fn claim(
@@ -42,7 +42,7 @@ pub(crate) async fn claim(
     n: usize,
     args: &ClaimArgs,
 ) -> Result<Claim, Error> {
-    let mut inv = shared.invocation(shared.scripts.claim, now_ms());
+    let mut inv = shared.invocation(shared.scripts.claim);
     inv.arg(&args.worker_id)
         .arg(n)
         .arg(args.lease.as_millis() as u64)
@@ -87,7 +87,7 @@ pub(crate) fn parse_claim(queue: usize, reply: Value) -> Result<Claim, Error> {
     }
     Ok(Claim {
         jobs,
-        next_wake: (next_wake >= 0).then_some(next_wake as u64),
+        next_wake: (next_wake >= 0).then(|| Duration::from_millis(next_wake as u64)),
     })
 }
 
@@ -109,35 +109,51 @@ pub(crate) struct Acked {
     pub(crate) next: Claim,
 }
 
-/// Sends a report, retried with backoff through short Redis outages: a report that
-/// never arrives costs a whole re-run after the lease expires.
+/// The longest error message stored with a job (bytes, cut at a character boundary):
+/// a handler that fails with a whole log must not grow the record without bound.
+pub(crate) const MESSAGE_MAX: usize = 2_000;
+
+/// `message`, cut to [`MESSAGE_MAX`] bytes at a character boundary, marked when cut.
+pub(crate) fn capped(message: String) -> String {
+    if message.len() <= MESSAGE_MAX {
+        return message;
+    }
+    let mut end = MESSAGE_MAX;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end])
+}
+
+/// Sends a report, retried with backoff for as long as `keep_trying` says (the worker
+/// still holds the lease: a finished result, maybe an hour's work, is worth waiting
+/// out a Redis outage for) while the error is transient (see [`Error::is_transient`]).
 pub(crate) async fn report(
     shared: &Arc<Shared>,
     job: &Claimed,
     report: &Report,
     claim_next: usize,
     args: &ClaimArgs,
+    keep_trying: impl Fn() -> bool,
 ) -> Result<Acked, Error> {
     let send = || async {
-        let now = now_ms();
         let inv = match report {
             Report::Completed(result) => {
-                let mut inv = shared.invocation(shared.scripts.complete, now);
+                let mut inv = shared.invocation(shared.scripts.complete);
                 inv.arg(job.id.as_str())
                     .arg(&job.token)
                     .arg(result.as_slice());
                 inv
             }
             Report::Failed { error, retry_in } => {
-                // The delay counts from the same clock reading the script records the
-                // failure at, so a seeded schedule is exact to the millisecond.
-                let retry_at = retry_in.map(|d| now + (d.as_millis() as u64).max(1));
-                let mut inv = shared.invocation(shared.scripts.fail, now);
+                // The delay counts from the clock reading the script records the
+                // failure at (Redis's), so a seeded schedule is exact to the millisecond.
+                let mut inv = shared.invocation(shared.scripts.fail);
                 inv.arg(job.id.as_str())
                     .arg(&job.token)
                     .arg(error.kind())
-                    .arg(error.to_string())
-                    .arg(retry_at.unwrap_or(0));
+                    .arg(capped(error.to_string()))
+                    .arg(retry_in.map(|d| safe_ms(d).to_string()).unwrap_or_default());
                 inv
             }
         };
@@ -152,23 +168,51 @@ pub(crate) async fn report(
             next: parse_claim(job.queue, next)?,
         })
     };
-    send.retry(backoff()).when(Error::is_connection_error).await
+    send.retry(backoff())
+        .when(|e| e.is_transient() && keep_trying())
+        .notify(|e, after| {
+            tracing::warn!(job = %job.id, error = %e, ?after, "report failed; retrying");
+        })
+        .await
 }
 
-/// Hands a job back to ready (shutdown), retried like a report.
-pub(crate) async fn release(shared: &Arc<Shared>, job: &Claimed) -> Result<String, Error> {
+/// Hands a job back to ready (shutdown), retried through passing failures for at
+/// most about a lease: after that the lease has run out and recovery does the same.
+pub(crate) async fn release(
+    shared: &Arc<Shared>,
+    job: &Claimed,
+    lease: Duration,
+) -> Result<String, Error> {
+    let give_up = tokio::time::Instant::now() + lease;
     let send = || async {
-        let mut inv = shared.invocation(shared.scripts.release, now_ms());
+        let mut inv = shared.invocation(shared.scripts.release);
         inv.arg(job.id.as_str()).arg(&job.token);
         shared.invoke::<String>(&inv).await
     };
-    send.retry(backoff()).when(Error::is_connection_error).await
+    send.retry(backoff())
+        .when(|e| e.is_transient() && tokio::time::Instant::now() < give_up)
+        .await
 }
 
+/// Unbounded in count: callers bound retries by what they still hold (a lease).
 fn backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
         .with_max_delay(Duration::from_secs(2))
-        .with_max_times(8)
+        .without_max_times()
         .with_jitter()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_at_a_character_boundary() {
+        assert_eq!(capped("short".into()), "short");
+        let long = "é".repeat(1_500); // 3 000 bytes
+        let cut = capped(long);
+        assert_eq!(cut.chars().count(), 1_001);
+        assert!(cut.ends_with('…'));
+    }
 }

@@ -4,10 +4,11 @@ use std::future::Future;
 use std::sync::Arc;
 
 use serde::Serialize;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, JobError};
-use crate::job::{JobId, now_ms};
+use crate::job::JobId;
 use crate::queue::Shared;
 
 /// Runs jobs of type `J`.
@@ -62,6 +63,9 @@ pub struct JobContext {
     pub(crate) token: String,
     pub(crate) cancel: CancellationToken,
     pub(crate) queue: Arc<Shared>,
+    /// The worker slot this attempt holds; blocking work started through
+    /// [`JobContext::run_blocking`] keeps a share of it until that work ends.
+    pub(crate) slot: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 impl std::fmt::Debug for JobContext {
@@ -114,6 +118,38 @@ impl JobContext {
         self.cancel.is_cancelled()
     }
 
+    /// Runs blocking work (inference on a GPU, a long CPU loop) on tokio's blocking
+    /// pool, holding this attempt's worker slot until the work really ends.
+    ///
+    /// A blocking closure cannot be interrupted: when the attempt times out or is
+    /// cancelled, the worker reports it at once, but the closure runs on. Started
+    /// through here, it keeps the slot busy meanwhile, so the worker starts no other
+    /// job on a device that is still in use. Watch [`JobContext::is_cancelled`] inside
+    /// the closure to stop early. A panic in the closure fails the attempt.
+    pub async fn run_blocking<F, R>(&self, work: F) -> Result<R, JobError>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let slot = self.slot.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = work();
+            drop(slot);
+            out
+        })
+        .await
+        .map_err(|e| match e.try_into_panic() {
+            Ok(panic) => JobError::Panic(
+                panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".to_owned()),
+            ),
+            Err(_) => JobError::Cancelled,
+        })
+    }
+
     /// Reports progress (0 to 100) to `status()` and event listeners. Returns `false`
     /// when this worker no longer owns the job (the handler should stop).
     pub async fn progress(&self, percent: f32) -> Result<bool, Error> {
@@ -122,7 +158,7 @@ impl JobContext {
         } else {
             0.0
         };
-        let mut inv = self.queue.invocation(self.queue.scripts.progress, now_ms());
+        let mut inv = self.queue.invocation(self.queue.scripts.progress);
         inv.arg(self.id.as_str())
             .arg(&self.token)
             .arg(format!("{percent:.2}"));

@@ -3,13 +3,14 @@
 //! job's lease lapse, and jobs of a dead worker are recovered within one lease.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::job::{JobId, now_ms};
+use crate::job::JobId;
 use crate::queue::Shared;
 use crate::redis::Conn;
 
@@ -18,7 +19,7 @@ use crate::redis::Conn;
 pub(crate) struct Held {
     pub(crate) token: String,
     pub(crate) cancel: CancellationToken,
-    pub(crate) lost: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) lost: Arc<AtomicBool>,
 }
 
 /// The jobs a worker holds, keyed by (queue index, job id).
@@ -48,6 +49,11 @@ impl Registry {
             .filter(|((q, _), _)| *q == queue)
             .map(|((_, id), h)| (id.clone(), h.clone()))
             .collect()
+    }
+
+    /// The flag the heartbeat sets when the job's lease is lost, while it is held.
+    pub(crate) fn lost_flag(&self, queue: usize, id: &JobId) -> Option<Arc<AtomicBool>> {
+        self.get(queue, id).map(|h| h.lost)
     }
 
     fn get(&self, queue: usize, id: &JobId) -> Option<Held> {
@@ -118,7 +124,18 @@ async fn beat(
     // Connections of this thread's own runtime: the shared ones are driven by the
     // main runtime, which a busy handler may starve.
     let mut conns: Vec<Option<Conn>> = vec![None; queues.len()];
+    let mut next_renewal = tokio::time::Instant::now();
     loop {
+        // Beats renew this worker's leases every `every`. Between them, a beat comes
+        // early when a queue needs a look sooner (a lease of a dead worker runs out, a
+        // scheduled job comes due), so recovery does not wait for an idle worker:
+        // every live worker's heartbeat does it. Early beats renew nothing.
+        let now = tokio::time::Instant::now();
+        let renew = now >= next_renewal;
+        if renew {
+            next_renewal = now + every;
+        }
+        let mut next = next_renewal.saturating_duration_since(now);
         for (index, queue) in queues.iter().enumerate() {
             if conns[index].is_none() {
                 match queue.connector.connect().await {
@@ -132,15 +149,23 @@ async fn beat(
             let Some(conn) = conns[index].as_mut() else {
                 continue;
             };
-            let held = registry.snapshot(index);
-            let mut inv = queue.invocation(queue.scripts.heartbeat, now_ms());
+            let held = if renew {
+                registry.snapshot(index)
+            } else {
+                Vec::new()
+            };
+            let mut inv = queue.invocation(queue.scripts.heartbeat);
             inv.arg(&worker_id).arg(lease.as_millis() as u64);
             for (id, h) in &held {
                 inv.arg(id.as_str()).arg(&h.token);
             }
-            let reply: Result<(Vec<String>, Vec<String>), _> = inv.invoke_async(conn).await;
+            let reply: Result<(Vec<String>, Vec<String>, i64), _> = inv.invoke_async(conn).await;
             match reply {
-                Ok((lost, cancel)) => {
+                Ok((lost, cancel, due_in)) => {
+                    if let Ok(ms) = u64::try_from(due_in) {
+                        // Just after the due time, at least 10 ms apart.
+                        next = next.min(Duration::from_millis(ms.saturating_add(5).max(10)));
+                    }
                     for id in lost {
                         let id = JobId::from_stored(id);
                         if let Some(h) = registry.get(index, &id) {
@@ -162,7 +187,7 @@ async fn beat(
         }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(next) => {}
         }
     }
 }

@@ -28,7 +28,6 @@ pub use breaker::{BreakerState, CircuitBreaker};
 pub use handler::{Handler, HandlerFn, JobContext, handler_fn};
 
 use crate::error::Error;
-use crate::job::now_ms;
 use crate::queue::{Queue, Shared};
 use crate::redis::Conn;
 use crate::retry::RetryPolicy;
@@ -93,17 +92,17 @@ impl<J> WorkerBuilder<J> {
         self
     }
 
-    /// Lease length (default 30 s): a job whose worker dies runs again within about
-    /// this long. Leases are renewed every `lease / 3` (at most every 5 s) unless
-    /// [`WorkerBuilder::heartbeat`] says otherwise.
+    /// Lease length (default 30 s): a job whose worker dies is back in the queue
+    /// within this long plus one heartbeat. Leases are renewed every `lease / 3` (at
+    /// most every second) unless [`WorkerBuilder::heartbeat`] says otherwise.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.config.lease = lease.max(Duration::from_millis(100));
-        self.config.heartbeat = (self.config.lease / 3).min(Duration::from_secs(5));
+        self.config.heartbeat = (self.config.lease / 3).min(Duration::from_secs(1));
         self
     }
 
-    /// How often leases are renewed and cancellations noticed (default `lease / 3`,
-    /// at most 5 s).
+    /// How often leases are renewed, cancellations noticed and other workers' expired
+    /// leases recovered (default `lease / 3`, at most 1 s).
     pub fn heartbeat(mut self, every: Duration) -> Self {
         self.config.heartbeat = every.max(Duration::from_millis(10));
         self
@@ -185,7 +184,7 @@ impl<J> Worker<J, ()> {
             config: WorkerConfig {
                 concurrency: 1,
                 lease: Duration::from_secs(30),
-                heartbeat: Duration::from_secs(5),
+                heartbeat: Duration::from_secs(1),
                 timeout: None,
                 cancel_grace: Duration::from_secs(5),
                 shutdown_grace: Duration::from_secs(30),
@@ -266,7 +265,7 @@ where
         }
         heartbeat.stop().await;
         for queue in &shared {
-            let mut inv = queue.invocation(queue.scripts.unregister, now_ms());
+            let mut inv = queue.invocation(queue.scripts.unregister);
             inv.arg(&self.config.id);
             if let Err(e) = queue.invoke::<i64>(&inv).await {
                 tracing::warn!(error = %e, "could not unregister the worker");
@@ -333,11 +332,35 @@ where
             }
             while tasks.try_join_next().is_some() {}
 
+            // A claim in flight is never dropped: Redis may already have run it, and
+            // jobs it handed over are run or handed back, never stranded until their
+            // lease runs out. Shutdown during the claim hands them back at once.
+            let claiming = self.claim(runner, &mut picker, permits.len());
+            tokio::pin!(claiming);
+            let mut stop_now = false;
             let claimed = tokio::select! {
                 biased;
-                _ = &mut shutdown => return,
-                claimed = self.claim(runner, &mut picker, permits.len()) => claimed,
+                claimed = &mut claiming => claimed,
+                _ = &mut shutdown => {
+                    stop_now = true;
+                    claiming.await
+                }
             };
+            if stop_now {
+                if let Ok(claim) = claimed {
+                    for job in claim.jobs {
+                        let runner = runner.clone();
+                        tasks.spawn(async move {
+                            let shared = runner.queues[job.queue].clone();
+                            match claim::release(&shared, &job, runner.config.lease).await {
+                                Ok(outcome) => tracing::info!(job = %job.id, %outcome, "claimed during shutdown; handed back"),
+                                Err(e) => tracing::warn!(job = %job.id, error = %e, "hand-back failed; the lease will expire"),
+                            }
+                        });
+                    }
+                }
+                return;
+            }
             let claim = match claimed {
                 Ok(c) => {
                     backoff = Duration::from_millis(50);
@@ -364,7 +387,6 @@ where
                 }
                 let wait = claim
                     .next_wake
-                    .map(|at| Duration::from_millis(at.saturating_sub(now_ms())))
                     .unwrap_or(MAX_IDLE_WAIT)
                     .clamp(Duration::from_millis(1), MAX_IDLE_WAIT);
                 tokio::select! {

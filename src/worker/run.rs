@@ -16,7 +16,6 @@ use super::claim::{self, ClaimArgs, Claimed, Report};
 use super::handler::{Handler, JobContext};
 use super::lease::{Held, Registry};
 use crate::error::JobError;
-use crate::job::now_ms;
 use crate::metrics;
 use crate::queue::Shared;
 
@@ -44,14 +43,22 @@ enum Ending {
 
 impl<H> Runner<H> {
     /// Runs `job`, then any job handed over with its report, holding one slot.
-    pub(crate) async fn run<J>(self: Arc<Self>, mut job: Claimed, _slot: OwnedSemaphorePermit)
+    ///
+    /// The slot is shared with the attempt's blocking work
+    /// ([`JobContext::run_blocking`]): an attempt that timed out while its blocking
+    /// work goes on keeps the slot busy until that work really ends, so no second job
+    /// starts on a busy device.
+    pub(crate) async fn run<J>(self: Arc<Self>, mut job: Claimed, slot: OwnedSemaphorePermit)
     where
         J: DeserializeOwned + Send + 'static,
         H: Handler<J>,
     {
+        let slot = Arc::new(slot);
         loop {
             let shared = self.queues[job.queue].clone();
-            let ending = self.attempt::<J>(&shared, &job).await;
+            let ending = self.attempt::<J>(&shared, &job, &slot).await;
+            // Blocking work of this attempt still runs: the slot is not free.
+            let lingering = Arc::strong_count(&slot) > 1;
             let outcome = match &ending {
                 Ending::Done(Ok(_)) => Outcome::Success,
                 Ending::Done(Err(e)) if e.is_retryable() => Outcome::TransientFailure,
@@ -62,7 +69,8 @@ impl<H> Runner<H> {
             }
             let report = match ending {
                 Ending::Interrupted => {
-                    match claim::release(&shared, &job).await {
+                    self.registry.remove(job.queue, &job.id);
+                    match claim::release(&shared, &job, self.config.lease).await {
                         Ok(outcome) => {
                             tracing::info!(job = %job.id, %outcome, "handed back on shutdown")
                         }
@@ -80,9 +88,23 @@ impl<H> Runner<H> {
             };
             // One queue: the report claims the next job in the same round trip.
             let claim_next = usize::from(
-                self.queues.len() == 1 && !self.stopping.is_cancelled() && self.breaker.is_closed(),
+                self.queues.len() == 1
+                    && !lingering
+                    && !self.stopping.is_cancelled()
+                    && self.breaker.is_closed(),
             );
-            match claim::report(&shared, &job, &report, claim_next, &self.args).await {
+            // The job stays in the registry until Redis has the report, so the
+            // heartbeat renews its lease while the report waits out an outage, and
+            // the retries stop only when the lease is lost (or shutdown's grace ends).
+            let lost = self.registry.lost_flag(job.queue, &job.id);
+            let keep_trying = || {
+                !self.interrupt.is_cancelled()
+                    && !lost.as_ref().is_some_and(|l| l.load(Ordering::SeqCst))
+            };
+            let acked =
+                claim::report(&shared, &job, &report, claim_next, &self.args, keep_trying).await;
+            self.registry.remove(job.queue, &job.id);
+            match acked {
                 Ok(acked) => {
                     log_outcome(&job, &report, &acked.outcome);
                     record_metrics(&shared.name, &report, &acked.outcome);
@@ -114,7 +136,7 @@ impl<H> Runner<H> {
             let queue = queue.clone();
             let worker = self.args.worker_id.clone();
             tokio::spawn(async move {
-                let mut inv = queue.invocation(queue.scripts.breaker, now_ms());
+                let mut inv = queue.invocation(queue.scripts.breaker);
                 inv.arg(&worker).arg(state.as_str());
                 if let Err(e) = queue.invoke::<i64>(&inv).await {
                     tracing::warn!(error = %e, "could not record the breaker state");
@@ -137,7 +159,12 @@ impl<H> Runner<H> {
         )
     }
 
-    async fn attempt<J>(&self, shared: &Arc<Shared>, job: &Claimed) -> Ending
+    async fn attempt<J>(
+        &self,
+        shared: &Arc<Shared>,
+        job: &Claimed,
+        slot: &Arc<OwnedSemaphorePermit>,
+    ) -> Ending
     where
         J: DeserializeOwned + Send + 'static,
         H: Handler<J>,
@@ -168,6 +195,7 @@ impl<H> Runner<H> {
             token: job.token.clone(),
             cancel: cancel.clone(),
             queue: shared.clone(),
+            slot: Some(slot.clone()),
         };
         let ready_at = record.created_at.max(record.run_at);
         metrics::waited(
@@ -181,7 +209,6 @@ impl<H> Runner<H> {
         let started = std::time::Instant::now();
         let ending = self.supervise(payload, ctx, cancel, timeout).await;
         metrics::duration(&shared.name, started.elapsed());
-        self.registry.remove(job.queue, &job.id);
         if lost.load(Ordering::SeqCst) {
             tracing::warn!(job = %job.id, "finished after losing its lease; Redis will refuse the report");
         }
@@ -221,6 +248,7 @@ impl<H> Runner<H> {
             _ = self.interrupt.cancelled() => {
                 cancel.cancel();
                 task.abort();
+                let _ = task.await;
                 return Ending::Interrupted;
             }
         };
@@ -231,11 +259,15 @@ impl<H> Runner<H> {
                 None => Ending::Done(joined_result(joined)),
             },
             _ = tokio::time::sleep(self.config.cancel_grace) => {
+                // Dropped (its context with it, so only blocking work it started
+                // through the context still holds the slot).
                 task.abort();
+                let _ = task.await;
                 Ending::Done(Err(stop_reason.unwrap_or(JobError::Cancelled)))
             }
             _ = self.interrupt.cancelled() => {
                 task.abort();
+                let _ = task.await;
                 Ending::Interrupted
             }
         }

@@ -9,6 +9,7 @@ mod crash;
 mod dead_letter;
 mod dedup;
 mod durability;
+mod holes;
 mod metrics;
 mod queue;
 mod schedule;

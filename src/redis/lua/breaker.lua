@@ -1,6 +1,6 @@
 -- breaker: records a worker's circuit-breaker transition for stats and listeners.
 -- KEYS: the queue's keys (see common.lua)
--- ARGV[1] now ms, ARGV[2] events max
+-- ARGV[1] '' (Redis's clock), ARGV[2] events max
 -- ARGV[3] worker id, ARGV[4] state ('open', 'half_open' or 'closed')
 -- Returns: 1
 if ARGV[4] == 'closed' then

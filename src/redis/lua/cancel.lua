@@ -1,7 +1,7 @@
 -- cancel: a waiting job is cancelled at once; an active one is flagged, its worker
 -- sees the flag on its next heartbeat and cancels the handler's token.
 -- KEYS: the queue's keys (see common.lua)
--- ARGV[1] now ms, ARGV[2] events max, ARGV[3] id
+-- ARGV[1] '' (Redis's clock), ARGV[2] events max, ARGV[3] id
 -- Returns: 'cancelled', 'requested' (active), 'missing', or 'was:<state>' for a job
 -- that had already finished
 local id = ARGV[3]

@@ -1,6 +1,7 @@
--- claim: hands up to n ready jobs to a worker, each under a fresh lease.
+-- claim: hands up to n ready jobs to a worker, each under a fresh lease that starts
+-- now, on Redis's clock.
 -- KEYS: the queue's keys (see common.lua)
--- ARGV[1] now ms, ARGV[2] events max
+-- ARGV[1] '' (Redis's clock), ARGV[2] events max
 -- ARGV[3] worker id, ARGV[4] n, ARGV[5] lease ms, ARGV[6] default max attempts
--- Returns: {next wake-up ms or -1, then id, lease token, record JSON, payload per job}
+-- Returns: {ms until the next wake-up or -1, then id, lease token, record JSON, payload per job}
 return claim(ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))

@@ -22,7 +22,8 @@
 --   KEYS[17] limits     hash   rate-limit key -> theoretical arrival time (GCRA) ms
 --   KEYS[18] limits_exp zset   rate-limit key -> ms after which the entry is idle
 --   KEYS[19] breakers   hash   worker id -> circuit-breaker state, while not closed
--- ARGV[1] now (ms, from the caller's clock so tests control time)
+-- ARGV[1] '' to run on Redis's clock (`TIME`), the only clock of the queue; a test
+--          harness may pass a fixed time in ms instead (the client never does)
 -- ARGV[2] maximum length of the events stream
 -- ARGV[3..] script specific (see each script's header)
 
@@ -33,10 +34,22 @@ local K_SEQ, K_STATS = KEYS[13], KEYS[14]
 local K_DEDUP, K_DEDUP_EXP, K_LIMITS, K_LIMITS_EXP = KEYS[15], KEYS[16], KEYS[17], KEYS[18]
 local K_BREAKERS = KEYS[19]
 
-local NOW = tonumber(ARGV[1])
+-- One clock: Redis's. A caller's clock may run ahead or behind, and a call may wait
+-- behind a stalled server; the time the script runs is when the transition happens
+-- (a lease starts when Redis hands the job over).
+local NOW
+if ARGV[1] ~= nil and ARGV[1] ~= '' then
+  NOW = tonumber(ARGV[1])
+else
+  local t = redis.call('TIME')
+  NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local EVENTS_MAX = tonumber(ARGV[2])
 local PRI_SPAN = 10000000000000 -- 1e13 sequence numbers per priority level
 local WAKE_MAX = 1000           -- more tokens than this wake nobody new
+local ERRORS_MAX = 10           -- attempt errors kept per job (the latest)
+local DEAD_CAP_DEFAULT = 10000  -- dead letters kept when the queue sets no cap
+local WORKER_STALE_MS = 300000  -- a worker silent this long is forgotten (and its breaker)
 
 -- Integers as Redis wants them: tostring() of a large double gives 1e+13 notation.
 local function int(n)
@@ -46,16 +59,59 @@ end
 -- A record that does not decode must not fail every script that meets it (that would
 -- stop the whole queue): it comes back as a stub marked `corrupt`, keeping the raw
 -- bytes, and the transitions that meet it bury it with the reason.
+local STATES = {
+  queued = true, scheduled = true, active = true,
+  completed = true, dead = true, cancelled = true, expired = true,
+}
+local NUMBER_FIELDS = {
+  'pri', 'seq', 'attempts', 'max_attempts', 'timeout_ms', 'created_at', 'run_at',
+  'expires_at', 'started_at', 'finished_at', 'result_ttl_ms', 'dedup_ttl_ms', 'progress',
+}
+local STRING_FIELDS = { 'worker', 'reason', 'dedup' }
+
+-- Why a decoded record cannot be used (nil when it can): every field a script does
+-- arithmetic on, indexes by or stores must have its type, checked before any script
+-- moves the job, so a wrong-shaped record is buried instead of failing a script
+-- half-way (which would leave the job in no index at all).
+local function shape_error(id, job)
+  if job.id ~= id then
+    return 'id is ' .. type(job.id) .. ' ' .. tostring(job.id) .. ', not the job id'
+  end
+  if not STATES[job.state] then
+    return 'unknown state ' .. tostring(job.state)
+  end
+  for _, field in ipairs(NUMBER_FIELDS) do
+    local v = job[field]
+    if v ~= nil and type(v) ~= 'number' then
+      return field .. ' is a ' .. type(v) .. ', not a number'
+    end
+  end
+  for _, field in ipairs(STRING_FIELDS) do
+    local v = job[field]
+    if v ~= nil and type(v) ~= 'string' then
+      return field .. ' is a ' .. type(v) .. ', not a string'
+    end
+  end
+  if job.errors ~= nil and type(job.errors) ~= 'table' then
+    return 'errors is a ' .. type(job.errors) .. ', not a list'
+  end
+  return nil
+end
+
 local function load(id)
   local raw = redis.call('HGET', K_JOBS, id)
   if not raw then
     return nil
   end
   local ok, job = pcall(cjson.decode, raw)
-  if ok and type(job) == 'table' then
-    return job
+  if not ok or type(job) ~= 'table' then
+    return { id = id, state = 'corrupt', corrupt = tostring(job), raw = raw }
   end
-  return { id = id, state = 'corrupt', corrupt = tostring(job), raw = raw }
+  local wrong = shape_error(id, job)
+  if wrong then
+    return { id = id, state = 'corrupt', corrupt = 'wrong shape: ' .. wrong, raw = raw }
+  end
+  return job
 end
 
 local function save(job)
@@ -94,11 +150,18 @@ local function window(completed, failed, duration_ms)
     int(minute) .. ',' .. int(c + completed) .. ',' .. int(f + failed) .. ',' .. int(d + math.max(duration_ms, 0)))
 end
 
+-- One token per new piece of work, in one call; claims trim the list back to the
+-- work that is left (see `claim`), so tokens never pile up behind busy workers.
 local function wake(n)
-  for _ = 1, math.min(n, WAKE_MAX) do
-    redis.call('RPUSH', K_WAKE, '1')
+  local room = math.min(n, WAKE_MAX - redis.call('LLEN', K_WAKE))
+  if room <= 0 then
+    return
   end
-  redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
+  local tokens = {}
+  for i = 1, room do
+    tokens[i] = '1'
+  end
+  redis.call('RPUSH', K_WAKE, unpack(tokens))
 end
 
 -- Puts a job in the ready set. A job keeps its sequence number when it comes back
@@ -155,8 +218,8 @@ end
 -- to pass it, and a worker built without the setting still enforces the cap that an
 -- operator's process set. Bounded per call; a lowered cap is reached over later burials.
 local function trim_dead()
-  local cap = tonumber(redis.call('HGET', K_STATS, 'dead_cap'))
-  if not cap or cap <= 0 then
+  local cap = tonumber(redis.call('HGET', K_STATS, 'dead_cap')) or DEAD_CAP_DEFAULT
+  if cap <= 0 then
     return
   end
   local over = redis.call('ZCARD', K_DEAD) - cap
@@ -190,6 +253,10 @@ local function record_error(job, kind, message)
     job.errors = {}
   end
   table.insert(job.errors, { attempt = job.attempts or 0, at = NOW, kind = kind, message = message })
+  -- Bounded: a job retried a thousand times keeps its latest errors, not all of them.
+  while #job.errors > ERRORS_MAX do
+    table.remove(job.errors, 1)
+  end
 end
 
 local IN_FLIGHT = { queued = true, scheduled = true, active = true }
@@ -235,6 +302,8 @@ local function promote(limit)
       emit('queued', id)
     end
   end
+  -- A heartbeat may promote while every worker sleeps: wake as many as came due.
+  wake(#ids)
 end
 
 -- Jobs whose lease passed: their worker died or lost Redis. They go back to ready
@@ -267,22 +336,72 @@ local function recover(limit)
   end
 end
 
+-- The score of a zset's first member, or nil when it is empty.
+local function first_score(key)
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if #first > 0 then
+    return tonumber(first[2])
+  end
+  return nil
+end
+
+-- Maintenance that is due: scheduled jobs whose time came, leases that ran out, and
+-- (with `sweep_anyway`, or when a finished record is due) the sweeps. Each check is
+-- one O(log n) read, so the per-job path pays for maintenance only when there is some.
+local function maintain(sweep_anyway)
+  local due = first_score(K_SCHEDULED)
+  if due and due <= NOW then
+    promote(1000)
+  end
+  due = first_score(K_ACTIVE)
+  if due and due <= NOW then
+    recover(100)
+  end
+  due = first_score(K_FINISHED)
+  if sweep_anyway or (due and due <= NOW) then
+    sweep(20)
+  end
+end
+
+-- Milliseconds until the queue next needs a look (a scheduled job comes due or a
+-- lease runs out), or -1 when nothing is pending. Relative, so no caller's clock is
+-- ever compared with Redis's.
+local function next_wake()
+  local at = first_score(K_SCHEDULED)
+  local lease = first_score(K_ACTIVE)
+  if lease and (not at or lease < at) then
+    at = lease
+  end
+  if not at then
+    return -1
+  end
+  return math.max(at - NOW, 0)
+end
+
 -- Claims up to n ready jobs for a worker (jobs without their own max_attempts take
--- default_attempts): promotes due jobs and recovers dead
--- workers' jobs first, so any live worker keeps the queue healthy.
--- Returns a flat list: next wake-up ms (or -1), then id, token, record, payload per job.
+-- default_attempts), after the maintenance that is due, so any live worker keeps the
+-- queue healthy. Returns a flat list: ms until the next wake-up (or -1; only computed
+-- when the claim came up short, since a full claim comes back at once), then id,
+-- token, record, payload per job.
 local function claim(worker, n, lease_ms, default_attempts)
-  promote(1000)
-  recover(100)
-  redis.call('ZADD', K_WORKERS, int(NOW), worker)
   local out = {}
   local claimed = 0
   local guard = 0
+  local swept = false
   while claimed < n and guard < n + 1000 do
     guard = guard + 1
     local popped = redis.call('ZPOPMIN', K_READY, 1)
     if #popped == 0 then
-      break
+      if swept then
+        break
+      end
+      -- Short: maybe a scheduled job came due or a lease ran out since the last look.
+      maintain(true)
+      swept = true
+      popped = redis.call('ZPOPMIN', K_READY, 1)
+      if #popped == 0 then
+        break
+      end
     end
     local id = popped[1]
     local job = load(id)
@@ -314,17 +433,26 @@ local function claim(worker, n, lease_ms, default_attempts)
       end
     end
   end
-  sweep(20)
-  local next_wake = -1
-  local first = redis.call('ZRANGE', K_SCHEDULED, 0, 0, 'WITHSCORES')
-  if #first > 0 then
-    next_wake = tonumber(first[2])
+  if not swept then
+    maintain(false)
   end
-  first = redis.call('ZRANGE', K_ACTIVE, 0, 0, 'WITHSCORES')
-  if #first > 0 and (next_wake < 0 or tonumber(first[2]) < next_wake) then
-    next_wake = tonumber(first[2])
+  -- Wake tokens stand for work nobody took yet: keep no more than the ready jobs
+  -- (plus one while jobs are scheduled, so a sleeping worker still learns of an
+  -- earlier due time), so idle workers never spin through empty claims after a burst.
+  local keep = redis.call('ZCARD', K_READY)
+  if redis.call('ZCARD', K_SCHEDULED) > 0 then
+    keep = keep + 1
   end
-  table.insert(out, 1, next_wake)
+  if keep == 0 then
+    redis.call('DEL', K_WAKE)
+  else
+    redis.call('LTRIM', K_WAKE, 0, keep - 1)
+  end
+  local wake_in = -1
+  if claimed < n then
+    wake_in = next_wake()
+  end
+  table.insert(out, 1, wake_in)
   return out
 end
 

@@ -1,7 +1,7 @@
 -- complete: an attempt succeeded; stores the result and, in the same round trip,
 -- claims the worker's next jobs.
 -- KEYS: the queue's keys (see common.lua)
--- ARGV[1] now ms, ARGV[2] events max
+-- ARGV[1] '' (Redis's clock), ARGV[2] events max
 -- ARGV[3] id, ARGV[4] lease token, ARGV[5] result bytes
 -- ARGV[6] worker id, ARGV[7] jobs to claim next (0 for none), ARGV[8] lease ms, ARGV[9] default max attempts
 -- Returns: {outcome, claim...} with outcome 'completed', 'cancelled' or 'lost'

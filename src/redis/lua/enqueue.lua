@@ -1,10 +1,10 @@
 -- enqueue: adds one or more jobs atomically (bulk enqueue is one call, one round trip),
 -- with in-flight deduplication and an optional rate limit checked in the same step.
 -- KEYS: the queue's keys (see common.lua)
--- ARGV[1] now ms, ARGV[2] events max
+-- ARGV[1] '' (Redis's clock), ARGV[2] events max
 -- ARGV[3] rate-limit key ('' for none), ARGV[4] jobs allowed per period, ARGV[5] period ms
 -- ARGV[6] number of jobs n, then per job four arguments:
---   id, record JSON (pri, max_attempts, run_at, expires_at, ... set by the client),
+--   id, record JSON (pri, max_attempts, run_at, ttl_ms, ... set by the client),
 --   payload, dedup key ('' for none: the sha256 of the request's canonical form)
 -- Returns: {'ok', {{id, created (1) or existing (0), state}, ...}}
 --      or  {'limited', ms until the batch would be allowed} (nothing was stored)
@@ -67,6 +67,15 @@ for _, i in ipairs(fresh) do
     local job = cjson.decode(ARGV[base + 1])
     job.id = id
     job.created_at = NOW
+    -- A time-to-live counts from now on Redis's clock, not from the caller's.
+    if job.ttl_ms then
+      job.expires_at = NOW + job.ttl_ms
+      job.ttl_ms = nil
+    end
+    if job.delay_ms and job.delay_ms > 0 then
+      job.run_at = NOW + job.delay_ms
+    end
+    job.delay_ms = nil
     job.attempts = 0
     redis.call('HSET', K_PAYLOADS, id, ARGV[base + 2])
     if job.run_at and job.run_at > NOW then

@@ -1,9 +1,9 @@
 -- fail: an attempt failed; records the error and either schedules the retry or
 -- buries the job in the dead letters. The client's RetryPolicy chose which.
 -- KEYS: the queue's keys (see common.lua)
--- ARGV[1] now ms, ARGV[2] events max
+-- ARGV[1] '' (Redis's clock), ARGV[2] events max
 -- ARGV[3] id, ARGV[4] lease token, ARGV[5] error kind, ARGV[6] error message
--- ARGV[7] retry at ms (0: no retry, the job is dead)
+-- ARGV[7] ms until the retry, on Redis's clock ('': no retry, the job is dead)
 -- ARGV[8] worker id, ARGV[9] jobs to claim next (0 for none), ARGV[10] lease ms, ARGV[11] default max attempts
 -- Returns: {outcome, claim...} with outcome 'retrying', 'dead', 'cancelled' or 'lost'
 local id, token = ARGV[3], ARGV[4]
@@ -17,11 +17,12 @@ if owned(id, token) then
     record_error(job, ARGV[5], ARGV[6])
     count('failed')
     window(0, 1, NOW - (job.started_at or NOW))
-    local retry_at = tonumber(ARGV[7])
+    local retry_in = tonumber(ARGV[7])
     if job.cancel then
       finish(job, 'cancelled')
       outcome = 'cancelled'
-    elseif retry_at > 0 then
+    elseif retry_in then
+      local retry_at = NOW + math.max(retry_in, 1)
       release_lease(id)
       job.state = 'scheduled'
       job.run_at = retry_at

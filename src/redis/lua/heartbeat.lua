@@ -1,8 +1,11 @@
--- heartbeat: renews the leases a worker holds and registers the worker as live.
+-- heartbeat: renews the leases a worker holds, registers the worker as live, forgets
+-- workers that went silent, and does the queue's due maintenance, so a dead worker's
+-- jobs come back within about one lease even while every live worker is busy.
 -- KEYS: the queue's keys (see common.lua)
--- ARGV[1] now ms, ARGV[2] events max
+-- ARGV[1] '' (Redis's clock), ARGV[2] events max
 -- ARGV[3] worker id, ARGV[4] lease ms, then pairs of (job id, lease token)
--- Returns: {ids whose lease is lost, ids whose cancellation was requested}
+-- Returns: {ids whose lease is lost, ids whose cancellation was requested,
+--           ms until the queue next needs a look or -1}
 local lease_ms = tonumber(ARGV[4])
 redis.call('ZADD', K_WORKERS, int(NOW), ARGV[3])
 local lost, cancel = {}, {}
@@ -18,4 +21,13 @@ for i = 5, #ARGV, 2 do
     table.insert(lost, id)
   end
 end
-return { lost, cancel }
+-- Bounded memory: a worker that stopped without unregistering (killed) is forgotten,
+-- with its breaker, once it has been silent for WORKER_STALE_MS.
+local stale = redis.call('ZRANGEBYSCORE', K_WORKERS, '-inf', int(NOW - WORKER_STALE_MS), 'LIMIT', 0, 100)
+for _, worker in ipairs(stale) do
+  redis.call('ZREM', K_WORKERS, worker)
+  redis.call('HDEL', K_BREAKERS, worker)
+end
+-- Own leases first (above), then everyone else's: due jobs and expired leases.
+maintain(false)
+return { lost, cancel, next_wake() }

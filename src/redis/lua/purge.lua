@@ -1,12 +1,12 @@
 -- purge: deletes dead jobs for good: their dead-letter entry, record, payload and result.
 -- KEYS: the queue's 14 keys (see common.lua)
--- ARGV[1] now ms, ARGV[2] events max
+-- ARGV[1] '' (Redis's clock), ARGV[2] events max
 -- ARGV[3] mode:
 --   'ids'    ARGV[4..] job ids; ids not in the dead letters are skipped, so a live job
 --            is never deleted by mistake
---   'before' ARGV[4] cutoff on the time of death, as ZRANGEBYSCORE takes a maximum
---            ('(<ms>' for strictly before, '+inf' for all), ARGV[5] at most this many
---            per call (the client loops until fewer come back)
+--   'before' ARGV[4] age in ms: jobs dead for longer than this ('' for all),
+--            ARGV[5] at most this many per call (the client loops until fewer come
+--            back). The age counts on Redis's clock, which stamped the deaths.
 -- Returns: how many jobs were purged
 local function purge(id)
   erase(id)
@@ -23,7 +23,11 @@ if ARGV[3] == 'ids' then
     end
   end
 elseif ARGV[3] == 'before' then
-  local ids = redis.call('ZRANGEBYSCORE', K_DEAD, '-inf', ARGV[4], 'LIMIT', 0, tonumber(ARGV[5]))
+  local max = '+inf'
+  if ARGV[4] ~= '' then
+    max = '(' .. int(NOW - tonumber(ARGV[4]))
+  end
+  local ids = redis.call('ZRANGEBYSCORE', K_DEAD, '-inf', max, 'LIMIT', 0, tonumber(ARGV[5]))
   for _, id in ipairs(ids) do
     purge(id)
   end

@@ -1,7 +1,7 @@
 -- release: a worker hands an unfinished job back (graceful shutdown) so it runs again
 -- at once instead of after a lease timeout. The interrupted attempt is not counted.
 -- KEYS: the queue's keys (see common.lua)
--- ARGV[1] now ms, ARGV[2] events max
+-- ARGV[1] '' (Redis's clock), ARGV[2] events max
 -- ARGV[3] id, ARGV[4] lease token
 -- Returns: 'released', 'cancelled' or 'lost'
 local id, token = ARGV[3], ARGV[4]

@@ -3,7 +3,7 @@
 -- number), with its attempts reset and its error history kept so operators can still
 -- see what happened. The id is kept, so anyone waiting on it gets the new result.
 -- KEYS: the queue's 14 keys (see common.lua)
--- ARGV[1] now ms, ARGV[2] events max
+-- ARGV[1] '' (Redis's clock), ARGV[2] events max
 -- ARGV[3..] job ids (the client sends bounded batches)
 -- Returns: how many jobs were requeued. Ids not in the dead letters are skipped; a
 -- dead-letter entry whose record is gone is dropped (there is nothing left to run).
