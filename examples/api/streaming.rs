@@ -165,17 +165,15 @@ pub(crate) fn streaming_wav_header(rate: u32) -> Vec<u8> {
 fn wav_to_pcm(wav: &[u8], rate: u32) -> Result<Vec<u8>, ApiError> {
     if let Ok(reader) = hound::WavReader::new(std::io::Cursor::new(wav)) {
         let spec = reader.spec();
+        let len = reader.len() as usize * 2;
         if spec.channels == 1
             && spec.bits_per_sample == 16
             && spec.sample_format == hound::SampleFormat::Int
             && spec.sample_rate == rate
+            && let Some(data) = data_chunk(wav).filter(|d| d.len() >= len)
         {
-            return reader
-                .into_samples::<i16>()
-                .map(|s| s.map(i16::to_le_bytes))
-                .collect::<Result<Vec<_>, _>>()
-                .map(|s| s.concat())
-                .map_err(|e| ApiError::internal("stored audio", e));
+            // The samples are already s16le: the bytes after the header are the answer.
+            return Ok(data[..len].to_vec());
         }
     }
     let audio = tts::decode_wav(wav).map_err(|e| ApiError::internal("stored audio", e))?;
@@ -187,6 +185,20 @@ fn wav_to_pcm(wav: &[u8], rate: u32) -> Result<Vec<u8>, ApiError> {
     audio
         .encode(AudioFormat::PcmI16)
         .map_err(|e| ApiError::internal("encoding", e))
+}
+
+/// The payload of a RIFF/WAVE file's `data` chunk.
+fn data_chunk(wav: &[u8]) -> Option<&[u8]> {
+    let mut at = 12;
+    while at + 8 <= wav.len() {
+        let id = &wav[at..at + 4];
+        let size = u32::from_le_bytes(wav[at + 4..at + 8].try_into().ok()?) as usize;
+        if id == b"data" {
+            return wav.get(at + 8..);
+        }
+        at += 8 + size + size % 2;
+    }
+    None
 }
 
 /// One `speech.audio.delta` event: base64 audio, as OpenAI's streaming speech sends it.
