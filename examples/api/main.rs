@@ -126,8 +126,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .init();
-    let args = Args::parse();
+    run(Args::parse()).await
+}
 
+/// The program after its flags: connect, serve until a signal, drain the worker.
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // The recorder must exist before the first enqueue so no count is lost. No HTTP
     // listener of its own: `/metrics` is one more route of this server.
     let metrics = PrometheusBuilder::new()

@@ -22,6 +22,7 @@ use crate::state::{AppState, Config, Queues, Rate, espeak_worker, parse_rate};
 use crate::streaming::streaming_wav_header;
 
 mod browser;
+mod e2e;
 mod webdriver;
 
 /// One Prometheus recorder for the whole test binary: a process has one global

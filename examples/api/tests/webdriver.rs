@@ -1,6 +1,7 @@
 //! Just enough WebDriver (W3C, over plain HTTP/1.1 to a local `chromedriver`) for the
 //! dashboard test: sessions, navigation, elements, clicks, typing, scripts, screenshots.
-//! A handful of JSON calls did not justify a client crate and its HTTP and TLS stacks.
+//! A handful of JSON calls did not justify a client crate and its HTTP and TLS stacks;
+//! the end-to-end test uses the same few lines of HTTP (`send`).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -185,10 +186,27 @@ async fn http(port: u16, method: &str, path: &str, body: Option<Value>) -> Resul
 }
 
 async fn call(port: u16, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let (_, content) = send(port, method, path, &body).await?;
+    let reply: Value = serde_json::from_slice(&content).map_err(|e| e.to_string())?;
+    let value = reply["value"].clone();
+    if value.get("error").is_some() {
+        return Err(value.to_string());
+    }
+    Ok(value)
+}
+
+/// One HTTP/1.1 request with a JSON body to a local port: the response's head
+/// (lower-cased) and its body, de-chunked.
+pub(super) async fn send(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(String, Vec<u8>), String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| e.to_string())?;
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -237,12 +255,7 @@ async fn call(port: u16, method: &str, path: &str, body: Option<Value>) -> Resul
             }
         }
     }
-    let reply: Value = serde_json::from_slice(&content).map_err(|e| e.to_string())?;
-    let value = reply["value"].clone();
-    if value.get("error").is_some() {
-        return Err(value.to_string());
-    }
-    Ok(value)
+    Ok((head, content))
 }
 
 fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, String> {
