@@ -65,7 +65,7 @@ pub(crate) async fn snapshot(state: &AppState) -> Result<Value, ApiError> {
             json!({
                 "worker": w.worker,
                 "backend": w.backend,
-                "voices": w.voices.iter().map(|v| &v.id).collect::<Vec<_>>(),
+                "voices": w.voices.iter().map(|v| v.id()).collect::<Vec<_>>(),
                 "current": current,
             })
         })

@@ -98,6 +98,18 @@ impl ApiError {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
     }
 
+    /// 409: the job is not completed (yet, or ever), with its state.
+    pub(crate) fn not_completed(id: &JobId, state: JobState) -> Self {
+        ApiError {
+            state: Some(state),
+            ..Self::new(
+                StatusCode::CONFLICT,
+                "not_completed",
+                format!("job {id} is {state}"),
+            )
+        }
+    }
+
     /// 400: the request is malformed.
     pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)

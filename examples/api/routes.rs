@@ -345,14 +345,7 @@ pub(crate) async fn completed_result(
 ) -> Result<(Backend, SpeechResult), ApiError> {
     let (backend, status) = state.queues.find(id).await?;
     if status.state != JobState::Completed {
-        return Err(ApiError {
-            state: Some(status.state),
-            ..ApiError::new(
-                StatusCode::CONFLICT,
-                "not_completed",
-                format!("job {id} is {}", status.state),
-            )
-        });
+        return Err(ApiError::not_completed(id, status.state));
     }
     let result = backend.queue.result(id).await?.ok_or_else(|| expired(id))?;
     Ok((backend, result))
@@ -557,7 +550,7 @@ async fn create_voice(
         .voices()
         .await?
         .iter()
-        .any(|v| v.id == voice.name)
+        .any(|v| v.id() == voice.name)
     {
         return Err(ApiError::invalid(format!(
             "{:?} is a backend voice; choose another name",
@@ -565,7 +558,7 @@ async fn create_voice(
         )));
     }
     let mut voice = voice;
-    voice.voice = base.id;
+    voice.voice = base.id().to_owned();
     state.queues.catalog.put_custom(&voice).await?;
     Ok((StatusCode::CREATED, Json(json!(voice))).into_response())
 }

@@ -174,15 +174,15 @@ impl Queues {
         name: &str,
     ) -> Result<(CatalogVoice, Option<CustomVoice>), ApiError> {
         let voices = self.catalog.voices().await?;
-        let custom = match voices.iter().any(|v| v.id == name) {
+        let custom = match voices.iter().any(|v| v.id() == name) {
             true => None,
             false => self.catalog.custom(name).await?,
         };
         let id = custom.as_ref().map_or(name, |c| c.voice.as_str());
-        match voices.iter().find(|v| v.id == id) {
+        match voices.iter().find(|v| v.id() == id) {
             Some(voice) => Ok((voice.clone(), custom)),
             None => {
-                let known: Vec<&str> = voices.iter().map(|v| v.id.as_str()).collect();
+                let known: Vec<&str> = voices.iter().map(|v| v.id()).collect();
                 let message = if known.is_empty() {
                     format!(
                         "unknown voice {name:?}: no worker is running, so no voice is available"

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -333,14 +333,7 @@ pub(crate) async fn relay(
             stream::iter([Piece::Audio(wav_to_pcm(&wav, rate)?)]).boxed(),
         )
     } else if status.state.is_terminal() {
-        return Err(ApiError {
-            state: Some(status.state),
-            ..ApiError::new(
-                StatusCode::CONFLICT,
-                "not_completed",
-                format!("job {id} is {}", status.state),
-            )
-        });
+        return Err(ApiError::not_completed(&id, status.state));
     } else {
         let mut reader = backend.stream.reader(&id).await?;
         let mut backlog = Vec::new();

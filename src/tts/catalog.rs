@@ -92,20 +92,14 @@ fn check_name(what: &'static str, value: &str) -> Result<(), CatalogError> {
     }
 }
 
-/// One voice a live worker offers, with what a client needs to pick it.
+/// One voice a live worker offers: the backend's [`Voice`] (its fields appear at the top
+/// level in JSON) plus what a client needs to use it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct CatalogVoice {
-    /// The id a request names.
-    pub id: String,
-    /// A name for people.
-    pub name: String,
-    /// Its language (BCP 47), if it is tied to one.
-    #[serde(default)]
-    pub language: Option<String>,
-    /// What it sounds like.
-    #[serde(default)]
-    pub description: Option<String>,
+    /// The voice as its backend describes it; `voice.id` is what a request names.
+    #[serde(flatten)]
+    pub voice: Voice,
     /// The rate of the audio it makes, so a raw-PCM client knows it before the first byte.
     pub sample_rate: u32,
     /// The backend that speaks it (the `model` of the OpenAI-style API).
@@ -116,13 +110,15 @@ impl CatalogVoice {
     /// A backend's voice as the catalogue lists it.
     pub fn new(voice: &Voice, backend: impl Into<String>, sample_rate: u32) -> Self {
         CatalogVoice {
-            id: voice.id.clone(),
-            name: voice.name.clone(),
-            language: voice.language.clone(),
-            description: voice.description.clone(),
+            voice: voice.clone(),
             sample_rate,
             backend: backend.into(),
         }
+    }
+
+    /// The id a request names.
+    pub fn id(&self) -> &str {
+        &self.voice.id
     }
 }
 
@@ -354,7 +350,7 @@ impl Catalog {
         let mut by_id = BTreeMap::new();
         for worker in self.workers().await? {
             for voice in worker.voices {
-                by_id.entry(voice.id.clone()).or_insert(voice);
+                by_id.entry(voice.id().to_owned()).or_insert(voice);
             }
         }
         Ok(by_id.into_values().collect())
@@ -446,15 +442,15 @@ mod tests {
         let voices = [Voice::new("en-us", "English (US)").with_language("en-US")];
         let entry = WorkerVoices::new("w1", "espeak", &voices, 22_050);
         assert_eq!(
-            entry.voices,
-            vec![CatalogVoice {
-                id: "en-us".into(),
-                name: "English (US)".into(),
-                language: Some("en-US".into()),
-                description: None,
-                sample_rate: 22_050,
-                backend: "espeak".into(),
-            }]
+            serde_json::to_value(&entry.voices).unwrap(),
+            serde_json::json!([{
+                "id": "en-us",
+                "name": "English (US)",
+                "language": "en-US",
+                "description": null,
+                "sample_rate": 22_050,
+                "backend": "espeak",
+            }])
         );
     }
 }
