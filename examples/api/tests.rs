@@ -1176,6 +1176,11 @@ async fn layers_request_ids_cors_and_body_limit() {
 }
 
 #[test]
+fn cookie_keys_are_percent_decoded() {
+    assert_eq!(crate::auth::percent_decode("a%2Bb%3D%3D%zz"), "a+b==%zz");
+}
+
+#[test]
 fn ranges_parse() {
     assert_eq!(byte_range("bytes=0-9", 100), Some((0, 9)));
     assert_eq!(byte_range("bytes=90-", 100), Some((90, 99)));
