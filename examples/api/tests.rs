@@ -730,6 +730,53 @@ async fn voices_and_models_come_from_live_workers() {
 }
 
 #[tokio::test]
+async fn a_worker_leaves_the_catalogue_when_it_stops_or_dies() {
+    let mut t = TestApp::start(Setup {
+        no_voices: true,
+        ..Setup::default()
+    })
+    .await;
+    let live = |t: &TestApp| {
+        let catalog = t.queues.catalog.clone();
+        async move {
+            let workers = catalog.workers().await.unwrap();
+            workers.into_iter().map(|w| w.worker).collect::<Vec<_>>()
+        }
+    };
+    // A worker that stops gracefully unregisters at once.
+    t.start_worker().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while live(&t).await.is_empty() {
+        assert!(Instant::now() < deadline, "the worker never registered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let worker = t.worker.take().unwrap();
+    let _ = worker.stop.send(());
+    worker.task.await.unwrap().unwrap();
+    assert_eq!(live(&t).await, Vec::<String>::new());
+
+    // One that dies without a word is gone when its TTL runs out, by Redis's clock.
+    let entry = WorkerVoices::new("crashed", "espeak", &[Voice::new("en-us", "E")], 22_050);
+    t.queues
+        .catalog
+        .register(&entry, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(live(&t).await, vec!["crashed".to_owned()]);
+    let registered = Instant::now();
+    while !live(&t).await.is_empty() {
+        assert!(
+            registered.elapsed() < Duration::from_secs(2),
+            "the dead worker's voices stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(registered.elapsed() >= Duration::from_millis(250));
+    let response = t.submit(hello("Anyone left?")).await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test]
 async fn no_live_worker_means_no_voice() {
     let t = TestApp::start(Setup {
         no_voices: true,
