@@ -6,9 +6,10 @@
 //! request while the job runs streams the same audio; one after it finished is served
 //! from the store.
 //!
-//! Formats: `wav` and `pcm` (raw s16le mono, the rate in `X-Sample-Rate`). `flac`,
-//! `opus`, `mp3` and `aac` are refused with a 400 naming what is supported: no encoder
-//! for them is linked here (the well-kept ones are C libraries, and LAME is LGPL), so
+//! Formats: `wav` and `pcm` (raw s16le mono, the rate in `X-Sample-Rate`) stream as they
+//! are made; `flac` (pure-Rust `flacenc`, Apache-2.0) is sent whole when the audio is
+//! complete. `opus`, `mp3` and `aac` are refused with a 400 naming what is supported:
+//! their well-kept encoders are C libraries (and LAME is LGPL), none is linked here, so
 //! transcode on the client or put a proxy with ffmpeg in front.
 
 use axum::extract::State;
@@ -58,9 +59,10 @@ pub(crate) async fn speech(
     let wire = match body.response_format.as_deref().unwrap_or("wav") {
         "wav" => Wire::Wav,
         "pcm" => Wire::Pcm,
+        "flac" => Wire::Flac,
         other => {
             return Err(ApiError::bad_request(format!(
-                "response_format {other:?} is not encoded here; use \"wav\" or \"pcm\" (raw s16le mono, rate in X-Sample-Rate)"
+                "response_format {other:?} is not encoded here; use \"wav\", \"pcm\" (raw s16le mono, rate in X-Sample-Rate) or \"flac\""
             )));
         }
     };

@@ -121,6 +121,9 @@ pub(crate) enum Wire {
     Wav,
     /// Raw mono s16le samples; the rate is in `X-Sample-Rate`.
     Pcm,
+    /// FLAC, sent whole once the audio is complete (a FLAC stream starts with a header
+    /// that holds the total length and checksum).
+    Flac,
 }
 
 impl Wire {
@@ -128,6 +131,7 @@ impl Wire {
         match self {
             Wire::Wav => "audio/wav",
             Wire::Pcm => "audio/pcm",
+            Wire::Flac => "audio/flac",
         }
     }
 }
@@ -185,6 +189,27 @@ fn wav_to_pcm(wav: &[u8], rate: u32) -> Result<Vec<u8>, ApiError> {
     audio
         .encode(AudioFormat::PcmI16)
         .map_err(|e| ApiError::internal("encoding", e))
+}
+
+/// s16le mono samples as a FLAC file (pure-Rust `flacenc`).
+pub(crate) fn encode_flac(pcm: &[u8], rate: u32) -> Result<Vec<u8>, String> {
+    use flacenc::component::BitRepr;
+    use flacenc::error::Verify;
+    let samples: Vec<i32> = pcm
+        .chunks_exact(2)
+        .map(|b| i32::from(i16::from_le_bytes([b[0], b[1]])))
+        .collect();
+    let config = flacenc::config::Encoder::default()
+        .into_verified()
+        .map_err(|(_, e)| format!("FLAC settings: {e:?}"))?;
+    let source = flacenc::source::MemSource::from_samples(&samples, 1, 16, rate as usize);
+    let stream = flacenc::encode_with_fixed_block_size(&config, source, config.block_size)
+        .map_err(|e| format!("FLAC encoding: {e:?}"))?;
+    let mut sink = flacenc::bitsink::ByteSink::new();
+    stream
+        .write(&mut sink)
+        .map_err(|e| format!("FLAC encoding: {e:?}"))?;
+    Ok(sink.as_slice().to_vec())
 }
 
 /// The payload of a RIFF/WAVE file's `data` chunk.
@@ -372,6 +397,22 @@ pub(crate) async fn relay(
         .flatten()
         .boxed();
         (rate, pieces)
+    };
+    let pieces = match wire {
+        // FLAC waits for the whole audio, then goes out as one piece.
+        Wire::Flac => stream::once(async move {
+            let mut pieces = pieces;
+            let mut pcm = Vec::new();
+            while let Some(piece) = pieces.next().await {
+                match piece {
+                    Piece::Audio(bytes) => pcm.extend(bytes),
+                    failed @ Piece::Failed(_) => return failed,
+                }
+            }
+            encode_flac(&pcm, rate).map_or_else(Piece::Failed, Piece::Audio)
+        })
+        .boxed(),
+        Wire::Wav | Wire::Pcm => pieces,
     };
     let header = (wire == Wire::Wav).then(|| streaming_wav_header(rate));
     let job_header = HeaderValue::from_str(id.as_str()).map_err(|e| ApiError::internal("id", e))?;

@@ -978,6 +978,14 @@ async fn openai_speech_as_sse_and_as_pcm() {
     assert_eq!(response.headers()["x-sample-rate"], "22050");
     let pcm = body_bytes(response).await;
     assert!(pcm.len() > 22_050 && pcm.len() % 2 == 0, "{}", pcm.len());
+
+    // The same job as FLAC: one file, lossless, so its samples are the PCM's.
+    let body = json!({ "model": "tts-1", "input": "Raw samples, please.", "voice": "en-us", "response_format": "flac" });
+    let response = t.post("/v1/audio/speech", body).await;
+    assert_eq!(response.headers()[header::CONTENT_TYPE], "audio/flac");
+    let flac = body_bytes(response).await;
+    assert_eq!(&flac[..4], b"fLaC");
+    assert!(flac.len() < pcm.len(), "{} >= {}", flac.len(), pcm.len());
     t.stop().await;
 }
 
@@ -988,7 +996,7 @@ async fn openai_speech_refuses_what_it_cannot_do() {
         (
             json!({ "model": "tts-1", "input": "x", "voice": "en-us", "response_format": "mp3" }),
             StatusCode::BAD_REQUEST,
-            "\"wav\" or \"pcm\"",
+            "or \"flac\"",
         ),
         (
             json!({ "model": "tts-1", "input": "x", "voice": "en-us", "stream_format": "chunks" }),
