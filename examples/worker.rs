@@ -1,10 +1,20 @@
 //! Run with: `cargo run --example worker -- --concurrency 2`
 //! (needs Redis on 127.0.0.1:6379 and `espeak-ng`; `bash .ci/setup` installs both).
 //!
-//! The worker program: it takes speech jobs from the queue the API (`examples/api.rs`)
+//! The worker program: it takes speech jobs from the queue the API (`examples/api/`)
 //! fills, synthesises them, and stores the audio where the API reads it. Run as many as
 //! you like, on as many hosts: they coordinate only through Redis, and a worker that
 //! dies mid-job loses nothing (its lease runs out and another worker takes the job).
+//!
+//! Each worker registers its backend's voices in the voice catalogue while it lives
+//! (`voxqueue::tts::Catalog`, refreshed well within `--voice-ttl`) and takes jobs from
+//! its backend's queue only (`<queue>.espeak`, `<queue>.parler`): the API routes each
+//! request there by its voice. It publishes each job's audio sentence by sentence
+//! (`voxqueue::tts::AudioStream`), so the API streams it before the job ends.
+//!
+//! With `--cleanup-cron "0 3 * * *"` the workers also run a nightly cleanup (one run per
+//! tick across all of them): dead letters older than `--cleanup-dead-age` are purged and,
+//! with `--store dir:...`, audio files older than `--cleanup-audio-age` are deleted.
 //!
 //! Backends: `--voice-backend espeak` (the offline espeak-ng voice) or
 //! `--voice-backend parler --model-dir <dir> [--device cuda] [--batch 8]` (Parler-TTS on
@@ -18,27 +28,26 @@
 
 mod common;
 
-use common::{StoreChoice, load_parler, parse_duration, parse_store};
+use common::{QueueFlags, StoreChoice, load_parler, parse_duration};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use clap::{Parser, ValueEnum};
-use voxqueue::tts::{EspeakSynthesizer, SynthesisRequest, Synthesizer, TtsHandler};
-use voxqueue::{CircuitBreaker, Queue, RetryPolicy, Worker};
+use serde::{Deserialize, Serialize};
+use voxqueue::tts::{
+    AudioStream, Catalog, EspeakSynthesizer, FileStore, SynthesisRequest, Synthesizer, TtsHandler,
+    WorkerVoices, backend_queue,
+};
+use voxqueue::{
+    CircuitBreaker, Handler, JobContext, JobError, Periodic, Queue, RetryPolicy, Schedule, Worker,
+};
 
 #[derive(Debug, Parser)]
 #[command(about = "A voxqueue text-to-speech worker")]
 struct Args {
-    /// Redis URL (`rediss://` for TLS, credentials in the URL).
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    redis: String,
-    /// Queue to take jobs from; the API must use the same.
-    #[arg(long, env = "VOXQUEUE_QUEUE", default_value = "speech")]
-    queue: String,
-    /// Key prefix, as the API's.
-    #[arg(long, env = "VOXQUEUE_PREFIX", default_value = "vq")]
-    prefix: String,
+    #[command(flatten)]
+    queue: QueueFlags,
     /// Jobs synthesised at once. Keep 1 on a GPU that one model fills; espeak-ng is a
     /// process per sentence, so CPU workers can take about one per core.
     #[arg(long, env = "VOXQUEUE_CONCURRENCY", default_value_t = 1)]
@@ -54,10 +63,21 @@ struct Args {
     /// back to the queue.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     shutdown_grace: Duration,
-    /// Where the audio goes: `redis` (beside the queue, with its TTL) or `dir:<path>`
-    /// (a directory the API processes can read). Must match the API's `--store`.
-    #[arg(long, env = "VOXQUEUE_STORE", default_value = "redis", value_parser = parse_store)]
-    store: StoreChoice,
+    /// How long stored audio is kept: at least the API's `--max-result-ttl`.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    audio_ttl: Duration,
+    /// How long this worker's voices stay in the catalogue if it dies without a word.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    voice_ttl: Duration,
+    /// A cron expression (`0 3 * * *`) for the periodic cleanup; none: no cleanup.
+    #[arg(long)]
+    cleanup_cron: Option<String>,
+    /// Dead letters older than this are purged by the cleanup.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    cleanup_dead_age: Duration,
+    /// Audio files (`--store dir:...`) older than this are deleted by the cleanup.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    cleanup_audio_age: Duration,
     /// The synthesiser.
     #[arg(long, value_enum, default_value_t = Backend::Espeak)]
     voice_backend: Backend,
@@ -107,6 +127,53 @@ enum Backend {
     Parler,
 }
 
+impl Backend {
+    /// The name in the catalogue and in the backend queue's name.
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Espeak => "espeak",
+            Backend::Parler => "parler",
+        }
+    }
+}
+
+/// One run of the periodic cleanup; its tick is in its job id.
+#[derive(Debug, Serialize, Deserialize)]
+struct Cleanup {
+    /// The tick, in ms since the Unix epoch.
+    tick_ms: u64,
+}
+
+/// Purges old dead letters of this backend's queue and old audio files.
+struct CleanupHandler {
+    queue: Queue<SynthesisRequest>,
+    files: Option<FileStore>,
+    dead_age: Duration,
+    audio_age: Duration,
+}
+
+impl Handler<Cleanup> for CleanupHandler {
+    type Output = serde_json::Value;
+
+    async fn handle(&self, _: Cleanup, _: JobContext) -> Result<serde_json::Value, JobError> {
+        let dead = self
+            .queue
+            .dead_letter()
+            .purge_older_than(self.dead_age)
+            .await
+            .map_err(JobError::transient)?;
+        let files = match &self.files {
+            Some(store) => store
+                .cleanup_older_than(self.audio_age)
+                .await
+                .map_err(JobError::transient)?,
+            None => 0,
+        };
+        tracing::info!(dead, files, "cleanup done");
+        Ok(serde_json::json!({ "dead_purged": dead, "files_deleted": files }))
+    }
+}
+
 /// Loads Parler-TTS once for this worker.
 fn parler(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
     let dir = args
@@ -144,20 +211,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // No validator or deduplicator here: those act on enqueue, and the handler checks
-    // each request again anyway.
-    let queue = Queue::<SynthesisRequest>::builder(args.queue.as_str())
-        .url(&args.redis)
-        .prefix(args.prefix.as_str())
-        .connect()
-        .await
-        .map_err(|e| format!("queue {:?} on {}: {e}", args.queue, args.redis))?;
-    let store = args.store.open(&queue);
+    // each request again anyway. Jobs come from this backend's queue only.
+    let flags = &args.queue;
+    let name = backend_queue(&flags.queue, args.voice_backend.name());
+    let connect = |name: String| async move {
+        flags
+            .builder::<SynthesisRequest>(&name)
+            .connect()
+            .await
+            .map_err(|e| format!("queue {name:?} on {}: {e}", flags.redis))
+    };
+    let queue = connect(name.clone()).await?;
+    let catalog = Catalog::new(&connect(flags.queue.clone()).await?);
+    let store = flags.store.open(&queue);
 
     let retry = RetryPolicy::exponential(args.retry_delay)
         .max_attempts(args.max_attempts.max(1))
         .max_delay(args.retry_max_delay)
         .jitter(0.2);
-    let mut builder = Worker::builder(queue)
+    let mut builder = Worker::builder(queue.clone())
         .concurrency(args.concurrency)
         .lease(args.lease)
         .timeout(args.timeout)
@@ -169,20 +241,96 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             args.breaker_cooldown,
         ));
     }
-    if let Some(id) = args.id {
-        builder = builder.id(id);
+    if let Some(id) = &args.id {
+        builder = builder.id(id.clone());
     }
-    let worker = builder.build(TtsHandler::from_shared(synthesizer, store));
+    let handler = TtsHandler::from_shared(synthesizer.clone(), store)
+        .audio_ttl(args.audio_ttl)
+        .stream(AudioStream::new(&queue));
+    let worker = builder.build(handler);
+    let voices = WorkerVoices::new(
+        worker.id(),
+        args.voice_backend.name(),
+        &synthesizer.voices(),
+        synthesizer.sample_rate(),
+    );
     tracing::info!(
         worker = worker.id(),
-        queue = %args.queue,
+        queue = %name,
         concurrency = args.concurrency,
-        backend = ?args.voice_backend,
+        voices = voices.voices.len(),
         "waiting for jobs"
     );
-    worker.run_until(shutdown_signal()).await?;
+
+    // One signal stops the worker, the voice registration and the cleanup together.
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown_signal().await;
+            stop.cancel();
+        }
+    });
+    let registration = tokio::spawn(catalog.keep_registered(
+        voices,
+        args.voice_ttl,
+        stop.clone().cancelled_owned(),
+    ));
+    let cleanup = match &args.cleanup_cron {
+        Some(cron) => Some(cleanup(&args, &queue, cron, stop.clone()).await?),
+        None => None,
+    };
+    worker.run_until(stop.clone().cancelled_owned()).await?;
+    stop.cancel();
+    let _ = registration.await;
+    if let Some(cleanup) = cleanup {
+        let _ = cleanup.await;
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The periodic cleanup: a tick enqueues one `Cleanup` job on `<queue>.cleanup` (one per
+/// tick across all workers: the tick is in the job id), and a worker of that queue runs it.
+async fn cleanup(
+    args: &Args,
+    queue: &Queue<SynthesisRequest>,
+    cron: &str,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, Box<dyn std::error::Error>> {
+    let name = format!("{}.cleanup", queue.name());
+    let jobs = args
+        .queue
+        .builder::<Cleanup>(&name)
+        .connect()
+        .await
+        .map_err(|e| format!("queue {name:?}: {e}"))?;
+    let schedule = Schedule::cron(cron).map_err(|e| format!("--cleanup-cron {cron:?}: {e}"))?;
+    let ticks = Periodic::new(jobs.clone(), "cleanup", schedule, |tick: SystemTime| {
+        Cleanup {
+            tick_ms: tick
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        }
+    })?;
+    let files = match &args.queue.store {
+        StoreChoice::Dir(dir) => Some(FileStore::new(dir)),
+        StoreChoice::Redis => None,
+    };
+    let worker = Worker::builder(jobs).build(CleanupHandler {
+        queue: queue.clone(),
+        files,
+        dead_age: args.cleanup_dead_age,
+        audio_age: args.cleanup_audio_age,
+    });
+    tracing::info!(cron, "periodic cleanup on");
+    Ok(tokio::spawn(async move {
+        let run = worker.run_until(stop.clone().cancelled_owned());
+        let (result, ()) = tokio::join!(run, ticks.run_until(stop.cancelled_owned()));
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cleanup worker");
+        }
+    }))
 }
 
 /// The shared signal, announced: running jobs now get their grace period.

@@ -38,7 +38,7 @@ pub(crate) fn parse_store(s: &str) -> Result<StoreChoice, String> {
     }
 }
 
-/// `500ms`, `30s`, `10m`, `2h`; a bare number is seconds.
+/// `500ms`, `30s`, `10m`, `2h`, `7d`; a bare number is seconds.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -53,7 +53,8 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+        "d" => n * 86_400.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
@@ -118,5 +119,37 @@ pub(crate) fn load_parler(
     {
         let _ = (dir, device, precision, batch, batch_wait);
         Err("this build has no Candle backend (enable the `candle` feature)".into())
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Flag groups both programs take (`#[command(flatten)]`), so API and workers agree on
+// where the queue is by construction.
+
+/// Where the queue and the audio are: API and workers must give the same.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct QueueFlags {
+    /// Redis URL (`rediss://` for TLS, credentials in the URL).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub(crate) redis: String,
+    /// Base queue name: jobs go to `<queue>.<backend>` (one queue per backend), and the
+    /// voice catalogue lives under `<queue>`.
+    #[arg(long, env = "VOXQUEUE_QUEUE", default_value = "speech")]
+    pub(crate) queue: String,
+    /// Key prefix, so several deployments can share one Redis.
+    #[arg(long, env = "VOXQUEUE_PREFIX", default_value = "vq")]
+    pub(crate) prefix: String,
+    /// Where workers put the audio: `redis` (beside the queue, with its TTL) or
+    /// `dir:<path>` (a directory every API process and worker can read).
+    #[arg(long, env = "VOXQUEUE_STORE", default_value = "redis", value_parser = parse_store)]
+    pub(crate) store: StoreChoice,
+}
+
+impl QueueFlags {
+    /// A builder for the queue `name` on these flags' Redis and prefix.
+    pub(crate) fn builder<J>(&self, name: &str) -> voxqueue::QueueBuilder<J> {
+        Queue::<J>::builder(name)
+            .url(&self.redis)
+            .prefix(self.prefix.as_str())
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::store::ResultStore;
+use super::stream::{AudioStream, Tap};
 use super::{
     AudioFormat, Caption, Limits, LongTextOptions, SynthesisRequest, Synthesizer, TtsError,
     synthesize_long, to_srt, to_vtt,
@@ -84,6 +85,7 @@ pub struct TtsHandler {
     limits: Limits,
     long_text: LongTextOptions,
     audio_ttl: Duration,
+    stream: Option<AudioStream>,
 }
 
 impl std::fmt::Debug for TtsHandler {
@@ -93,6 +95,7 @@ impl std::fmt::Debug for TtsHandler {
             .field("limits", &self.limits)
             .field("long_text", &self.long_text)
             .field("audio_ttl", &self.audio_ttl)
+            .field("stream", &self.stream)
             .finish_non_exhaustive()
     }
 }
@@ -111,7 +114,15 @@ impl TtsHandler {
             limits: Limits::default(),
             long_text: LongTextOptions::default(),
             audio_ttl: Duration::from_secs(86_400),
+            stream: None,
         }
+    }
+
+    /// Publishes each job's audio chunk by chunk while it is made (see [`AudioStream`]),
+    /// so a reader gets the first sentence before the job ends.
+    pub fn stream(mut self, stream: AudioStream) -> Self {
+        self.stream = Some(stream);
+        self
     }
 
     /// Request bounds (checked again here: a producer may not have).
@@ -147,6 +158,14 @@ fn job_error(e: TtsError) -> JobError {
     }
 }
 
+/// A stream write that failed costs the listeners their live audio, not the job: the
+/// result still goes to the store.
+fn publish(written: Result<(), crate::Error>) {
+    if let Err(e) = written {
+        tracing::debug!(error = %e, "audio stream not written");
+    }
+}
+
 impl Handler<SynthesisRequest> for TtsHandler {
     type Output = SpeechResult;
 
@@ -175,6 +194,22 @@ impl Handler<SynthesisRequest> for TtsHandler {
             self.long_text.clone(),
             request.clone(),
         );
+        // With a stream, a tap hands each chunk over as the backend returns it.
+        let (chunk_tx, mut chunks) = tokio::sync::mpsc::unbounded_channel();
+        let synthesizer: Arc<dyn Synthesizer> = match &self.stream {
+            Some(stream) => {
+                let rate = request.sample_rate.unwrap_or(synthesizer.sample_rate());
+                publish(stream.start(ctx.id(), ctx.attempt(), rate).await);
+                Arc::new(Tap {
+                    inner: synthesizer,
+                    sink: chunk_tx,
+                    pause: options.pause,
+                    rate: request.sample_rate,
+                    sent: Default::default(),
+                })
+            }
+            None => synthesizer,
+        };
         let mut work = tokio::task::spawn_blocking(move || {
             let mut report = |done: usize, total: usize| {
                 let _ = tx.send((done, total));
@@ -185,6 +220,11 @@ impl Handler<SynthesisRequest> for TtsHandler {
         let synthesis = loop {
             tokio::select! {
                 joined = &mut work => break joined,
+                Some(chunk) = chunks.recv() => {
+                    if let Some(stream) = &self.stream {
+                        publish(stream.push(ctx.id(), &chunk).await);
+                    }
+                }
                 Some((done, total)) = progress.recv() => {
                     // Encoding and storing remain: never report 100 % before they are done.
                     let percent = 95.0 * done as f32 / total.max(1) as f32;
@@ -195,8 +235,19 @@ impl Handler<SynthesisRequest> for TtsHandler {
             }
         };
         let synthesis = synthesis
-            .map_err(|e| JobError::Panic(format!("synthesis thread: {e}")))?
-            .map_err(job_error)?;
+            .map_err(|e| JobError::Panic(format!("synthesis thread: {e}")))
+            .and_then(|s| s.map_err(job_error));
+        if let Some(stream) = &self.stream {
+            // The chunks the tap sent before the thread ended are still in the channel.
+            while let Ok(chunk) = chunks.try_recv() {
+                publish(stream.push(ctx.id(), &chunk).await);
+            }
+            publish(match &synthesis {
+                Ok(_) => stream.finish(ctx.id()).await,
+                Err(e) => stream.fail(ctx.id(), &e.to_string()).await,
+            });
+        }
+        let synthesis = synthesis?;
 
         let bytes = synthesis.audio.encode(request.format).map_err(job_error)?;
         let audio = self

@@ -36,6 +36,8 @@
 //! - `espeak` — the offline `espeak-ng` backend.
 //! - `batch` — [`BatchingSynthesizer`]: concurrent jobs share one batched generation.
 //! - `store` — [`ResultStore`]: audio in Redis or in a directory.
+//! - `catalog` — [`Catalog`]: the voices live workers publish, routing by backend queue.
+//! - `stream` — [`AudioStream`]: a job's audio in Redis chunk by chunk while it is made.
 //! - `handler` — [`TtsHandler`], the queue's handler for speech, and [`SpeechResult`].
 //! - `candle` — the Parler-TTS backend on Candle (feature `candle`, on by default;
 //!   `cuda` and `metal` add the accelerators).
@@ -45,21 +47,25 @@ pub mod batch;
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod captions;
+pub mod catalog;
 pub mod error;
 pub mod espeak;
 pub mod handler;
 pub mod request;
 pub mod store;
+pub mod stream;
 pub mod synthesizer;
 pub mod text;
 
 pub use audio::{Audio, decode_wav};
 pub use batch::BatchingSynthesizer;
 pub use captions::{Caption, to_srt, to_vtt};
+pub use catalog::{Catalog, CatalogError, CatalogVoice, CustomVoice, WorkerVoices, backend_queue};
 pub use error::TtsError;
 pub use espeak::EspeakSynthesizer;
 pub use handler::{SpeechResult, TtsHandler, deduplicator, validator};
 pub use request::{AudioFormat, Limits, SynthesisRequest};
 pub use store::{FileStore, RedisStore, ResultStore, StoreError};
+pub use stream::{AudioStream, StreamEvent, StreamReader};
 pub use synthesizer::{LongTextOptions, Synthesis, Synthesizer, Voice, synthesize_long};
 pub use text::{normalize, split_sentences, split_sentences_max};
