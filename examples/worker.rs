@@ -7,6 +7,7 @@
 //! dies mid-job loses nothing (its lease runs out and another worker takes the job).
 //!
 //! Backends: `--voice-backend espeak` (the offline espeak-ng voice) or
+//! `--voice-backend piper --piper-voice <voice.onnx> [--batch 4]` (a Piper voice on Candle) or
 //! `--voice-backend parler --model-dir <dir> [--device cuda] [--batch 8]` (Parler-TTS on
 //! Candle; with `--batch B` the worker runs B jobs at once and they share one batched
 //! generation). Everything below the choice of synthesiser (queue, leases, retries,
@@ -18,7 +19,7 @@
 
 mod common;
 
-use common::{StoreChoice, load_parler, parse_duration, parse_store};
+use common::{StoreChoice, load_parler, load_piper, parse_duration, parse_store};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,13 +65,16 @@ struct Args {
     /// Parler-TTS model directory (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     model_dir: Option<PathBuf>,
-    /// Device for Parler-TTS: auto, cpu, cuda[:N] or metal[:N].
+    /// A Piper voice's `.onnx` file, its `.onnx.json` beside it (`.ci/fetch-voices`).
+    #[arg(long)]
+    piper_voice: Option<PathBuf>,
+    /// Device for the Candle backends: auto, cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Precision for Parler-TTS: auto, f32, f16 or bf16.
+    /// Precision for the Candle backends: auto, f32, f16 or bf16.
     #[arg(long, default_value = "auto")]
     precision: String,
-    /// Jobs per batched generation (Parler-TTS): sets the concurrency too.
+    /// Jobs per batched model call (Candle backends): sets the concurrency too.
     #[arg(long, default_value_t = 1)]
     batch: usize,
     /// How long a batch waits for more jobs after its first.
@@ -105,6 +109,23 @@ enum Backend {
     Espeak,
     /// Parler-TTS on Candle (CPU, CUDA or Metal), from `--model-dir`.
     Parler,
+    /// A Piper (VITS) voice on Candle, from `--piper-voice`.
+    Piper,
+}
+
+/// Loads the Piper voice once for this worker.
+fn piper(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
+    let voice = args
+        .piper_voice
+        .as_ref()
+        .ok_or("--voice-backend piper needs --piper-voice")?;
+    load_piper(
+        voice,
+        &args.device,
+        &args.precision,
+        args.batch,
+        args.batch_wait,
+    )
 }
 
 /// Loads Parler-TTS once for this worker.
@@ -136,6 +157,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Arc::new(EspeakSynthesizer::new().map_err(|e| format!("the espeak-ng voice: {e}"))?)
         }
         Backend::Parler => parler(&args)?,
+        Backend::Piper => piper(&args)?,
     };
     let mut args = args;
     if args.batch > 1 {

@@ -120,3 +120,38 @@ pub(crate) fn load_parler(
         Err("this build has no Candle backend (enable the `candle` feature)".into())
     }
 }
+
+/// Loads a Piper voice (`voice.onnx` with `voice.onnx.json` beside it) once, wrapped in a
+/// batcher when `batch` > 1 so that concurrent jobs share one model call.
+pub(crate) fn load_piper(
+    model: &std::path::Path,
+    device: &str,
+    precision: &str,
+    batch: usize,
+    batch_wait: Duration,
+) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
+    #[cfg(feature = "candle")]
+    {
+        use voxqueue::tts::BatchingSynthesizer;
+        use voxqueue::tts::candle::{DeviceChoice, PiperOptions, PiperSynthesizer, Precision};
+        let options = PiperOptions::new()
+            .with_device(device.parse::<DeviceChoice>()?)
+            .with_precision(precision.parse::<Precision>()?)
+            .with_max_batch(batch.max(1));
+        let model: Arc<dyn Synthesizer> = Arc::new(
+            PiperSynthesizer::load(model, options)
+                .map_err(|e| format!("Piper voice {}: {e}", model.display()))?,
+        );
+        if batch > 1 {
+            return Ok(Arc::new(BatchingSynthesizer::new(
+                model, batch, batch_wait,
+            )?));
+        }
+        Ok(model)
+    }
+    #[cfg(not(feature = "candle"))]
+    {
+        let _ = (model, device, precision, batch, batch_wait);
+        Err("this build has no Candle backend (enable the `candle` feature)".into())
+    }
+}

@@ -10,6 +10,8 @@ mod dead_letter;
 mod dedup;
 mod durability;
 mod metrics;
+#[cfg(feature = "candle")]
+mod piper;
 mod queue;
 mod schedule;
 mod tts;
