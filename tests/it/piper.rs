@@ -102,12 +102,15 @@ fn the_voice_matches_onnx_runtime() {
         .trace(&ids, PiperScales::deterministic(1.0), 0)
         .unwrap();
     let durations = floats(&fx["durations"]);
-    // The fixture keeps 6 decimals; observed 1.4e-5 (frames of up to 13).
-    assert!(
-        max_diff(&trace.durations, &durations) < 3e-5,
-        "{:?}",
-        trace.durations
-    );
+    // Relative to the duration (up to 13 frames; the fixture keeps 6 decimals): observed
+    // 5.5e-6.
+    let worst = trace
+        .durations
+        .iter()
+        .zip(&durations)
+        .map(|(a, b)| (a - b).abs() / b.max(1.0))
+        .fold(0.0, f32::max);
+    assert!(worst < 8e-6, "{:?}", trace.durations);
     let frames: Vec<u32> = fx["durations_ceil"]
         .as_array()
         .unwrap()

@@ -20,7 +20,7 @@ enum ResBlock {
 
 impl ResBlock {
     fn load(w: &Weights, module: &str, channels: usize) -> std::result::Result<Self, PiperError> {
-        let conv = |name: String| Conv::load(w, &name, channels, Some(channels));
+        let conv = |name: String| Conv::load(w, &name, channels, Some(channels))?.with_taps();
         if w.contains(&format!("{module}.convs1.0.weight")) {
             let mut pairs = Vec::new();
             while w.contains(&format!("{module}.convs1.{}.weight", pairs.len())) {
@@ -44,19 +44,20 @@ impl ResBlock {
         Ok(Self::Two(convs))
     }
 
+    /// On a time-major `[time, channels]` signal.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = x.clone();
         match self {
             Self::One(pairs) => {
                 for (c1, c2) in pairs {
-                    let y = c1.forward(&leaky_relu(&x, LRELU_SLOPE)?)?;
-                    let y = c2.forward(&leaky_relu(&y, LRELU_SLOPE)?)?;
+                    let y = c1.forward_time_major(&leaky_relu(&x, LRELU_SLOPE)?)?;
+                    let y = c2.forward_time_major(&leaky_relu(&y, LRELU_SLOPE)?)?;
                     x = (x + y)?;
                 }
             }
             Self::Two(convs) => {
                 for c in convs {
-                    x = (c.forward(&leaky_relu(&x, LRELU_SLOPE)?)? + x)?;
+                    x = (c.forward_time_major(&leaky_relu(&x, LRELU_SLOPE)?)? + x)?;
                 }
             }
         }
@@ -70,7 +71,7 @@ pub(crate) struct Decoder {
     conv_pre: Conv,
     cond: Option<Conv>,
     ups: Vec<Conv>,
-    /// `ups.len()` groups of blocks, averaged within a group.
+    /// `ups.len()` groups of blocks (time-major), averaged within a group.
     resblocks: Vec<Vec<ResBlock>>,
     conv_post: Conv,
     hop: usize,
@@ -123,7 +124,7 @@ impl Decoder {
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             resblocks.push(group);
         }
-        let conv_post = Conv::load(w, "dec.conv_post", width, Some(1))?;
+        let conv_post = Conv::load(w, "dec.conv_post", width, Some(1))?.with_taps()?;
         let hop = ups.iter().map(Conv::stride).product();
         Ok(Self {
             conv_pre,
@@ -140,13 +141,21 @@ impl Decoder {
         self.hop
     }
 
+    /// One utterance: `z` is `[1, channels, frames]`; the residual blocks run time-major
+    /// (see [`Conv::forward_time_major`]).
     pub(crate) fn forward(&self, z: &Tensor, g: Option<&Tensor>) -> Result<Tensor> {
         let mut x = self.conv_pre.forward(z)?;
         if let (Some(cond), Some(g)) = (&self.cond, g) {
             x = x.broadcast_add(&cond.forward(g)?)?;
         }
         for (up, group) in self.ups.iter().zip(&self.resblocks) {
-            x = up.forward(&leaky_relu(&x, LRELU_SLOPE)?)?;
+            let channel_major = if x.rank() == 2 {
+                x.t()?.unsqueeze(0)?.contiguous()?
+            } else {
+                x
+            };
+            let up_out = up.forward(&leaky_relu(&channel_major, LRELU_SLOPE)?)?;
+            x = up_out.squeeze(0)?.t()?.contiguous()?;
             let mut sum: Option<Tensor> = None;
             for block in group {
                 let y = block.forward(&x)?;
@@ -160,6 +169,12 @@ impl Decoder {
             }
         }
         let x = leaky_relu(&x, 0.01)?;
-        self.conv_post.forward(&x)?.tanh()
+        // [time, 1] -> [1, 1, time]
+        self.conv_post
+            .forward_time_major(&x)?
+            .tanh()?
+            .t()?
+            .unsqueeze(0)?
+            .contiguous()
     }
 }

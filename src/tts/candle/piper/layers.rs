@@ -14,6 +14,8 @@ pub(crate) struct Conv {
     bias: Option<Tensor>,
     attrs: ConvAttrs,
     transposed: bool,
+    /// Per-tap `[in, out]` matrices for [`Conv::forward_time_major`], made on demand.
+    taps: Option<Vec<Tensor>>,
 }
 
 impl Conv {
@@ -82,6 +84,7 @@ impl Conv {
             bias,
             attrs,
             transposed,
+            taps: None,
         })
     }
 
@@ -104,6 +107,8 @@ impl Conv {
             let full = x.conv_transpose1d(&self.weight, 0, 0, a.stride, a.dilation, a.groups)?;
             let len = full.dim(2)?;
             full.narrow(2, a.padding, len.saturating_sub(2 * a.padding))?
+        } else if a.groups > 1 && a.groups == self.weight.dim(0)? && a.stride == 1 {
+            self.depthwise(x)?
         } else {
             x.conv1d(&self.weight, a.padding, a.stride, a.dilation, a.groups)?
         };
@@ -111,6 +116,75 @@ impl Conv {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+}
+
+impl Conv {
+    /// Prepares [`forward_time_major`](Self::forward_time_major): one `[in, out]` matrix
+    /// per kernel tap.
+    pub(crate) fn with_taps(mut self) -> std::result::Result<Self, PiperError> {
+        let (_, _, k) = self.weight.dims3()?;
+        let taps = (0..k)
+            .map(|tap| self.weight.narrow(2, tap, 1)?.squeeze(2)?.t()?.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        self.taps = Some(taps);
+        Ok(self)
+    }
+
+    /// The convolution on a time-major `[time, in]` signal, giving `[time, out]`.
+    ///
+    /// HiFi-GAN's last stages run few channels over hundreds of thousands of samples, where
+    /// candle's im2col copies the signal once per tap into a matrix far larger than the
+    /// caches. Time-major, each tap's shifted window is a contiguous block of rows, so the
+    /// convolution is a sum of one matrix product per tap with nothing copied.
+    pub(crate) fn forward_time_major(&self, x: &Tensor) -> Result<Tensor> {
+        let a = &self.attrs;
+        let Some(taps) = self
+            .taps
+            .as_ref()
+            .filter(|_| a.stride == 1 && a.groups == 1)
+        else {
+            let y = self.forward(&x.t()?.unsqueeze(0)?.contiguous()?)?;
+            return y.squeeze(0)?.t()?.contiguous();
+        };
+        let len = x.dim(0)?;
+        let padded = x.pad_with_zeros(0, a.padding, a.padding)?;
+        let out_len = (len + 2 * a.padding).saturating_sub(a.dilation * (taps.len() - 1));
+        let mut y: Option<Tensor> = None;
+        for (i, tap) in taps.iter().enumerate() {
+            let term = padded.narrow(0, i * a.dilation, out_len)?.matmul(tap)?;
+            y = Some(match y {
+                Some(y) => (y + term)?,
+                None => term,
+            });
+        }
+        let y = y.ok_or_else(|| candle_core::Error::Msg("a convolution with no taps".into()))?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count()))?),
+            None => Ok(y),
+        }
+    }
+
+    /// A depthwise convolution (one filter per channel, as in the duration predictor) as a
+    /// sum of shifted, scaled copies: candle would run it as one convolution per channel.
+    fn depthwise(&self, x: &Tensor) -> Result<Tensor> {
+        let a = &self.attrs;
+        let (_, _, len) = x.dims3()?;
+        let (channels, _, k) = self.weight.dims3()?;
+        let padded = x.pad_with_zeros(2, a.padding, a.padding)?;
+        let out_len = (len + 2 * a.padding).saturating_sub(a.dilation * (k - 1));
+        let mut y: Option<Tensor> = None;
+        for tap in 0..k {
+            let w = self.weight.narrow(2, tap, 1)?.reshape((1, channels, 1))?;
+            let term = padded
+                .narrow(2, tap * a.dilation, out_len)?
+                .broadcast_mul(&w)?;
+            y = Some(match y {
+                Some(y) => (y + term)?,
+                None => term,
+            });
+        }
+        y.ok_or_else(|| candle_core::Error::Msg("a convolution with no taps".into()))
     }
 }
 
