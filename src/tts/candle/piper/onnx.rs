@@ -170,11 +170,10 @@ impl Weights {
         }
         // The duration predictor's affine flow runs in reverse as `(x - m) * exp(-logs)`;
         // the exporter folded `exp(-logs)` into a constant of `/dp/flows.0/Mul`.
-        if !tensors.contains_key("dp.flows.0.logs") {
-            if let Some(node) = graph.node.iter().find(|n| n.name == "/dp/flows.0/Mul") {
-                for input in &node.input {
-                    alias(&mut tensors, Some(input), "dp.flows.0.exp_neg_logs".into());
-                }
+        let affine = graph.node.iter().find(|n| n.name == "/dp/flows.0/Mul");
+        if let Some(node) = affine.filter(|_| !tensors.contains_key("dp.flows.0.logs")) {
+            for input in &node.input {
+                alias(&mut tensors, Some(input), "dp.flows.0.exp_neg_logs".into());
             }
         }
         tracing::debug!(
