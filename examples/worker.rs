@@ -19,7 +19,7 @@
 
 mod common;
 
-use common::{StoreChoice, load_parler, load_piper, parse_duration, parse_store};
+use common::{Neural, StoreChoice, load_neural, parse_duration, parse_store};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,29 +113,22 @@ enum Backend {
     Piper,
 }
 
-/// Loads the Piper voice once for this worker.
-fn piper(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
-    let voice = args
-        .piper_voice
-        .as_ref()
-        .ok_or("--voice-backend piper needs --piper-voice")?;
-    load_piper(
-        voice,
-        &args.device,
-        &args.precision,
-        args.batch,
-        args.batch_wait,
-    )
-}
-
-/// Loads Parler-TTS once for this worker.
-fn parler(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
-    let dir = args
-        .model_dir
-        .as_ref()
-        .ok_or("--voice-backend parler needs --model-dir")?;
-    load_parler(
-        dir,
+/// Loads the chosen Candle backend once for this worker.
+fn neural(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
+    let which = match args.voice_backend {
+        Backend::Piper => Neural::Piper(
+            args.piper_voice
+                .as_deref()
+                .ok_or("--voice-backend piper needs --piper-voice")?,
+        ),
+        _ => Neural::Parler(
+            args.model_dir
+                .as_deref()
+                .ok_or("--voice-backend parler needs --model-dir")?,
+        ),
+    };
+    load_neural(
+        which,
         &args.device,
         &args.precision,
         args.batch,
@@ -156,8 +149,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Backend::Espeak => {
             Arc::new(EspeakSynthesizer::new().map_err(|e| format!("the espeak-ng voice: {e}"))?)
         }
-        Backend::Parler => parler(&args)?,
-        Backend::Piper => piper(&args)?,
+        Backend::Parler | Backend::Piper => neural(&args)?,
     };
     let mut args = args;
     if args.batch > 1 {

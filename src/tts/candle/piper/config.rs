@@ -101,15 +101,7 @@ struct RawLanguage {
 impl VoiceConfig {
     /// Reads and checks a voice config.
     pub(crate) fn read(path: &Path) -> Result<Self, PiperError> {
-        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => PiperError::MissingFile {
-                path: path.to_owned(),
-            },
-            _ => PiperError::Io {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            },
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| PiperError::read(path, &e))?;
         Self::parse(path, &text)
     }
 

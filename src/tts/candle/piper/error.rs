@@ -105,6 +105,19 @@ pub enum PiperError {
 }
 
 impl PiperError {
+    /// A failed read of `path`: [`MissingFile`](Self::MissingFile) when it is not there.
+    pub(crate) fn read(path: &std::path::Path, err: &std::io::Error) -> Self {
+        match err.kind() {
+            std::io::ErrorKind::NotFound => Self::MissingFile {
+                path: path.to_owned(),
+            },
+            _ => Self::Io {
+                path: path.to_owned(),
+                reason: err.to_string(),
+            },
+        }
+    }
+
     /// How an operator fixes this error, for [`TtsError::BackendUnavailable`]'s hint.
     fn hint(&self) -> &'static str {
         match self {

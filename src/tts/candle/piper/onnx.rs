@@ -109,15 +109,7 @@ pub(crate) struct Weights {
 impl Weights {
     /// Reads `path` and puts every float initializer on `device` as `dtype`.
     pub(crate) fn read(path: &Path, device: &Device, dtype: DType) -> Result<Self, PiperError> {
-        let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => PiperError::MissingFile {
-                path: path.to_owned(),
-            },
-            _ => PiperError::Io {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            },
-        })?;
+        let bytes = std::fs::read(path).map_err(|e| PiperError::read(path, &e))?;
         let invalid = |reason: String| PiperError::InvalidModel {
             path: path.to_owned(),
             reason,
