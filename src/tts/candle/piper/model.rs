@@ -143,11 +143,16 @@ impl Vits {
             .dp
             .reverse(&enc.hidden, &x_mask, g.as_ref(), &dp_noise)?;
         let scales: Vec<f32> = batch.iter().map(|u| u.length_scale).collect();
-        let scales = Tensor::from_vec(scales, (b, 1, 1), dev)?.to_dtype(self.dtype)?;
-        let w = logw.exp()?.broadcast_mul(&x_mask)?.broadcast_mul(&scales)?;
-        let w_ceil = w.ceil()?;
-        let durations: Vec<Vec<f32>> = w.squeeze(1)?.to_dtype(DType::F32)?.to_vec2()?;
-        let frames: Vec<Vec<f32>> = w_ceil.squeeze(1)?.to_dtype(DType::F32)?.to_vec2()?;
+        let scales = Tensor::from_vec(scales, (b, 1, 1), dev)?;
+        // Durations in f32 whatever the model's precision: half precision would move the
+        // rounding up to whole frames, and so the length of the audio.
+        let w = logw
+            .to_dtype(DType::F32)?
+            .exp()?
+            .broadcast_mul(&x_mask.to_dtype(DType::F32)?)?
+            .broadcast_mul(&scales)?;
+        let durations: Vec<Vec<f32>> = w.squeeze(1)?.to_vec2()?;
+        let frames: Vec<Vec<f32>> = w.ceil()?.squeeze(1)?.to_vec2()?;
 
         // Expand the prior: frame f of utterance b takes phoneme i's statistics for as many
         // frames as its rounded duration (VITS's monotonic path, as an index).
