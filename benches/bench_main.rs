@@ -10,6 +10,8 @@ use criterion::criterion_main;
 mod audio;
 #[cfg(feature = "candle")]
 mod candle;
+#[cfg(feature = "candle")]
+mod piper;
 mod queue;
 mod text;
 
@@ -19,7 +21,8 @@ criterion_main!(
     queue::benches,
     text::benches,
     audio::benches,
-    candle::benches
+    candle::benches,
+    piper::benches
 );
 #[cfg(not(feature = "candle"))]
 criterion_main!(

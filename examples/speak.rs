@@ -1,6 +1,8 @@
 //! Run with: `cargo run --example speak -- "Hello from voxqueue." --out out/`
 //! (needs Redis on 127.0.0.1:6379 and `espeak-ng`; `bash .ci/setup` installs both).
-//! With `--model-dir <parler-tts dir> [--device cuda]` it speaks with the neural backend.
+//! With `--voice-backend piper --piper-voice <voice.onnx>` it speaks with a Piper voice on
+//! Candle (`.ci/fetch-voices` fetches `en_US-joe-medium`); with `--model-dir <parler-tts dir>
+//! [--device cuda]` with Parler-TTS.
 //!
 //! The main job in one program: a producer enqueues a sentence, a worker with the
 //! offline voice synthesises it, and the audio and its captions are written to files.
@@ -32,6 +34,15 @@ struct Args {
     #[cfg(feature = "candle")]
     #[arg(long)]
     model_dir: Option<PathBuf>,
+    /// The synthesiser: `espeak` (the offline voice), `piper` (needs --piper-voice) or
+    /// `parler` (needs --model-dir). Default: parler if --model-dir is given, else piper if
+    /// --piper-voice is, else espeak.
+    #[arg(long)]
+    voice_backend: Option<String>,
+    /// A Piper voice's `.onnx` file (its `.onnx.json` beside it).
+    #[cfg(feature = "candle")]
+    #[arg(long)]
+    piper_voice: Option<PathBuf>,
     /// Device for the neural backend: auto, cpu, cuda[:N] or metal[:N].
     #[cfg(feature = "candle")]
     #[arg(long, default_value = "auto")]
@@ -57,13 +68,40 @@ struct Args {
     list_voices: bool,
 }
 
-/// The offline voice, or the Parler-TTS model given with `--model-dir`.
+/// The offline voice, a Piper voice (`--piper-voice`) or Parler-TTS (`--model-dir`).
 fn backend(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
     #[cfg(feature = "candle")]
-    if let Some(dir) = &args.model_dir {
-        return common::load_parler(dir, &args.device, &args.precision, 1, Duration::ZERO);
+    {
+        let chosen = args
+            .voice_backend
+            .as_deref()
+            .unwrap_or(if args.model_dir.is_some() {
+                "parler"
+            } else if args.piper_voice.is_some() {
+                "piper"
+            } else {
+                "espeak"
+            });
+        match chosen {
+            "parler" => {
+                let dir = args.model_dir.as_ref().ok_or("parler needs --model-dir")?;
+                return common::load_parler(dir, &args.device, &args.precision, 1, Duration::ZERO);
+            }
+            "piper" => {
+                let voice = args
+                    .piper_voice
+                    .as_ref()
+                    .ok_or("piper needs --piper-voice")?;
+                return common::load_piper(voice, &args.device, &args.precision, 1, Duration::ZERO);
+            }
+            "espeak" => {}
+            other => return Err(format!("unknown --voice-backend {other:?}").into()),
+        }
     }
-    let _ = args;
+    #[cfg(not(feature = "candle"))]
+    if let Some(other) = args.voice_backend.as_deref().filter(|b| *b != "espeak") {
+        return Err(format!("--voice-backend {other} needs the `candle` feature").into());
+    }
     Ok(Arc::new(EspeakSynthesizer::new()?))
 }
 

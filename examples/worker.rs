@@ -17,6 +17,7 @@
 //! with `--store dir:...`, audio files older than `--cleanup-audio-age` are deleted.
 //!
 //! Backends: `--voice-backend espeak` (the offline espeak-ng voice) or
+//! `--voice-backend piper --piper-voice <voice.onnx> [--batch 4]` (a Piper voice on Candle) or
 //! `--voice-backend parler --model-dir <dir> [--device cuda] [--batch 8]` (Parler-TTS on
 //! Candle; with `--batch B` the worker runs B jobs at once and they share one batched
 //! generation). Everything below the choice of synthesiser (queue, leases, retries,
@@ -28,7 +29,7 @@
 
 mod common;
 
-use common::{QueueFlags, StoreChoice, load_parler, parse_duration};
+use common::{Neural, QueueFlags, StoreChoice, load_neural, parse_duration};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -84,13 +85,16 @@ struct Args {
     /// Parler-TTS model directory (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     model_dir: Option<PathBuf>,
-    /// Device for Parler-TTS: auto, cpu, cuda[:N] or metal[:N].
+    /// A Piper voice's `.onnx` file, its `.onnx.json` beside it (`.ci/fetch-voices`).
+    #[arg(long)]
+    piper_voice: Option<PathBuf>,
+    /// Device for the Candle backends: auto, cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Precision for Parler-TTS: auto, f32, f16 or bf16.
+    /// Precision for the Candle backends: auto, f32, f16 or bf16.
     #[arg(long, default_value = "auto")]
     precision: String,
-    /// Jobs per batched generation (Parler-TTS): sets the concurrency too.
+    /// Jobs per batched model call (Candle backends): sets the concurrency too.
     #[arg(long, default_value_t = 1)]
     batch: usize,
     /// How long a batch waits for more jobs after its first.
@@ -125,6 +129,8 @@ enum Backend {
     Espeak,
     /// Parler-TTS on Candle (CPU, CUDA or Metal), from `--model-dir`.
     Parler,
+    /// A Piper (VITS) voice on Candle, from `--piper-voice`.
+    Piper,
 }
 
 impl Backend {
@@ -133,6 +139,7 @@ impl Backend {
         match self {
             Backend::Espeak => "espeak",
             Backend::Parler => "parler",
+            Backend::Piper => "piper",
         }
     }
 }
@@ -174,14 +181,22 @@ impl Handler<Cleanup> for CleanupHandler {
     }
 }
 
-/// Loads Parler-TTS once for this worker.
-fn parler(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
-    let dir = args
-        .model_dir
-        .as_ref()
-        .ok_or("--voice-backend parler needs --model-dir")?;
-    load_parler(
-        dir,
+/// Loads the chosen Candle backend once for this worker.
+fn neural(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
+    let which = match args.voice_backend {
+        Backend::Piper => Neural::Piper(
+            args.piper_voice
+                .as_deref()
+                .ok_or("--voice-backend piper needs --piper-voice")?,
+        ),
+        _ => Neural::Parler(
+            args.model_dir
+                .as_deref()
+                .ok_or("--voice-backend parler needs --model-dir")?,
+        ),
+    };
+    load_neural(
+        which,
         &args.device,
         &args.precision,
         args.batch,
@@ -202,7 +217,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Backend::Espeak => {
             Arc::new(EspeakSynthesizer::new().map_err(|e| format!("the espeak-ng voice: {e}"))?)
         }
-        Backend::Parler => parler(&args)?,
+        Backend::Parler | Backend::Piper => neural(&args)?,
     };
     let mut args = args;
     if args.batch > 1 {

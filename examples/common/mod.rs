@@ -96,18 +96,69 @@ pub(crate) fn load_parler(
     batch: usize,
     batch_wait: Duration,
 ) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
+    load_neural(Neural::Parler(dir), device, precision, batch, batch_wait)
+}
+
+/// Loads a Piper voice (`voice.onnx` with `voice.onnx.json` beside it) once, wrapped in a
+/// batcher when `batch` > 1 so that concurrent jobs share one model call.
+pub(crate) fn load_piper(
+    model: &std::path::Path,
+    device: &str,
+    precision: &str,
+    batch: usize,
+    batch_wait: Duration,
+) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
+    load_neural(Neural::Piper(model), device, precision, batch, batch_wait)
+}
+
+/// A Candle backend and where its weights are.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Neural<'a> {
+    /// A Parler-TTS model directory.
+    Parler(&'a std::path::Path),
+    /// A Piper voice's `.onnx` file.
+    Piper(&'a std::path::Path),
+}
+
+/// Loads a Candle backend on `device` in `precision`, batched when `batch` > 1.
+pub(crate) fn load_neural(
+    which: Neural<'_>,
+    device: &str,
+    precision: &str,
+    batch: usize,
+    batch_wait: Duration,
+) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
     #[cfg(feature = "candle")]
     {
         use voxqueue::tts::BatchingSynthesizer;
-        use voxqueue::tts::candle::{DeviceChoice, ParlerOptions, ParlerSynthesizer, Precision};
-        let options = ParlerOptions::new()
-            .with_device(device.parse::<DeviceChoice>()?)
-            .with_precision(precision.parse::<Precision>()?)
-            .with_max_batch(batch.max(1));
-        let model: Arc<dyn Synthesizer> = Arc::new(
-            ParlerSynthesizer::load(dir, options)
-                .map_err(|e| format!("Parler-TTS from {}: {e}", dir.display()))?,
-        );
+        use voxqueue::tts::candle::{
+            DeviceChoice, ParlerOptions, ParlerSynthesizer, PiperOptions, PiperSynthesizer,
+            Precision,
+        };
+        let device = device.parse::<DeviceChoice>()?;
+        let precision = precision.parse::<Precision>()?;
+        let model: Arc<dyn Synthesizer> = match which {
+            Neural::Parler(dir) => {
+                let options = ParlerOptions::new()
+                    .with_device(device)
+                    .with_precision(precision)
+                    .with_max_batch(batch.max(1));
+                Arc::new(
+                    ParlerSynthesizer::load(dir, options)
+                        .map_err(|e| format!("Parler-TTS from {}: {e}", dir.display()))?,
+                )
+            }
+            Neural::Piper(path) => {
+                let options = PiperOptions::new()
+                    .with_device(device)
+                    .with_precision(precision)
+                    .with_max_batch(batch.max(1));
+                Arc::new(
+                    PiperSynthesizer::load(path, options)
+                        .map_err(|e| format!("Piper voice {}: {e}", path.display()))?,
+                )
+            }
+        };
         if batch > 1 {
             return Ok(Arc::new(BatchingSynthesizer::new(
                 model, batch, batch_wait,
@@ -117,7 +168,7 @@ pub(crate) fn load_parler(
     }
     #[cfg(not(feature = "candle"))]
     {
-        let _ = (dir, device, precision, batch, batch_wait);
+        let _ = (which, device, precision, batch, batch_wait);
         Err("this build has no Candle backend (enable the `candle` feature)".into())
     }
 }

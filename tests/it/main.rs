@@ -11,6 +11,8 @@ mod dedup;
 mod durability;
 mod holes;
 mod metrics;
+#[cfg(feature = "candle")]
+mod piper;
 mod queue;
 mod schedule;
 mod transitions;

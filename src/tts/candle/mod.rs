@@ -44,6 +44,7 @@
 //! - `error` — [`ModelError`].
 //! - `tiny` — [`write_tiny_model`], a random miniature for tests and benches.
 //! - `hub` — download from the Hugging Face hub (feature `hub`).
+//! - `piper` — [`PiperSynthesizer`]: Piper (VITS) voices from their ONNX files.
 //!
 //! [Parler-TTS]: https://github.com/huggingface/parler-tts
 
@@ -56,6 +57,7 @@ mod generate;
 #[cfg(feature = "hub")]
 mod hub;
 mod load;
+mod piper;
 mod sample;
 mod synthesizer;
 mod tiny;
@@ -69,5 +71,6 @@ pub use device::{DeviceChoice, Precision};
 pub use error::ModelError;
 #[cfg(feature = "hub")]
 pub use hub::download_from_hub;
+pub use piper::{PiperError, PiperOptions, PiperScales, PiperSynthesizer, PiperTrace};
 pub use synthesizer::{DEFAULT_DESCRIPTION, ParlerOptions, ParlerSynthesizer, default_voices};
 pub use tiny::{TINY_HOP_LENGTH, TINY_NUM_CODEBOOKS, TINY_SAMPLE_RATE, write_tiny_model};

@@ -1,0 +1,252 @@
+//! Building blocks shared by the VITS parts: convolutions with the graph's own attributes,
+//! channel-wise layer norm and length masks.
+
+use candle_core::{D, DType, Device, Result, Tensor};
+
+use super::error::PiperError;
+use super::onnx::{ConvAttrs, Weights};
+
+/// A 1-D convolution (or transposed convolution) as the exported graph runs it.
+#[derive(Debug, Clone)]
+pub(crate) struct Conv {
+    weight: Tensor,
+    /// `[1, out, 1]`, ready to broadcast.
+    bias: Option<Tensor>,
+    attrs: ConvAttrs,
+    transposed: bool,
+    /// Per-tap `[in, out]` matrices for [`Conv::forward_time_major`], made on demand.
+    taps: Option<Vec<Tensor>>,
+}
+
+impl Conv {
+    /// Loads `module.weight` (and `module.bias` if present) for a convolution from
+    /// `in_channels`; `out_channels`, when known, is checked too.
+    pub(crate) fn load(
+        w: &Weights,
+        module: &str,
+        in_channels: usize,
+        out_channels: Option<usize>,
+    ) -> std::result::Result<Self, PiperError> {
+        Self::load_inner(w, module, in_channels, out_channels, false)
+    }
+
+    /// Loads a transposed convolution (weights stored `[in, out, k]`).
+    pub(crate) fn load_transposed(
+        w: &Weights,
+        module: &str,
+        in_channels: usize,
+    ) -> std::result::Result<Self, PiperError> {
+        Self::load_inner(w, module, in_channels, None, true)
+    }
+
+    fn load_inner(
+        w: &Weights,
+        module: &str,
+        in_channels: usize,
+        out_channels: Option<usize>,
+        transposed: bool,
+    ) -> std::result::Result<Self, PiperError> {
+        let name = format!("{module}.weight");
+        let weight = w.get(&name)?;
+        let attrs = w.conv(module);
+        let mismatch = |expected: Vec<usize>| PiperError::ShapeMismatch {
+            tensor: name.clone(),
+            expected,
+            found: weight.dims().to_vec(),
+        };
+        let &[a, b, k] = weight.dims() else {
+            return Err(mismatch(vec![out_channels.unwrap_or(0), in_channels, 1]));
+        };
+        let out = if transposed {
+            if a != in_channels {
+                return Err(mismatch(vec![in_channels, b, k]));
+            }
+            b
+        } else {
+            let want_out = out_channels.unwrap_or(a);
+            if a != want_out || b * attrs.groups.max(1) != in_channels {
+                return Err(mismatch(vec![
+                    want_out,
+                    in_channels / attrs.groups.max(1),
+                    k,
+                ]));
+            }
+            a
+        };
+        let bias_name = format!("{module}.bias");
+        let bias = if w.contains(&bias_name) {
+            Some(w.shaped(&bias_name, &[out])?.reshape((1, out, 1))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            attrs,
+            transposed,
+            taps: None,
+        })
+    }
+
+    /// Output channels.
+    pub(crate) fn out_channels(&self) -> usize {
+        let dims = self.weight.dims();
+        if self.transposed { dims[1] } else { dims[0] }
+    }
+
+    /// The stride (the upsampling factor of a transposed convolution).
+    pub(crate) fn stride(&self) -> usize {
+        self.attrs.stride
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let a = &self.attrs;
+        let y = if self.transposed {
+            // Without padding candle takes its fast col2im path; the padding of a transposed
+            // convolution only crops the full output, so crop afterwards.
+            let full = x.conv_transpose1d(&self.weight, 0, 0, a.stride, a.dilation, a.groups)?;
+            let len = full.dim(2)?;
+            full.narrow(2, a.padding, len.saturating_sub(2 * a.padding))?
+        } else if a.groups > 1 && a.groups == self.weight.dim(0)? && a.stride == 1 {
+            self.depthwise(x)?
+        } else {
+            x.conv1d(&self.weight, a.padding, a.stride, a.dilation, a.groups)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+impl Conv {
+    /// Prepares [`forward_time_major`](Self::forward_time_major): one `[in, out]` matrix
+    /// per kernel tap.
+    pub(crate) fn with_taps(mut self) -> std::result::Result<Self, PiperError> {
+        let (_, _, k) = self.weight.dims3()?;
+        let taps = (0..k)
+            .map(|tap| self.weight.narrow(2, tap, 1)?.squeeze(2)?.t()?.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        self.taps = Some(taps);
+        Ok(self)
+    }
+
+    /// The convolution on a time-major `[time, in]` signal, giving `[time, out]`.
+    ///
+    /// HiFi-GAN's last stages run few channels over hundreds of thousands of samples, where
+    /// candle's im2col copies the signal once per tap into a matrix far larger than the
+    /// caches. Time-major, each tap's shifted window is a contiguous block of rows, so the
+    /// convolution is a sum of one matrix product per tap with nothing copied.
+    pub(crate) fn forward_time_major(&self, x: &Tensor) -> Result<Tensor> {
+        let a = &self.attrs;
+        let Some(taps) = self
+            .taps
+            .as_ref()
+            .filter(|_| a.stride == 1 && a.groups == 1)
+        else {
+            let y = self.forward(&x.t()?.unsqueeze(0)?.contiguous()?)?;
+            return y.squeeze(0)?.t()?.contiguous();
+        };
+        let len = x.dim(0)?;
+        let padded = x.pad_with_zeros(0, a.padding, a.padding)?;
+        let out_len = (len + 2 * a.padding).saturating_sub(a.dilation * (taps.len() - 1));
+        let mut y: Option<Tensor> = None;
+        for (i, tap) in taps.iter().enumerate() {
+            let term = padded.narrow(0, i * a.dilation, out_len)?.matmul(tap)?;
+            y = Some(match y {
+                Some(y) => (y + term)?,
+                None => term,
+            });
+        }
+        let y = y.ok_or_else(|| candle_core::Error::Msg("a convolution with no taps".into()))?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count()))?),
+            None => Ok(y),
+        }
+    }
+
+    /// A depthwise convolution (one filter per channel, as in the duration predictor) as a
+    /// sum of shifted, scaled copies: candle would run it as one convolution per channel.
+    fn depthwise(&self, x: &Tensor) -> Result<Tensor> {
+        let a = &self.attrs;
+        let (_, _, len) = x.dims3()?;
+        let (channels, _, k) = self.weight.dims3()?;
+        let padded = x.pad_with_zeros(2, a.padding, a.padding)?;
+        let out_len = (len + 2 * a.padding).saturating_sub(a.dilation * (k - 1));
+        let mut y: Option<Tensor> = None;
+        for tap in 0..k {
+            let w = self.weight.narrow(2, tap, 1)?.reshape((1, channels, 1))?;
+            let term = padded
+                .narrow(2, tap * a.dilation, out_len)?
+                .broadcast_mul(&w)?;
+            y = Some(match y {
+                Some(y) => (y + term)?,
+                None => term,
+            });
+        }
+        y.ok_or_else(|| candle_core::Error::Msg("a convolution with no taps".into()))
+    }
+}
+
+/// VITS's `LayerNorm`: normalises over channels of a `[batch, channels, time]` tensor.
+#[derive(Debug, Clone)]
+pub(crate) struct ChannelNorm {
+    gamma: Tensor,
+    beta: Tensor,
+}
+
+impl ChannelNorm {
+    pub(crate) fn load(
+        w: &Weights,
+        module: &str,
+        channels: usize,
+    ) -> std::result::Result<Self, PiperError> {
+        Ok(Self {
+            gamma: w.shaped(&format!("{module}.gamma"), &[channels])?,
+            beta: w.shaped(&format!("{module}.beta"), &[channels])?,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let t = x.transpose(1, 2)?.contiguous()?;
+        let y = candle_nn::ops::layer_norm(&t, &self.gamma, &self.beta, 1e-5)?;
+        y.transpose(1, 2)?.contiguous()
+    }
+}
+
+/// `[batch, 1, max_len]`: 1 where `t < lengths[b]`, else 0.
+pub(crate) fn length_mask(
+    lengths: &[usize],
+    max_len: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut data = vec![0f32; lengths.len() * max_len];
+    for (b, &len) in lengths.iter().enumerate() {
+        for v in &mut data[b * max_len..b * max_len + len.min(max_len)] {
+            *v = 1.0;
+        }
+    }
+    Tensor::from_vec(data, (lengths.len(), 1, max_len), device)?.to_dtype(dtype)
+}
+
+/// Splits `[batch, 2c, time]` into its two channel halves.
+pub(crate) fn halves(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let c = x.dim(1)? / 2;
+    Ok((x.narrow(1, 0, c)?, x.narrow(1, c, c)?))
+}
+
+/// `Flip`: reverses the channel order.
+pub(crate) fn flip_channels(x: &Tensor) -> Result<Tensor> {
+    x.flip(&[1])
+}
+
+/// Leaky ReLU.
+pub(crate) fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    candle_nn::ops::leaky_relu(x, slope)
+}
+
+/// Softmax over the last dimension.
+pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax(x, D::Minus1)
+}
