@@ -92,9 +92,14 @@ struct Args {
     /// Reads (every GET) allowed per API key and process, as `N/period`.
     #[arg(long, env = "VOXQUEUE_READ_RATE_LIMIT", value_parser = parse_rate)]
     read_rate_limit: Option<Rate>,
-    /// Also run a worker with the offline espeak-ng voice in this process.
+    /// Also run workers in this process: the offline espeak-ng voice, and the Piper
+    /// voice on Candle when its file is there (`--piper-voice`).
     #[arg(long)]
     with_worker: bool,
+    /// The Piper voice (`.onnx` beside its `.onnx.json`) `--with-worker` speaks with;
+    /// default: where `.ci/fetch-voices` puts `en_US-joe-medium`. Missing: eSpeak NG only.
+    #[arg(long, env = "VOXQUEUE_PIPER_VOICE")]
+    piper_voice: Option<std::path::PathBuf>,
     /// Longest time to the response's headers (a streamed body may run longer).
     #[arg(long, default_value = "75s", value_parser = parse_duration)]
     request_timeout: Duration,
@@ -173,18 +178,26 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             shutdown.cancel();
         }
     });
-    let worker = if args.with_worker {
+    let mut workers = Vec::new();
+    if args.with_worker {
         let voice = EspeakSynthesizer::new().map_err(|e| format!("the espeak-ng voice: {e}"))?;
-        let worker = state::espeak_worker(&state.queues, voice)
-            .await
-            .map_err(|e| e.message)?;
-        tracing::info!("running an in-process worker (espeak-ng)");
-        Some(tokio::spawn(worker(Box::pin(
-            shutdown.clone().cancelled_owned(),
-        ))))
-    } else {
-        None
-    };
+        workers.push((
+            "espeak-ng",
+            state::espeak_worker(&state.queues, voice)
+                .await
+                .map_err(|e| e.message)?,
+        ));
+        if let Some(piper) = piper_worker(&state, args.piper_voice.clone()).await? {
+            workers.push(("piper", piper));
+        }
+    }
+    let workers: Vec<_> = workers
+        .into_iter()
+        .map(|(name, worker)| {
+            tracing::info!("running an in-process worker ({name})");
+            tokio::spawn(worker(Box::pin(shutdown.clone().cancelled_owned())))
+        })
+        .collect();
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -195,8 +208,32 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     // The server can also end on its own (a listener error): stop the worker then too.
     shutdown.cancel();
-    if let Some(worker) = worker {
+    for worker in workers {
         worker.await??;
     }
     Ok(())
+}
+
+/// The Piper worker `--with-worker` adds when the voice is there: the best voice this
+/// machine has offline. Without the file (or the `candle` feature) it says why and the
+/// service speaks with eSpeak NG alone.
+async fn piper_worker(
+    state: &AppState,
+    path: Option<std::path::PathBuf>,
+) -> Result<Option<state::WorkerRun>, Box<dyn std::error::Error>> {
+    let explicit = path.is_some();
+    let path = path.unwrap_or_else(common::fetched_piper_voice);
+    if !explicit && !path.exists() {
+        tracing::warn!(
+            path = %path.display(),
+            "no Piper voice (run .ci/fetch-voices): speaking with eSpeak NG only"
+        );
+        return Ok(None);
+    }
+    let voice = common::load_piper(&path, "auto", "auto", 1, Duration::from_millis(5))?;
+    Ok(Some(
+        state::backend_worker(&state.queues, "piper", voice)
+            .await
+            .map_err(|e| e.message)?,
+    ))
 }

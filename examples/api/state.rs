@@ -306,13 +306,22 @@ pub(crate) async fn espeak_worker(
     queues: &Queues,
     voice: EspeakSynthesizer,
 ) -> Result<WorkerRun, ApiError> {
-    let backend = queues.backend("espeak").await?;
-    let voice: Arc<dyn Synthesizer> = Arc::new(voice);
+    backend_worker(queues, "espeak", Arc::new(voice)).await
+}
+
+/// A worker on `backend`'s queue that streams its audio and keeps its voices
+/// registered while it runs.
+pub(crate) async fn backend_worker(
+    queues: &Queues,
+    name: &str,
+    voice: Arc<dyn Synthesizer>,
+) -> Result<WorkerRun, ApiError> {
+    let backend = queues.backend(name).await?;
     let worker = Worker::builder(backend.queue.clone()).build(
         TtsHandler::from_shared(voice.clone(), backend.store.clone())
             .stream(backend.stream.clone()),
     );
-    let entry = WorkerVoices::new(worker.id(), "espeak", &voice.voices(), voice.sample_rate());
+    let entry = WorkerVoices::new(worker.id(), name, &voice.voices(), voice.sample_rate());
     let catalog = queues.catalog.clone();
     Ok(Box::new(move |shutdown| {
         Box::pin(async move {
