@@ -11,6 +11,7 @@ mod dedup;
 mod durability;
 mod holes;
 mod metrics;
+mod profile;
 mod queue;
 mod schedule;
 mod tts;

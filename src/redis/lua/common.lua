@@ -24,7 +24,8 @@
 --   KEYS[19] breakers   hash   worker id -> circuit-breaker state, while not closed
 -- ARGV[1] '' to run on Redis's clock (`TIME`), the only clock of the queue; a test
 --          harness may pass a fixed time in ms instead (the client never does)
--- ARGV[2] maximum length of the events stream
+-- ARGV[2] maximum length of the events stream; negative: the same, without the
+--         events of ordinary steps (see STEP_EVENTS)
 -- ARGV[3..] script specific (see each script's header)
 
 local K_JOBS, K_PAYLOADS, K_RESULTS, K_LEASES = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -44,7 +45,12 @@ else
   local t = redis.call('TIME')
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- A negative cap says the queue keeps only the events that matter to waiters and
+-- operators (outcomes, retries, stalls, ...), not the steps of every job's life
+-- (queued, scheduled, active): two stream writes fewer per job on the hot path.
 local EVENTS_MAX = tonumber(ARGV[2])
+local STEP_EVENTS = EVENTS_MAX > 0
+EVENTS_MAX = math.abs(EVENTS_MAX)
 local PRI_SPAN = 10000000000000 -- 1e13 sequence numbers per priority level
 local WAKE_MAX = 1000           -- more tokens than this wake nobody new
 local ERRORS_MAX = 10           -- attempt errors kept per job (the latest)
@@ -125,6 +131,13 @@ local function emit(kind, id, data)
   else
     redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAX, '*',
       'type', kind, 'id', id, 'at', int(NOW))
+  end
+end
+
+-- The events of a job's ordinary steps, which a queue may turn off.
+local function emit_step(kind, id, data)
+  if STEP_EVENTS then
+    emit(kind, id, data)
   end
 end
 
@@ -299,7 +312,7 @@ local function promote(limit)
     elseif job then
       push_ready(job, true)
       save(job)
-      emit('queued', id)
+      emit_step('queued', id)
     end
   end
   -- A heartbeat may promote while every worker sleeps: wake as many as came due.
@@ -424,7 +437,7 @@ local function claim(worker, n, lease_ms, default_attempts)
         redis.call('ZADD', K_ACTIVE, int(NOW + lease_ms), id)
         local raw = cjson.encode(job)
         redis.call('HSET', K_JOBS, id, raw)
-        emit('active', id, worker)
+        emit_step('active', id, worker)
         table.insert(out, id)
         table.insert(out, token)
         table.insert(out, raw)
@@ -461,13 +474,72 @@ local function owned(id, token)
   return redis.call('HGET', K_LEASES, id) == token
 end
 
--- The tail of a report (complete, fail): claims the worker's next jobs in the same
--- round trip. ARGV[first] is the worker id, then how many to claim, the lease ms and
--- the default max attempts.
-local function and_claim_next(outcome, first)
-  local n = tonumber(ARGV[first + 1])
-  if n > 0 then
-    return { outcome, claim(ARGV[first], n, tonumber(ARGV[first + 2]), tonumber(ARGV[first + 3])) }
+-- The opening every report of an active job shares (complete, fail, release): the
+-- lease check, then the record. Returns the job when this worker still owns it, or
+-- nil and the outcome when the report ends here ('lost': nothing was changed beyond
+-- dropping a lease that had no record; 'dead': the record was unusable and is buried).
+local function reported(id, token)
+  if not owned(id, token) then
+    return nil, 'lost'
   end
-  return { outcome, { -1 } }
+  local job = load(id)
+  if not job then
+    release_lease(id)
+    return nil, 'lost'
+  end
+  if job.corrupt then
+    bury(job, 'corrupt job record: ' .. job.corrupt)
+    return nil, 'dead'
+  end
+  return job
+end
+
+-- An attempt succeeded: store the result. Returns 'completed', 'cancelled', 'dead'
+-- or 'lost'.
+local function complete_one(id, token, result)
+  local job, outcome = reported(id, token)
+  if not job then
+    return outcome
+  end
+  if job.cancel then
+    finish(job, 'cancelled')
+    return 'cancelled'
+  end
+  window(1, 0, NOW - (job.started_at or NOW))
+  redis.call('HSET', K_RESULTS, id, result)
+  job.result = true
+  job.progress = 100
+  finish(job, 'completed')
+  return 'completed'
+end
+
+-- An attempt failed: record the error, then retry in `retry_in` ms (a number as
+-- text) or, with '', bury the job. The client's RetryPolicy chose which. Returns
+-- 'retrying', 'dead', 'cancelled' or 'lost'.
+local function fail_one(id, token, kind, message, retry_in)
+  local job, outcome = reported(id, token)
+  if not job then
+    return outcome
+  end
+  record_error(job, kind, message)
+  count('failed')
+  window(0, 1, NOW - (job.started_at or NOW))
+  local delay = tonumber(retry_in)
+  if job.cancel then
+    finish(job, 'cancelled')
+    return 'cancelled'
+  elseif delay then
+    local retry_at = NOW + math.max(delay, 1)
+    release_lease(id)
+    job.state = 'scheduled'
+    job.run_at = retry_at
+    redis.call('ZADD', K_SCHEDULED, int(retry_at), id)
+    save(job)
+    count('retried')
+    emit('retrying', id, message)
+    wake(1)
+    return 'retrying'
+  end
+  bury(job, message)
+  return 'dead'
 end

@@ -92,7 +92,7 @@ for _, i in ipairs(fresh) do
     end
     save(job)
     count('enqueued')
-    emit(job.state, id)
+    emit_step(job.state, id)
     created_ids[id] = { id, job.state }
     out[i + 1] = { id, 1, job.state }
   end
