@@ -98,6 +98,6 @@ for _, i in ipairs(fresh) do
   end
 end
 -- Delayed jobs wake a worker too, so it recomputes how long to sleep.
+-- No sweeping here: claims and heartbeats sweep when a retention comes due.
 wake(#fresh)
-sweep(10)
 return { 'ok', out }
