@@ -8,7 +8,7 @@ use redis::Value;
 
 use crate::error::Error;
 use crate::job::{JobId, JobRecord};
-use crate::queue::Shared;
+use crate::redis::Shared;
 
 /// A job handed to this worker under a lease.
 #[derive(Debug)]

@@ -30,8 +30,9 @@ pub use breaker::{BreakerState, CircuitBreaker};
 pub use handler::{Handler, HandlerFn, JobContext, handler_fn};
 
 use crate::error::Error;
-use crate::queue::{Queue, Shared};
+use crate::queue::Queue;
 use crate::redis::Conn;
+use crate::redis::Shared;
 use crate::retry::RetryPolicy;
 use breaker::{Breaker, Gate};
 use claim::{Claim, ClaimArgs};

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::claim::{ClaimArgs, Claimed, backoff, parse_claim};
 use crate::error::{Error, JobError};
 use crate::job::{JobId, safe_ms};
-use crate::queue::Shared;
+use crate::redis::Shared;
 
 /// Reports per script call, at most.
 pub(crate) const MAX_BATCH: usize = 256;

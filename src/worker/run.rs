@@ -18,7 +18,7 @@ use super::lease::{Held, Registry};
 use super::report::{Report, Reporter};
 use crate::error::JobError;
 use crate::metrics;
-use crate::queue::Shared;
+use crate::redis::Shared;
 
 /// Everything a job task needs, shared by all of a worker's tasks.
 #[derive(Debug)]
