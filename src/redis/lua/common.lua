@@ -475,10 +475,11 @@ local function owned(id, token)
 end
 
 -- The opening every report of an active job shares (complete, fail, release): the
--- lease check, then the record. Returns the job when this worker still owns it, or
--- nil and the outcome when the report ends here ('lost': nothing was changed beyond
--- dropping a lease that had no record; 'dead': the record was unusable and is buried).
-local function reported(id, token)
+-- lease check, then the record, then (with `cancel_ends`) a requested cancellation.
+-- Returns the job when this worker still owns it, or nil and the outcome when the
+-- report ends here ('lost': nothing was changed beyond dropping a lease that had no
+-- record; 'dead': the record was unusable and is buried; 'cancelled').
+local function reported(id, token, cancel_ends)
   if not owned(id, token) then
     return nil, 'lost'
   end
@@ -491,19 +492,19 @@ local function reported(id, token)
     bury(job, 'corrupt job record: ' .. job.corrupt)
     return nil, 'dead'
   end
+  if cancel_ends and job.cancel then
+    finish(job, 'cancelled')
+    return nil, 'cancelled'
+  end
   return job
 end
 
 -- An attempt succeeded: store the result. Returns 'completed', 'cancelled', 'dead'
 -- or 'lost'.
 local function complete_one(id, token, result)
-  local job, outcome = reported(id, token)
+  local job, outcome = reported(id, token, true)
   if not job then
     return outcome
-  end
-  if job.cancel then
-    finish(job, 'cancelled')
-    return 'cancelled'
   end
   window(1, 0, NOW - (job.started_at or NOW))
   redis.call('HSET', K_RESULTS, id, result)
@@ -517,7 +518,8 @@ end
 -- text) or, with '', bury the job. The client's RetryPolicy chose which. Returns
 -- 'retrying', 'dead', 'cancelled' or 'lost'.
 local function fail_one(id, token, kind, message, retry_in)
-  local job, outcome = reported(id, token)
+  -- A cancelled job's failure is recorded before it ends cancelled.
+  local job, outcome = reported(id, token, false)
   if not job then
     return outcome
   end

@@ -5,13 +5,9 @@
 -- ARGV[3] id, ARGV[4] lease token
 -- Returns: 'released', 'cancelled', 'dead' (unusable record, buried) or 'lost'
 local id = ARGV[3]
-local job, outcome = reported(id, ARGV[4])
+local job, outcome = reported(id, ARGV[4], true)
 if not job then
   return outcome
-end
-if job.cancel then
-  finish(job, 'cancelled')
-  return 'cancelled'
 end
 release_lease(id)
 job.attempts = math.max((job.attempts or 1) - 1, 0)
