@@ -141,7 +141,15 @@ local function emit_step(kind, id, data)
   end
 end
 
+-- Counters a batch script adds up in Lua and writes once at its end (see
+-- `flush_counts`), instead of one HINCRBY per job; nil: written at once.
+local deferred = nil
+
 local function count(field, n)
+  if deferred then
+    deferred[field] = (deferred[field] or 0) + (n or 1)
+    return
+  end
   redis.call('HINCRBY', K_STATS, field, n or 1)
 end
 
@@ -149,6 +157,12 @@ end
 -- "minute,completed,failed,duration ms"), for the recent error rate and mean duration
 -- without a key per minute.
 local function window(completed, failed, duration_ms)
+  if deferred then
+    deferred['w:c'] = (deferred['w:c'] or 0) + completed
+    deferred['w:f'] = (deferred['w:f'] or 0) + failed
+    deferred['w:d'] = (deferred['w:d'] or 0) + math.max(duration_ms, 0)
+    return
+  end
   local minute = math.floor(NOW / 60000)
   local field = 'w:' .. int(minute % 60)
   local c, f, d = 0, 0, 0
@@ -161,6 +175,28 @@ local function window(completed, failed, duration_ms)
   end
   redis.call('HSET', K_STATS, field,
     int(minute) .. ',' .. int(c + completed) .. ',' .. int(f + failed) .. ',' .. int(d + math.max(duration_ms, 0)))
+end
+
+-- Starts adding up counters (see `deferred`); the script must end with flush_counts.
+local function defer_counts()
+  deferred = {}
+end
+
+-- Writes the counters a batch added up: one HINCRBY per counter, one window update.
+local function flush_counts()
+  local pending = deferred
+  deferred = nil
+  if not pending then
+    return
+  end
+  local c, f, d = pending['w:c'], pending['w:f'], pending['w:d']
+  pending['w:c'], pending['w:f'], pending['w:d'] = nil, nil, nil
+  for field, n in pairs(pending) do
+    count(field, n)
+  end
+  if c or f then
+    window(c or 0, f or 0, d or 0)
+  end
 end
 
 -- One token per new piece of work, in one call; claims trim the list back to the
@@ -401,6 +437,8 @@ local function claim(worker, n, lease_ms, default_attempts)
   local claimed = 0
   local guard = 0
   local swept = false
+  -- Lease tokens come from the sequence, reserved for the whole claim in one call.
+  local next_token, last_token = 1, 0
   while claimed < n and guard < n + 1000 do
     guard = guard + 1
     local popped = redis.call('ZPOPMIN', K_READY, 1)
@@ -432,7 +470,12 @@ local function claim(worker, n, lease_ms, default_attempts)
         job.state = 'active'
         job.started_at = NOW
         job.worker = worker
-        local token = tostring(redis.call('INCR', K_SEQ))
+        if next_token > last_token then
+          last_token = redis.call('INCRBY', K_SEQ, n - claimed)
+          next_token = last_token - (n - claimed) + 1
+        end
+        local token = int(next_token)
+        next_token = next_token + 1
         redis.call('HSET', K_LEASES, id, token)
         redis.call('ZADD', K_ACTIVE, int(NOW + lease_ms), id)
         local raw = cjson.encode(job)

@@ -11,6 +11,8 @@
 -- 'dead', 'cancelled' or 'lost' (the lease is no longer this worker's: nothing changed)
 local n = tonumber(ARGV[7])
 local outcomes = {}
+-- Counters and the outcome window are written once for the whole batch.
+defer_counts()
 for i = 0, n - 1 do
   local at = 8 + i * 6
   if ARGV[at] == 'c' then
@@ -19,6 +21,7 @@ for i = 0, n - 1 do
     outcomes[i + 1] = fail_one(ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5])
   end
 end
+flush_counts()
 local next_jobs = { -1 }
 local m = tonumber(ARGV[4])
 if m > 0 then
