@@ -114,7 +114,7 @@ async fn a_record_of_the_wrong_shape_is_dead_lettered_with_the_reason() {
     let p = Prefix::new();
     let q = p.queue::<N>("wrong-shape").await;
     let bad_attempts = q.enqueue(N { n: 1 }).await.unwrap();
-    let no_id = q.enqueue(N { n: 2 }).await.unwrap();
+    let bad_expiry = q.enqueue(N { n: 2 }).await.unwrap();
     let fine = q.enqueue(N { n: 3 }).await.unwrap();
     let mut c = conn(&crate::common::redis_url()).await;
     let key = format!("{}:{{wrong-shape}}:jobs", p.name);
@@ -127,8 +127,9 @@ async fn a_record_of_the_wrong_shape_is_dead_lettered_with_the_reason() {
             ),
         ),
         (
-            &no_id.id,
-            r#"{"state":"queued","pri":1,"seq":2,"attempts":0,"result_ttl_ms":60000}"#.to_owned(),
+            &bad_expiry.id,
+            r#"{"state":"queued","pri":1,"seq":2,"expires_at":"soon","result_ttl_ms":60000}"#
+                .to_owned(),
         ),
     ];
     for (id, record) in records {
@@ -144,7 +145,7 @@ async fn a_record_of_the_wrong_shape_is_dead_lettered_with_the_reason() {
     assert_eq!(q.wait_result::<u32>(&fine.id, WAIT).await.unwrap(), 3);
     for (id, why) in [
         (&bad_attempts.id, "attempts is a string, not a number"),
-        (&no_id.id, "id is nil"),
+        (&bad_expiry.id, "expires_at is a string, not a number"),
     ] {
         let st = eventually(WAIT, "buried", || async {
             let st = q.status(id).await.ok()?;

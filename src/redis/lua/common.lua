@@ -80,7 +80,9 @@ local STRING_FIELDS = { 'worker', 'reason', 'dedup' }
 -- moves the job, so a wrong-shaped record is buried instead of failing a script
 -- half-way (which would leave the job in no index at all).
 local function shape_error(id, job)
-  if job.id ~= id then
+  -- The id is the hash field; a record does not repeat it (it did before), but one
+  -- that names another job is not this job's.
+  if job.id ~= nil and job.id ~= id then
     return 'id is ' .. type(job.id) .. ' ' .. tostring(job.id) .. ', not the job id'
   end
   if not STATES[job.state] then
@@ -117,11 +119,21 @@ local function load(id)
   if wrong then
     return { id = id, state = 'corrupt', corrupt = 'wrong shape: ' .. wrong, raw = raw }
   end
+  job.id = id
   return job
 end
 
+-- A record as stored: without its id (the hash field holds it) — memory per job.
+local function encode(job)
+  local id = job.id
+  job.id = nil
+  local raw = cjson.encode(job)
+  job.id = id
+  return raw
+end
+
 local function save(job)
-  redis.call('HSET', K_JOBS, job.id, cjson.encode(job))
+  redis.call('HSET', K_JOBS, job.id, encode(job))
 end
 
 local function emit(kind, id, data)
@@ -478,7 +490,7 @@ local function claim(worker, n, lease_ms, default_attempts)
         next_token = next_token + 1
         redis.call('HSET', K_LEASES, id, token)
         redis.call('ZADD', K_ACTIVE, int(NOW + lease_ms), id)
-        local raw = cjson.encode(job)
+        local raw = encode(job)
         redis.call('HSET', K_JOBS, id, raw)
         emit_step('active', id, worker)
         table.insert(out, id)

@@ -76,7 +76,6 @@ for _, i in ipairs(fresh) do
       job.run_at = NOW + job.delay_ms
     end
     job.delay_ms = nil
-    job.attempts = 0
     redis.call('HSET', K_PAYLOADS, id, ARGV[base + 2])
     if job.run_at and job.run_at > NOW then
       job.state = 'scheduled'
