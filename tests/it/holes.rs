@@ -82,6 +82,13 @@ async fn state_is(q: &Queue<N>, id: &voxqueue::JobId, state: JobState) -> Option
 async fn a_claim_redis_ran_during_shutdown_is_handed_back() {
     let server = RedisServer::start(&[]);
     let p = Prefix::on(&server.url());
+    // A fresh server knows no script: its first EVALSHA would fail NOSCRIPT and the
+    // claim would never run. Warm the script cache with one job on another queue.
+    let warm = p.queue::<N>("warm-up").await;
+    let first = warm.enqueue(N { n: 0 }).await.unwrap();
+    let w = spawn(Worker::builder(warm.clone()).build(echo()));
+    warm.wait(&first.id, WAIT).await.unwrap();
+    stop(w).await;
     let q = p.queue::<N>("shutdown-claim").await;
     let job = q.enqueue(N { n: 1 }).await.unwrap();
     let runs = Arc::new(AtomicUsize::new(0));
