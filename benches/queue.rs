@@ -118,28 +118,42 @@ criterion_group!(queue_figures, figures);
 /// right before and prints the ratios. Runs only with `VOXQUEUE_FIGURES=1` (it is not
 /// a criterion measurement: each figure is one timed run of a fixed size).
 fn figures(_c: &mut Criterion) {
-    if std::env::var_os("VOXQUEUE_FIGURES").is_none() {
+    // `VOXQUEUE_FIGURES=1` runs all; a comma-separated list of names runs those.
+    let Ok(wanted) = std::env::var("VOXQUEUE_FIGURES") else {
         return;
-    }
+    };
+    let on = |name: &str| wanted == "1" || wanted.split(',').any(|w| name.starts_with(w));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let bulk = bulk_enqueue_rate().await;
-        figure("enqueue-bulk", bulk, "jobs/s");
-        let one = one_by_one_enqueue_rate().await;
-        figure("enqueue-one", one, "jobs/s");
-        for concurrency in [1usize, 50] {
-            let rate = end_to_end_rate(concurrency).await;
-            figure(&format!("noop-c{concurrency}"), rate, "jobs/s");
+        if on("enqueue-bulk") {
+            figure("enqueue-bulk", bulk_enqueue_rate().await, "jobs/s");
         }
-        let (p50, p99) = idle_pickup().await;
-        figure("pickup-p50", p50, "ms");
-        figure("pickup-p99", p99, "ms");
-        let (per_job, payload) = memory_per_job().await;
-        figure("memory-per-job", per_job, "B");
-        figure("memory-beyond-payload", per_job - payload, "B");
+        if on("enqueue-one") {
+            figure("enqueue-one", one_by_one_enqueue_rate().await, "jobs/s");
+        }
+        for concurrency in [1usize, 50] {
+            let name = format!("noop-c{concurrency}");
+            if on(&name) {
+                figure(&name, end_to_end_rate(concurrency, true).await, "jobs/s");
+            }
+        }
+        // The documented throughput profile for bulk work: step events off.
+        if on("profile-c100") {
+            figure("profile-c100", end_to_end_rate(100, false).await, "jobs/s");
+        }
+        if on("pickup") {
+            let (p50, p99) = idle_pickup().await;
+            figure("pickup-p50", p50, "ms");
+            figure("pickup-p99", p99, "ms");
+        }
+        if on("memory") {
+            let (per_job, payload) = memory_per_job().await;
+            figure("memory-per-job", per_job, "B");
+            figure("memory-beyond-payload", per_job - payload, "B");
+        }
     });
     cleanup(&prefix());
 }
@@ -179,8 +193,14 @@ async fn one_by_one_enqueue_rate() -> f64 {
 
 /// 20 000 pre-filled no-op jobs through one worker at `concurrency`: jobs per second
 /// from the worker's start until the last one completed.
-async fn end_to_end_rate(concurrency: usize) -> f64 {
-    let q = queue(&format!("fig-noop-{concurrency}")).await;
+async fn end_to_end_rate(concurrency: usize, step_events: bool) -> f64 {
+    let q = Queue::builder(format!("fig-noop-{concurrency}-{step_events}"))
+        .url(url())
+        .prefix(prefix())
+        .step_events(step_events)
+        .connect()
+        .await
+        .expect("Redis for benches");
     q.enqueue_bulk((0..PREFILL).map(|_| job200()))
         .await
         .unwrap();

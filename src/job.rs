@@ -269,16 +269,17 @@ pub struct AttemptError {
 /// writes it with cjson, which is why empty lists may come back as `{}`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct JobRecord {
-    #[serde(default)]
+    /// Not stored (the hash field is the id): filled in by [`JobRecord::parse`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub(crate) id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) state: Option<String>,
-    #[serde(default = "normal_rank")]
+    #[serde(default = "normal_rank", skip_serializing_if = "is_normal_rank")]
     pub(crate) pri: u8,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub(crate) attempts: u32,
     /// 0 until set per job or by the first worker's retry policy.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub(crate) max_attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) timeout_ms: Option<u64>,
@@ -302,7 +303,11 @@ pub(crate) struct JobRecord {
     pub(crate) started_at: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) finished_at: u64,
-    #[serde(default)]
+    /// Not stored when it is the default (`finish` in common.lua assumes it).
+    #[serde(
+        default = "default_result_ttl",
+        skip_serializing_if = "is_default_result_ttl"
+    )]
     pub(crate) result_ttl_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) dedup_ttl_ms: Option<u64>,
@@ -385,6 +390,25 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// The result TTL a record without one has: 24 h, as `finish` in common.lua reads it.
+const DEFAULT_RESULT_TTL_MS: u64 = 86_400_000;
+
+fn default_result_ttl() -> u64 {
+    DEFAULT_RESULT_TTL_MS
+}
+
+fn is_default_result_ttl(ms: &u64) -> bool {
+    *ms == DEFAULT_RESULT_TTL_MS
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_normal_rank(rank: &u8) -> bool {
+    *rank == normal_rank()
+}
+
 /// cjson has one empty table, which it writes as `{}`: accept it as an empty list.
 fn list_or_empty_object<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<AttemptError>, D::Error> {
     #[derive(Deserialize)]
@@ -402,10 +426,12 @@ fn list_or_empty_object<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<AttemptEr
 
 impl JobRecord {
     pub(crate) fn parse(id: &str, raw: &[u8]) -> Result<Self, Error> {
-        serde_json::from_slice(raw).map_err(|e| Error::Corrupt {
+        let mut record: Self = serde_json::from_slice(raw).map_err(|e| Error::Corrupt {
             id: JobId::from_stored(id.to_owned()),
             reason: e.to_string(),
-        })
+        })?;
+        id.clone_into(&mut record.id);
+        Ok(record)
     }
 
     pub(crate) fn status(&self) -> Result<JobStatus, Error> {

@@ -38,7 +38,7 @@
 //! # Layout
 //! - [`error`]: [`Error`] for callers, [`JobError`] for handlers
 //! - [`job`]: ids, states, priorities, per-job options, status snapshots
-//! - [`queue`]: [`Queue`]: enqueue (single and bulk), status, wait, cancel, stats
+//! - [`queue`]: [`Queue`]: builder, enqueue (single and bulk), status, wait, cancel, stats
 //! - [`worker`]: [`Worker`], [`Handler`], [`JobContext`], leases and heartbeats, shutdown
 //! - [`dedup`]: [`Deduplicator`] (one job per distinct request) and [`RateLimit`]
 //! - [`retry`]: [`RetryPolicy`], a pure function from attempt to delay
@@ -49,7 +49,8 @@
 //!   offline espeak-ng voice, result stores and [`tts::TtsHandler`]
 //! - [`events`]: the per-queue event stream and subscriptions
 //! - [`metrics`]: counters, histograms and gauges through the `metrics` facade
-//! - [`redis`](mod@redis): connections, key layout, one Lua script per transition
+//! - [`redis`](mod@redis): connections, key layout, script invocation, one Lua script per
+//!   transition
 //!
 //! # Guarantees
 //! Every state change is one Lua script over keys that share the queue's hash tag, so

@@ -18,8 +18,7 @@ macro_rules! script {
 pub(crate) struct Scripts {
     pub(crate) enqueue: &'static Script,
     pub(crate) claim: &'static Script,
-    pub(crate) complete: &'static Script,
-    pub(crate) fail: &'static Script,
+    pub(crate) report: &'static Script,
     pub(crate) release: &'static Script,
     pub(crate) heartbeat: &'static Script,
     pub(crate) progress: &'static Script,
@@ -32,8 +31,7 @@ pub(crate) struct Scripts {
 
 static ENQUEUE: LazyLock<Script> = script!("lua/enqueue.lua");
 static CLAIM: LazyLock<Script> = script!("lua/claim.lua");
-static COMPLETE: LazyLock<Script> = script!("lua/complete.lua");
-static FAIL: LazyLock<Script> = script!("lua/fail.lua");
+static REPORT: LazyLock<Script> = script!("lua/report.lua");
 static RELEASE: LazyLock<Script> = script!("lua/release.lua");
 static HEARTBEAT: LazyLock<Script> = script!("lua/heartbeat.lua");
 static PROGRESS: LazyLock<Script> = script!("lua/progress.lua");
@@ -48,8 +46,7 @@ impl Scripts {
         Self {
             enqueue: &ENQUEUE,
             claim: &CLAIM,
-            complete: &COMPLETE,
-            fail: &FAIL,
+            report: &REPORT,
             release: &RELEASE,
             heartbeat: &HEARTBEAT,
             progress: &PROGRESS,

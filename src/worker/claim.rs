@@ -6,9 +6,9 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use redis::Value;
 
-use crate::error::{Error, JobError};
-use crate::job::{JobId, JobRecord, safe_ms};
-use crate::queue::Shared;
+use crate::error::Error;
+use crate::job::{JobId, JobRecord};
+use crate::redis::Shared;
 
 /// A job handed to this worker under a lease.
 #[derive(Debug)]
@@ -91,91 +91,6 @@ pub(crate) fn parse_claim(queue: usize, reply: Value) -> Result<Claim, Error> {
     })
 }
 
-/// How an attempt ended, as the worker reports it to Redis.
-#[derive(Debug)]
-pub(crate) enum Report {
-    Completed(Vec<u8>),
-    Failed {
-        error: JobError,
-        /// `None`: no retry, the job is dead.
-        retry_in: Option<Duration>,
-    },
-}
-
-/// What Redis did with a report, and the next jobs it handed over.
-#[derive(Debug)]
-pub(crate) struct Acked {
-    pub(crate) outcome: String,
-    pub(crate) next: Claim,
-}
-
-/// The longest error message stored with a job (bytes, cut at a character boundary):
-/// a handler that fails with a whole log must not grow the record without bound.
-pub(crate) const MESSAGE_MAX: usize = 2_000;
-
-/// `message`, cut to [`MESSAGE_MAX`] bytes at a character boundary, marked when cut.
-pub(crate) fn capped(message: String) -> String {
-    if message.len() <= MESSAGE_MAX {
-        return message;
-    }
-    let mut end = MESSAGE_MAX;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &message[..end])
-}
-
-/// Sends a report, retried with backoff for as long as `keep_trying` says (the worker
-/// still holds the lease: a finished result, maybe an hour's work, is worth waiting
-/// out a Redis outage for) while the error is transient (see [`Error::is_transient`]).
-pub(crate) async fn report(
-    shared: &Arc<Shared>,
-    job: &Claimed,
-    report: &Report,
-    claim_next: usize,
-    args: &ClaimArgs,
-    keep_trying: impl Fn() -> bool,
-) -> Result<Acked, Error> {
-    let send = || async {
-        let inv = match report {
-            Report::Completed(result) => {
-                let mut inv = shared.invocation(shared.scripts.complete);
-                inv.arg(job.id.as_str())
-                    .arg(&job.token)
-                    .arg(result.as_slice());
-                inv
-            }
-            Report::Failed { error, retry_in } => {
-                // The delay counts from the clock reading the script records the
-                // failure at (Redis's), so a seeded schedule is exact to the millisecond.
-                let mut inv = shared.invocation(shared.scripts.fail);
-                inv.arg(job.id.as_str())
-                    .arg(&job.token)
-                    .arg(error.kind())
-                    .arg(capped(error.to_string()))
-                    .arg(retry_in.map(|d| safe_ms(d).to_string()).unwrap_or_default());
-                inv
-            }
-        };
-        let mut inv = inv;
-        inv.arg(&args.worker_id)
-            .arg(claim_next)
-            .arg(args.lease.as_millis() as u64)
-            .arg(args.default_attempts);
-        let (outcome, next): (String, Value) = shared.invoke(&inv).await?;
-        Ok::<_, Error>(Acked {
-            outcome,
-            next: parse_claim(job.queue, next)?,
-        })
-    };
-    send.retry(backoff())
-        .when(|e| e.is_transient() && keep_trying())
-        .notify(|e, after| {
-            tracing::warn!(job = %job.id, error = %e, ?after, "report failed; retrying");
-        })
-        .await
-}
-
 /// Hands a job back to ready (shutdown), retried through passing failures for at
 /// most about a lease: after that the lease has run out and recovery does the same.
 pub(crate) async fn release(
@@ -195,24 +110,10 @@ pub(crate) async fn release(
 }
 
 /// Unbounded in count: callers bound retries by what they still hold (a lease).
-fn backoff() -> ExponentialBuilder {
+pub(crate) fn backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
         .with_max_delay(Duration::from_secs(2))
         .without_max_times()
         .with_jitter()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn long_messages_are_cut_at_a_character_boundary() {
-        assert_eq!(capped("short".into()), "short");
-        let long = "é".repeat(1_500); // 3 000 bytes
-        let cut = capped(long);
-        assert_eq!(cut.chars().count(), 1_001);
-        assert!(cut.ends_with('…'));
-    }
 }

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, JobError};
 use crate::job::JobId;
-use crate::queue::Shared;
+use crate::redis::Shared;
 
 /// Runs jobs of type `J`.
 ///

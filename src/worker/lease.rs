@@ -11,8 +11,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::job::JobId;
-use crate::queue::Shared;
 use crate::redis::Conn;
+use crate::redis::Shared;
 
 /// A job this worker runs, as the heartbeat sees it.
 #[derive(Debug, Clone)]

@@ -6,12 +6,14 @@
 //! - `handler`: the [`Handler`] trait and the [`JobContext`] an attempt gets
 //! - `claim`: claims and reports (the worker's side of the scripts)
 //! - `run`: one job's attempt: timeout, panic, cancellation, hand-back
-//! - `lease`: the heartbeat thread that renews leases
+//! - `lease`: the heartbeat thread that renews leases and recovers dead workers' jobs
+//! - `report`: coalesced reports, one script call for all slots' outcomes
 
 mod breaker;
 mod claim;
 mod handler;
 mod lease;
+mod report;
 mod run;
 
 use std::future::Future;
@@ -28,12 +30,14 @@ pub use breaker::{BreakerState, CircuitBreaker};
 pub use handler::{Handler, HandlerFn, JobContext, handler_fn};
 
 use crate::error::Error;
-use crate::queue::{Queue, Shared};
+use crate::queue::Queue;
 use crate::redis::Conn;
+use crate::redis::Shared;
 use crate::retry::RetryPolicy;
 use breaker::{Breaker, Gate};
 use claim::{Claim, ClaimArgs};
 use lease::{Heartbeat, Registry};
+use report::Reporter;
 use run::Runner;
 
 /// The longest an idle worker blocks before looking again, whatever it was told.
@@ -229,19 +233,30 @@ where
             self.config.heartbeat,
         )
         .map_err(|e| Error::InvalidConfig(format!("cannot start the heartbeat thread: {e}")))?;
+        let args = ClaimArgs {
+            worker_id: self.config.id.clone(),
+            lease: self.config.lease,
+            default_attempts: self.config.retry.attempts(),
+        };
+        let interrupt = CancellationToken::new();
+        let reporters = shared
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let slots = self.config.concurrency;
+                Reporter::start(s.clone(), i, args.clone(), interrupt.clone(), slots)
+            })
+            .collect();
         let runner = Arc::new(Runner {
             queues: shared.clone(),
             handler: self.handler.clone(),
-            args: ClaimArgs {
-                worker_id: self.config.id.clone(),
-                lease: self.config.lease,
-                default_attempts: self.config.retry.attempts(),
-            },
+            args,
+            reporters,
             config: self.config.clone(),
             registry,
             breaker: Breaker::new(self.config.breaker),
             stopping: CancellationToken::new(),
-            interrupt: CancellationToken::new(),
+            interrupt,
         });
         tracing::info!(worker = %self.config.id, queues = ?shared.iter().map(|s| &s.name).collect::<Vec<_>>(), "worker started");
 

@@ -12,12 +12,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::WorkerConfig;
 use super::breaker::{Breaker, BreakerState, Outcome};
-use super::claim::{self, ClaimArgs, Claimed, Report};
+use super::claim::{self, ClaimArgs, Claimed};
 use super::handler::{Handler, JobContext};
 use super::lease::{Held, Registry};
+use super::report::{Report, Reporter};
 use crate::error::JobError;
 use crate::metrics;
-use crate::queue::Shared;
+use crate::redis::Shared;
 
 /// Everything a job task needs, shared by all of a worker's tasks.
 #[derive(Debug)]
@@ -27,6 +28,8 @@ pub(crate) struct Runner<H> {
     pub(crate) config: WorkerConfig,
     pub(crate) args: ClaimArgs,
     pub(crate) registry: Registry,
+    /// One per queue, in the order of `queues`.
+    pub(crate) reporters: Vec<Reporter>,
     pub(crate) breaker: Breaker,
     /// Stop taking jobs (shutdown began).
     pub(crate) stopping: CancellationToken,
@@ -87,28 +90,23 @@ impl<H> Runner<H> {
                 }
             };
             // One queue: the report claims the next job in the same round trip.
-            let claim_next = usize::from(
-                self.queues.len() == 1
-                    && !lingering
-                    && !self.stopping.is_cancelled()
-                    && self.breaker.is_closed(),
-            );
+            let claim_next = self.queues.len() == 1
+                && !lingering
+                && !self.stopping.is_cancelled()
+                && self.breaker.is_closed();
             // The job stays in the registry until Redis has the report, so the
             // heartbeat renews its lease while the report waits out an outage, and
             // the retries stop only when the lease is lost (or shutdown's grace ends).
             let lost = self.registry.lost_flag(job.queue, &job.id);
-            let keep_trying = || {
-                !self.interrupt.is_cancelled()
-                    && !lost.as_ref().is_some_and(|l| l.load(Ordering::SeqCst))
-            };
-            let acked =
-                claim::report(&shared, &job, &report, claim_next, &self.args, keep_trying).await;
+            let acked = self.reporters[job.queue]
+                .report(&job, report, claim_next, lost)
+                .await;
             self.registry.remove(job.queue, &job.id);
             match acked {
-                Ok(acked) => {
+                Ok((report, acked)) => {
                     log_outcome(&job, &report, &acked.outcome);
                     record_metrics(&shared.name, &report, &acked.outcome);
-                    match acked.next.jobs.into_iter().next() {
+                    match acked.next {
                         Some(next) => job = next,
                         None => return,
                     }

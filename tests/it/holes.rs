@@ -82,6 +82,13 @@ async fn state_is(q: &Queue<N>, id: &voxqueue::JobId, state: JobState) -> Option
 async fn a_claim_redis_ran_during_shutdown_is_handed_back() {
     let server = RedisServer::start(&[]);
     let p = Prefix::on(&server.url());
+    // A fresh server knows no script: its first EVALSHA would fail NOSCRIPT and the
+    // claim would never run. Warm the script cache with one job on another queue.
+    let warm = p.queue::<N>("warm-up").await;
+    let first = warm.enqueue(N { n: 0 }).await.unwrap();
+    let w = spawn(Worker::builder(warm.clone()).build(echo()));
+    warm.wait(&first.id, WAIT).await.unwrap();
+    stop(w).await;
     let q = p.queue::<N>("shutdown-claim").await;
     let job = q.enqueue(N { n: 1 }).await.unwrap();
     let runs = Arc::new(AtomicUsize::new(0));
@@ -114,7 +121,7 @@ async fn a_record_of_the_wrong_shape_is_dead_lettered_with_the_reason() {
     let p = Prefix::new();
     let q = p.queue::<N>("wrong-shape").await;
     let bad_attempts = q.enqueue(N { n: 1 }).await.unwrap();
-    let no_id = q.enqueue(N { n: 2 }).await.unwrap();
+    let bad_expiry = q.enqueue(N { n: 2 }).await.unwrap();
     let fine = q.enqueue(N { n: 3 }).await.unwrap();
     let mut c = conn(&crate::common::redis_url()).await;
     let key = format!("{}:{{wrong-shape}}:jobs", p.name);
@@ -127,8 +134,9 @@ async fn a_record_of_the_wrong_shape_is_dead_lettered_with_the_reason() {
             ),
         ),
         (
-            &no_id.id,
-            r#"{"state":"queued","pri":1,"seq":2,"attempts":0,"result_ttl_ms":60000}"#.to_owned(),
+            &bad_expiry.id,
+            r#"{"state":"queued","pri":1,"seq":2,"expires_at":"soon","result_ttl_ms":60000}"#
+                .to_owned(),
         ),
     ];
     for (id, record) in records {
@@ -144,7 +152,7 @@ async fn a_record_of_the_wrong_shape_is_dead_lettered_with_the_reason() {
     assert_eq!(q.wait_result::<u32>(&fine.id, WAIT).await.unwrap(), 3);
     for (id, why) in [
         (&bad_attempts.id, "attempts is a string, not a number"),
-        (&no_id.id, "id is nil"),
+        (&bad_expiry.id, "expires_at is a string, not a number"),
     ] {
         let st = eventually(WAIT, "buried", || async {
             let st = q.status(id).await.ok()?;
@@ -159,69 +167,83 @@ async fn a_record_of_the_wrong_shape_is_dead_lettered_with_the_reason() {
     stop(w).await;
 }
 
+/// A worker reaching its Redis through a proxy the test can break, running one
+/// gated job (see [`gated`]); `direct` reads the same queue past the proxy.
+struct Proxied {
+    _server: RedisServer,
+    proxy: Proxy,
+    _prefix: Prefix,
+    direct: Queue<N>,
+    runs: Arc<AtomicUsize>,
+    go: Arc<Notify>,
+    job: voxqueue::JobId,
+    worker: (oneshot::Sender<()>, JoinHandle<Result<(), Error>>),
+}
+
+impl Proxied {
+    /// Starts it and waits until the job runs.
+    async fn running(name: &str) -> Self {
+        let server = RedisServer::start(&[]);
+        let proxy = Proxy::start(server.port).await;
+        let prefix = Prefix::on(&server.url());
+        let direct = prefix.queue::<N>(name).await;
+        let q = queue_at(&prefix, &proxy.url(), name).await;
+        let (runs, go) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
+        let job = q.enqueue(N { n: 4 }).await.unwrap().id;
+        let worker = spawn(Worker::builder(q).build(gated(runs.clone(), go.clone())));
+        eventually(WAIT, "running", || {
+            state_is(&direct, &job, JobState::Active)
+        })
+        .await;
+        Proxied {
+            _server: server,
+            proxy,
+            _prefix: prefix,
+            direct,
+            runs,
+            go,
+            job,
+            worker,
+        }
+    }
+
+    /// The job completed once, with its result, in one attempt.
+    async fn completed_once(self) {
+        let (q, id) = (&self.direct, &self.job);
+        eventually(WAIT, "completed", || state_is(q, id, JobState::Completed)).await;
+        assert_eq!(q.result::<u32>(id).await.unwrap(), Some(4));
+        assert_eq!(q.status(id).await.unwrap().attempts, 1);
+        assert_eq!(self.runs.load(Ordering::SeqCst), 1);
+        stop(self.worker).await;
+    }
+}
+
 // #10: a server answering LOADING (restarted, reading its data) is waited out; the
 // finished job is reported once it is back, not run again after its lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_answered_loading_is_retried_until_redis_is_back() {
-    let server = RedisServer::start(&[]);
-    let proxy = Proxy::start(server.port).await;
-    let p = Prefix::on(&server.url());
-    let direct = p.queue::<N>("loading").await;
-    let q = queue_at(&p, &proxy.url(), "loading").await;
-    let (runs, go) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
-    let job = q.enqueue(N { n: 4 }).await.unwrap();
-    let w = spawn(Worker::builder(q.clone()).build(gated(runs.clone(), go.clone())));
-    eventually(WAIT, "running", || {
-        state_is(&direct, &job.id, JobState::Active)
-    })
-    .await;
-    proxy.set(Mode::Loading);
-    go.notify_one();
+    let t = Proxied::running("loading").await;
+    t.proxy.set(Mode::Loading);
+    t.go.notify_one();
     // The report meets LOADING for a while (and is not abandoned).
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        direct.status(&job.id).await.unwrap().state,
-        JobState::Active
-    );
-    proxy.set(Mode::Forward);
-    eventually(WAIT, "completed", || {
-        state_is(&direct, &job.id, JobState::Completed)
-    })
-    .await;
-    assert_eq!(direct.result::<u32>(&job.id).await.unwrap(), Some(4));
-    assert_eq!(direct.status(&job.id).await.unwrap().attempts, 1);
-    assert_eq!(runs.load(Ordering::SeqCst), 1);
-    stop(w).await;
+    let st = t.direct.status(&t.job).await.unwrap();
+    assert_eq!(st.state, JobState::Active);
+    t.proxy.set(Mode::Forward);
+    t.completed_once().await;
 }
 
 // #5: a finished result is kept through a Redis outage longer than the old eight
 // tries (about 7 s), while the lease is still the worker's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_result_survives_a_long_redis_outage() {
-    let server = RedisServer::start(&[]);
-    let proxy = Proxy::start(server.port).await;
-    let p = Prefix::on(&server.url());
-    let direct = p.queue::<N>("outage").await;
-    let q = queue_at(&p, &proxy.url(), "outage").await;
-    let (runs, go) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
-    let job = q.enqueue(N { n: 5 }).await.unwrap();
-    let w = spawn(Worker::builder(q.clone()).build(gated(runs.clone(), go.clone())));
-    eventually(WAIT, "running", || {
-        state_is(&direct, &job.id, JobState::Active)
-    })
-    .await;
-    proxy.set(Mode::Down);
-    proxy.drop_all();
-    go.notify_one();
+    let t = Proxied::running("outage").await;
+    t.proxy.set(Mode::Down);
+    t.proxy.drop_all();
+    t.go.notify_one();
     tokio::time::sleep(Duration::from_secs(9)).await;
-    proxy.set(Mode::Forward);
-    eventually(WAIT, "completed", || {
-        state_is(&direct, &job.id, JobState::Completed)
-    })
-    .await;
-    assert_eq!(direct.status(&job.id).await.unwrap().attempts, 1);
-    assert_eq!(runs.load(Ordering::SeqCst), 1);
-    stop(w).await;
+    t.proxy.set(Mode::Forward);
+    t.completed_once().await;
 }
 
 // #2: one clock. A host whose clock runs an hour ahead claims on the same queue; it

@@ -13,6 +13,7 @@ mod holes;
 mod metrics;
 #[cfg(feature = "candle")]
 mod piper;
+mod profile;
 mod queue;
 mod schedule;
 mod transitions;

@@ -24,7 +24,8 @@
 --   KEYS[19] breakers   hash   worker id -> circuit-breaker state, while not closed
 -- ARGV[1] '' to run on Redis's clock (`TIME`), the only clock of the queue; a test
 --          harness may pass a fixed time in ms instead (the client never does)
--- ARGV[2] maximum length of the events stream
+-- ARGV[2] maximum length of the events stream; negative: the same, without the
+--         events of ordinary steps (see STEP_EVENTS)
 -- ARGV[3..] script specific (see each script's header)
 
 local K_JOBS, K_PAYLOADS, K_RESULTS, K_LEASES = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -44,7 +45,12 @@ else
   local t = redis.call('TIME')
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- A negative cap says the queue keeps only the events that matter to waiters and
+-- operators (outcomes, retries, stalls, ...), not the steps of every job's life
+-- (queued, scheduled, active): two stream writes fewer per job on the hot path.
 local EVENTS_MAX = tonumber(ARGV[2])
+local STEP_EVENTS = EVENTS_MAX > 0
+EVENTS_MAX = math.abs(EVENTS_MAX)
 local PRI_SPAN = 10000000000000 -- 1e13 sequence numbers per priority level
 local WAKE_MAX = 1000           -- more tokens than this wake nobody new
 local ERRORS_MAX = 10           -- attempt errors kept per job (the latest)
@@ -74,7 +80,9 @@ local STRING_FIELDS = { 'worker', 'reason', 'dedup' }
 -- moves the job, so a wrong-shaped record is buried instead of failing a script
 -- half-way (which would leave the job in no index at all).
 local function shape_error(id, job)
-  if job.id ~= id then
+  -- The id is the hash field; a record does not repeat it (it did before), but one
+  -- that names another job is not this job's.
+  if job.id ~= nil and job.id ~= id then
     return 'id is ' .. type(job.id) .. ' ' .. tostring(job.id) .. ', not the job id'
   end
   if not STATES[job.state] then
@@ -111,11 +119,21 @@ local function load(id)
   if wrong then
     return { id = id, state = 'corrupt', corrupt = 'wrong shape: ' .. wrong, raw = raw }
   end
+  job.id = id
   return job
 end
 
+-- A record as stored: without its id (the hash field holds it) — memory per job.
+local function encode(job)
+  local id = job.id
+  job.id = nil
+  local raw = cjson.encode(job)
+  job.id = id
+  return raw
+end
+
 local function save(job)
-  redis.call('HSET', K_JOBS, job.id, cjson.encode(job))
+  redis.call('HSET', K_JOBS, job.id, encode(job))
 end
 
 local function emit(kind, id, data)
@@ -128,7 +146,22 @@ local function emit(kind, id, data)
   end
 end
 
+-- The events of a job's ordinary steps, which a queue may turn off.
+local function emit_step(kind, id, data)
+  if STEP_EVENTS then
+    emit(kind, id, data)
+  end
+end
+
+-- Counters a batch script adds up in Lua and writes once at its end (see
+-- `flush_counts`), instead of one HINCRBY per job; nil: written at once.
+local deferred = nil
+
 local function count(field, n)
+  if deferred then
+    deferred[field] = (deferred[field] or 0) + (n or 1)
+    return
+  end
   redis.call('HINCRBY', K_STATS, field, n or 1)
 end
 
@@ -136,6 +169,12 @@ end
 -- "minute,completed,failed,duration ms"), for the recent error rate and mean duration
 -- without a key per minute.
 local function window(completed, failed, duration_ms)
+  if deferred then
+    deferred['w:c'] = (deferred['w:c'] or 0) + completed
+    deferred['w:f'] = (deferred['w:f'] or 0) + failed
+    deferred['w:d'] = (deferred['w:d'] or 0) + math.max(duration_ms, 0)
+    return
+  end
   local minute = math.floor(NOW / 60000)
   local field = 'w:' .. int(minute % 60)
   local c, f, d = 0, 0, 0
@@ -148,6 +187,28 @@ local function window(completed, failed, duration_ms)
   end
   redis.call('HSET', K_STATS, field,
     int(minute) .. ',' .. int(c + completed) .. ',' .. int(f + failed) .. ',' .. int(d + math.max(duration_ms, 0)))
+end
+
+-- Starts adding up counters (see `deferred`); the script must end with flush_counts.
+local function defer_counts()
+  deferred = {}
+end
+
+-- Writes the counters a batch added up: one HINCRBY per counter, one window update.
+local function flush_counts()
+  local pending = deferred
+  deferred = nil
+  if not pending then
+    return
+  end
+  local c, f, d = pending['w:c'], pending['w:f'], pending['w:d']
+  pending['w:c'], pending['w:f'], pending['w:d'] = nil, nil, nil
+  for field, n in pairs(pending) do
+    count(field, n)
+  end
+  if c or f then
+    window(c or 0, f or 0, d or 0)
+  end
 end
 
 -- One token per new piece of work, in one call; claims trim the list back to the
@@ -299,7 +360,7 @@ local function promote(limit)
     elseif job then
       push_ready(job, true)
       save(job)
-      emit('queued', id)
+      emit_step('queued', id)
     end
   end
   -- A heartbeat may promote while every worker sleeps: wake as many as came due.
@@ -388,6 +449,8 @@ local function claim(worker, n, lease_ms, default_attempts)
   local claimed = 0
   local guard = 0
   local swept = false
+  -- Lease tokens come from the sequence, reserved for the whole claim in one call.
+  local next_token, last_token = 1, 0
   while claimed < n and guard < n + 1000 do
     guard = guard + 1
     local popped = redis.call('ZPOPMIN', K_READY, 1)
@@ -419,12 +482,17 @@ local function claim(worker, n, lease_ms, default_attempts)
         job.state = 'active'
         job.started_at = NOW
         job.worker = worker
-        local token = tostring(redis.call('INCR', K_SEQ))
+        if next_token > last_token then
+          last_token = redis.call('INCRBY', K_SEQ, n - claimed)
+          next_token = last_token - (n - claimed) + 1
+        end
+        local token = int(next_token)
+        next_token = next_token + 1
         redis.call('HSET', K_LEASES, id, token)
         redis.call('ZADD', K_ACTIVE, int(NOW + lease_ms), id)
-        local raw = cjson.encode(job)
+        local raw = encode(job)
         redis.call('HSET', K_JOBS, id, raw)
-        emit('active', id, worker)
+        emit_step('active', id, worker)
         table.insert(out, id)
         table.insert(out, token)
         table.insert(out, raw)
@@ -461,13 +529,74 @@ local function owned(id, token)
   return redis.call('HGET', K_LEASES, id) == token
 end
 
--- The tail of a report (complete, fail): claims the worker's next jobs in the same
--- round trip. ARGV[first] is the worker id, then how many to claim, the lease ms and
--- the default max attempts.
-local function and_claim_next(outcome, first)
-  local n = tonumber(ARGV[first + 1])
-  if n > 0 then
-    return { outcome, claim(ARGV[first], n, tonumber(ARGV[first + 2]), tonumber(ARGV[first + 3])) }
+-- The opening every report of an active job shares (complete, fail, release): the
+-- lease check, then the record, then (with `cancel_ends`) a requested cancellation.
+-- Returns the job when this worker still owns it, or nil and the outcome when the
+-- report ends here ('lost': nothing was changed beyond dropping a lease that had no
+-- record; 'dead': the record was unusable and is buried; 'cancelled').
+local function reported(id, token, cancel_ends)
+  if not owned(id, token) then
+    return nil, 'lost'
   end
-  return { outcome, { -1 } }
+  local job = load(id)
+  if not job then
+    release_lease(id)
+    return nil, 'lost'
+  end
+  if job.corrupt then
+    bury(job, 'corrupt job record: ' .. job.corrupt)
+    return nil, 'dead'
+  end
+  if cancel_ends and job.cancel then
+    finish(job, 'cancelled')
+    return nil, 'cancelled'
+  end
+  return job
+end
+
+-- An attempt succeeded: store the result. Returns 'completed', 'cancelled', 'dead'
+-- or 'lost'.
+local function complete_one(id, token, result)
+  local job, outcome = reported(id, token, true)
+  if not job then
+    return outcome
+  end
+  window(1, 0, NOW - (job.started_at or NOW))
+  redis.call('HSET', K_RESULTS, id, result)
+  job.result = true
+  job.progress = 100
+  finish(job, 'completed')
+  return 'completed'
+end
+
+-- An attempt failed: record the error, then retry in `retry_in` ms (a number as
+-- text) or, with '', bury the job. The client's RetryPolicy chose which. Returns
+-- 'retrying', 'dead', 'cancelled' or 'lost'.
+local function fail_one(id, token, kind, message, retry_in)
+  -- A cancelled job's failure is recorded before it ends cancelled.
+  local job, outcome = reported(id, token, false)
+  if not job then
+    return outcome
+  end
+  record_error(job, kind, message)
+  count('failed')
+  window(0, 1, NOW - (job.started_at or NOW))
+  local delay = tonumber(retry_in)
+  if job.cancel then
+    finish(job, 'cancelled')
+    return 'cancelled'
+  elseif delay then
+    local retry_at = NOW + math.max(delay, 1)
+    release_lease(id)
+    job.state = 'scheduled'
+    job.run_at = retry_at
+    redis.call('ZADD', K_SCHEDULED, int(retry_at), id)
+    save(job)
+    count('retried')
+    emit('retrying', id, message)
+    wake(1)
+    return 'retrying'
+  end
+  bury(job, message)
+  return 'dead'
 end

@@ -76,7 +76,6 @@ for _, i in ipairs(fresh) do
       job.run_at = NOW + job.delay_ms
     end
     job.delay_ms = nil
-    job.attempts = 0
     redis.call('HSET', K_PAYLOADS, id, ARGV[base + 2])
     if job.run_at and job.run_at > NOW then
       job.state = 'scheduled'
@@ -92,12 +91,12 @@ for _, i in ipairs(fresh) do
     end
     save(job)
     count('enqueued')
-    emit(job.state, id)
+    emit_step(job.state, id)
     created_ids[id] = { id, job.state }
     out[i + 1] = { id, 1, job.state }
   end
 end
 -- Delayed jobs wake a worker too, so it recomputes how long to sleep.
+-- No sweeping here: claims and heartbeats sweep when a retention comes due.
 wake(#fresh)
-sweep(10)
 return { 'ok', out }

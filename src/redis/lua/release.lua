@@ -3,23 +3,11 @@
 -- KEYS: the queue's keys (see common.lua)
 -- ARGV[1] '' (Redis's clock), ARGV[2] events max
 -- ARGV[3] id, ARGV[4] lease token
--- Returns: 'released', 'cancelled' or 'lost'
-local id, token = ARGV[3], ARGV[4]
-if not owned(id, token) then
-  return 'lost'
-end
-local job = load(id)
+-- Returns: 'released', 'cancelled', 'dead' (unusable record, buried) or 'lost'
+local id = ARGV[3]
+local job, outcome = reported(id, ARGV[4], true)
 if not job then
-  release_lease(id)
-  return 'lost'
-end
-if job.corrupt then
-  bury(job, 'corrupt job record: ' .. job.corrupt)
-  return 'dead'
-end
-if job.cancel then
-  finish(job, 'cancelled')
-  return 'cancelled'
+  return outcome
 end
 release_lease(id)
 job.attempts = math.max((job.attempts or 1) - 1, 0)

@@ -1,0 +1,154 @@
+//! Statistics: counts by state and priority, live workers, totals, recent outcomes.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::Queue;
+use crate::dead_letter::DEAD_CAP_FIELD;
+use crate::error::Error;
+use crate::job::Priority;
+use crate::metrics;
+
+/// A worker is counted live when it heartbeat within this window.
+const LIVE_WINDOW: Duration = Duration::from_secs(15);
+
+/// Counts for one queue, read from Redis.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct QueueStats {
+    /// Ready to run.
+    pub queued: u64,
+    /// Waiting for a delay or retry.
+    pub scheduled: u64,
+    /// Being run.
+    pub active: u64,
+    /// In the dead letters.
+    pub dead: u64,
+    /// Ready jobs per priority, highest first.
+    pub queued_by_priority: Vec<(Priority, u64)>,
+    /// Workers that heartbeat recently.
+    pub workers: u64,
+    /// Workers whose circuit breaker is open or half-open (they claim no jobs).
+    pub open_breakers: u64,
+    /// Monotonic totals since the queue was created: `enqueued`, `deduplicated`,
+    /// `rate_limited`, `completed`, `failed` (attempts), `retried`, `dead`, `cancelled`,
+    /// `expired`, `stalled`, `requeued`, `purged`.
+    pub totals: HashMap<String, u64>,
+    /// Outcomes over the last minutes.
+    pub recent: RecentStats,
+}
+
+/// Outcomes over a recent window (whole minutes, the current one included).
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct RecentStats {
+    /// The window's length.
+    pub window: Duration,
+    /// Attempts that completed.
+    pub completed: u64,
+    /// Attempts that failed (errors, timeouts, panics, stalls).
+    pub failed: u64,
+    /// Mean time from start to report of attempts that ended, if any did.
+    pub mean_duration: Option<Duration>,
+    /// Failed attempts over all attempts that ended, if any did.
+    pub error_rate: Option<f64>,
+}
+
+/// Minutes in the recent window (the ring in Redis holds 60).
+const RECENT_MINUTES: u64 = 15;
+
+fn recent_stats(fields: &HashMap<String, String>, now: u64) -> RecentStats {
+    let minute = now / 60_000;
+    let (mut completed, mut failed, mut total_ms) = (0u64, 0u64, 0u64);
+    for (field, value) in fields {
+        if !field.starts_with("w:") {
+            continue;
+        }
+        let parts: Vec<u64> = value.split(',').filter_map(|p| p.parse().ok()).collect();
+        if let [m, c, f, d] = parts[..]
+            && m + RECENT_MINUTES > minute
+            && m <= minute
+        {
+            completed += c;
+            failed += f;
+            total_ms += d;
+        }
+    }
+    let ended = completed + failed;
+    RecentStats {
+        window: Duration::from_secs(RECENT_MINUTES * 60),
+        completed,
+        failed,
+        mean_duration: (ended > 0).then(|| Duration::from_millis(total_ms / ended)),
+        error_rate: (ended > 0).then(|| failed as f64 / ended as f64),
+    }
+}
+
+impl<J> Queue<J> {
+    /// Counts by state and priority, live workers and lifetime totals.
+    pub async fn stats(&self) -> Result<QueueStats, Error> {
+        let k = &self.shared.keys;
+        let mut pipe = redis::pipe();
+        pipe.zcard(k.ready())
+            .zcard(k.scheduled())
+            .zcard(k.active())
+            .zcard(k.dead());
+        for p in Priority::ALL {
+            let lo = u64::from(p.rank()) * 10_000_000_000_000;
+            pipe.zcount(k.ready(), lo, format!("({}", lo + 10_000_000_000_000));
+        }
+        let now = self.shared.redis_now().await?;
+        let live_since = now.saturating_sub(LIVE_WINDOW.as_millis() as u64);
+        pipe.zrangebyscore(k.workers(), live_since, "+inf")
+            .hkeys(k.breakers())
+            .hgetall(k.stats());
+        type Reply = (
+            u64,
+            u64,
+            u64,
+            u64,
+            u64,
+            u64,
+            u64,
+            Vec<String>,
+            Vec<String>,
+            HashMap<String, String>,
+        );
+        let (queued, scheduled, active, dead, high, normal, low, live, breakers, fields): Reply =
+            pipe.query_async(&mut self.shared.conn.clone()).await?;
+        let workers = live.len() as u64;
+        // Only live workers' breakers count: a killed worker's entry lingers until the
+        // heartbeat of another forgets it.
+        let open_breakers = breakers.iter().filter(|w| live.contains(w)).count() as u64;
+        let name = &self.shared.name;
+        for (state, n) in [
+            ("queued", queued),
+            ("scheduled", scheduled),
+            ("active", active),
+            ("dead", dead),
+        ] {
+            metrics::depth(name, state, n);
+        }
+        metrics::workers(name, workers);
+        let totals = fields
+            .iter()
+            .filter(|(k, _)| !k.starts_with("w:") && k.as_str() != DEAD_CAP_FIELD)
+            .filter_map(|(k, v)| Some((k.clone(), v.parse().ok()?)))
+            .collect();
+        Ok(QueueStats {
+            queued,
+            scheduled,
+            active,
+            dead,
+            queued_by_priority: vec![
+                (Priority::High, high),
+                (Priority::Normal, normal),
+                (Priority::Low, low),
+            ],
+            workers,
+            open_breakers,
+            recent: recent_stats(&fields, now),
+            totals,
+        })
+    }
+}

@@ -1,0 +1,30 @@
+-- report: the outcomes of many attempts in one call (a worker coalesces the reports of
+-- all its slots), then claims the worker's next jobs in the same round trip.
+-- KEYS: the queue's keys (see common.lua)
+-- ARGV[1] '' (Redis's clock), ARGV[2] events max
+-- ARGV[3] worker id, ARGV[4] jobs to claim next (0 for none), ARGV[5] lease ms,
+-- ARGV[6] default max attempts, ARGV[7] number of reports n, then six per report:
+--   'c', id, lease token, result bytes, '', ''                      (completed)
+--   'f', id, lease token, error kind, error message, retry in ms    (failed; '' for
+--                                                                    no retry: dead)
+-- Returns: {{outcome per report}, claim...}; outcomes are 'completed', 'retrying',
+-- 'dead', 'cancelled' or 'lost' (the lease is no longer this worker's: nothing changed)
+local n = tonumber(ARGV[7])
+local outcomes = {}
+-- Counters and the outcome window are written once for the whole batch.
+defer_counts()
+for i = 0, n - 1 do
+  local at = 8 + i * 6
+  if ARGV[at] == 'c' then
+    outcomes[i + 1] = complete_one(ARGV[at + 1], ARGV[at + 2], ARGV[at + 3])
+  else
+    outcomes[i + 1] = fail_one(ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5])
+  end
+end
+flush_counts()
+local next_jobs = { -1 }
+local m = tonumber(ARGV[4])
+if m > 0 then
+  next_jobs = claim(ARGV[3], m, tonumber(ARGV[5]), tonumber(ARGV[6]))
+end
+return { outcomes, next_jobs }

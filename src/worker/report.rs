@@ -1,0 +1,319 @@
+//! Coalesced reports: the outcomes of all of a worker's slots for one queue go to
+//! Redis together, one script call per batch, and the same call claims the next jobs
+//! for the slots that want one.
+//!
+//! No timer: a batch leaves as soon as the previous call returns, carrying every
+//! report that arrived meanwhile (at most [`MAX_BATCH`]). At concurrency 1 that is
+//! one report per call with no added wait; at concurrency 50 it is one call for many
+//! jobs, which is what Redis's single thread needs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::Value;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::claim::{ClaimArgs, Claimed, backoff, parse_claim};
+use crate::error::{Error, JobError};
+use crate::job::{JobId, safe_ms};
+use crate::redis::Shared;
+
+/// Reports per script call, at most.
+pub(crate) const MAX_BATCH: usize = 256;
+
+/// The longest error message stored with a job (bytes, cut at a character boundary):
+/// a handler that fails with a whole log must not grow the record without bound.
+pub(crate) const MESSAGE_MAX: usize = 2_000;
+
+/// How an attempt ended, as the worker reports it to Redis.
+#[derive(Debug)]
+pub(crate) enum Report {
+    Completed(Vec<u8>),
+    Failed {
+        error: JobError,
+        /// `None`: no retry, the job is dead.
+        retry_in: Option<Duration>,
+    },
+}
+
+/// What Redis did with a report, and the next job it handed over, if asked.
+#[derive(Debug)]
+pub(crate) struct Acked {
+    pub(crate) outcome: String,
+    pub(crate) next: Option<Claimed>,
+}
+
+/// One report waiting for its batch.
+pub(crate) struct Pending {
+    id: JobId,
+    token: String,
+    report: Report,
+    claim_next: bool,
+    /// Set by the heartbeat when the lease is lost: then retrying is pointless.
+    lost: Option<Arc<AtomicBool>>,
+    reply: oneshot::Sender<Result<Acked, Error>>,
+}
+
+/// The reporter of one queue of one worker.
+#[derive(Debug, Clone)]
+pub(crate) enum Reporter {
+    /// Several slots: reports meet in a batching task.
+    Batched(mpsc::UnboundedSender<Pending>),
+    /// One slot: nothing to coalesce, so the report goes straight out (no task hop).
+    Direct {
+        shared: Arc<Shared>,
+        queue: usize,
+        args: ClaimArgs,
+        interrupt: CancellationToken,
+    },
+}
+
+impl Reporter {
+    /// Starts the batching task; it ends when the last `Reporter` clone is dropped.
+    /// `interrupt` (the shutdown grace is over) stops retries through outages.
+    pub(crate) fn start(
+        shared: Arc<Shared>,
+        queue: usize,
+        args: ClaimArgs,
+        interrupt: CancellationToken,
+        slots: usize,
+    ) -> Self {
+        if slots <= 1 {
+            return Reporter::Direct {
+                shared,
+                queue,
+                args,
+                interrupt,
+            };
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(batches(rx, shared, queue, args, interrupt));
+        Reporter::Batched(tx)
+    }
+
+    /// Reports one attempt and waits until Redis has it (through transient failures,
+    /// for as long as the lease is not lost: a finished result, maybe an hour's work,
+    /// is worth waiting out an outage for). With `claim_next`, the same call may hand
+    /// over this slot's next job.
+    pub(crate) async fn report(
+        &self,
+        job: &Claimed,
+        report: Report,
+        claim_next: bool,
+        lost: Option<Arc<AtomicBool>>,
+    ) -> Result<(Report, Acked), Error> {
+        let (reply, answer) = oneshot::channel();
+        // The report itself moves into the batch; its summary (no result bytes) comes
+        // back with the answer, for the caller's logs and metrics.
+        let summary = summary(&report);
+        let pending = Pending {
+            id: job.id.clone(),
+            token: job.token.clone(),
+            report,
+            claim_next,
+            lost,
+            reply,
+        };
+        match self {
+            Reporter::Batched(tx) => tx
+                .send(pending)
+                .map_err(|_| Error::Protocol("the reporter stopped".into()))?,
+            Reporter::Direct {
+                shared,
+                queue,
+                args,
+                interrupt,
+            } => send(shared, *queue, args, interrupt, vec![pending]).await,
+        }
+        let acked = answer
+            .await
+            .map_err(|_| Error::Protocol("the reporter stopped".into()))??;
+        Ok((summary, acked))
+    }
+}
+
+/// A copy of a report without its result bytes (they went to Redis).
+fn summary(report: &Report) -> Report {
+    match report {
+        Report::Completed(_) => Report::Completed(Vec::new()),
+        Report::Failed { error, retry_in } => Report::Failed {
+            error: error.clone(),
+            retry_in: *retry_in,
+        },
+    }
+}
+
+async fn batches(
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    shared: Arc<Shared>,
+    queue: usize,
+    args: ClaimArgs,
+    interrupt: CancellationToken,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        send(&shared, queue, &args, &interrupt, batch).await;
+    }
+}
+
+/// Sends one batch, retrying transient failures for the reports whose lease is not
+/// known lost, and answers every report.
+async fn send(
+    shared: &Arc<Shared>,
+    queue: usize,
+    args: &ClaimArgs,
+    interrupt: &CancellationToken,
+    mut batch: Vec<Pending>,
+) {
+    let mut delays = backon::BackoffBuilder::build(backoff());
+    loop {
+        let reply = invoke(shared, queue, args, &batch).await;
+        match reply {
+            Ok((outcomes, next)) => {
+                let mut next = next.jobs.into_iter();
+                for (pending, outcome) in batch.into_iter().zip(outcomes) {
+                    let job = if pending.claim_next {
+                        next.next()
+                    } else {
+                        None
+                    };
+                    let acked = Acked { outcome, next: job };
+                    if let Err(Ok(unwanted)) = pending.reply.send(Ok(acked))
+                        && let Some(job) = unwanted.next
+                    {
+                        hand_back(shared, args, job);
+                    }
+                }
+                // More jobs than asked for cannot happen; never strand one if it did.
+                for job in next {
+                    hand_back(shared, args, job);
+                }
+                return;
+            }
+            Err(e) if e.is_transient() && !interrupt.is_cancelled() => {
+                // Reports whose lease is gone stop here; the others wait it out.
+                let (gone, kept): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .partition(|p| p.lost.as_ref().is_some_and(|l| l.load(Ordering::SeqCst)));
+                for pending in gone {
+                    let _ = pending.reply.send(Err(Error::Protocol(format!(
+                        "lease lost while the report failed: {e}"
+                    ))));
+                }
+                if kept.is_empty() {
+                    return;
+                }
+                batch = kept;
+                let after = delays.next().unwrap_or(Duration::from_secs(2));
+                tracing::warn!(error = %e, reports = batch.len(), ?after, "report failed; retrying");
+                tokio::select! {
+                    _ = interrupt.cancelled() => {}
+                    _ = tokio::time::sleep(after) => {}
+                }
+            }
+            Err(e) => {
+                for pending in batch {
+                    let _ = pending.reply.send(Err(clone_error(&e)));
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::Redis(r) => Error::Redis(r.clone()),
+        other => Error::Protocol(other.to_string()),
+    }
+}
+
+/// A job handed over for a slot that no longer waits: back to ready at once, since
+/// claimed means run or handed back.
+fn hand_back(shared: &Arc<Shared>, args: &ClaimArgs, job: Claimed) {
+    let shared = shared.clone();
+    let lease = args.lease;
+    tokio::spawn(async move {
+        if let Err(e) = super::claim::release(&shared, &job, lease).await {
+            tracing::warn!(job = %job.id, error = %e, "hand-back failed; the lease will expire");
+        }
+    });
+}
+
+async fn invoke(
+    shared: &Shared,
+    queue: usize,
+    args: &ClaimArgs,
+    batch: &[Pending],
+) -> Result<(Vec<String>, super::claim::Claim), Error> {
+    let wanted = batch.iter().filter(|p| p.claim_next).count();
+    let mut inv = shared.invocation(shared.scripts.report);
+    inv.arg(&args.worker_id)
+        .arg(wanted)
+        .arg(safe_ms(args.lease))
+        .arg(args.default_attempts)
+        .arg(batch.len());
+    for p in batch {
+        match &p.report {
+            Report::Completed(result) => {
+                inv.arg("c")
+                    .arg(p.id.as_str())
+                    .arg(&p.token)
+                    .arg(result.as_slice())
+                    .arg("")
+                    .arg("");
+            }
+            Report::Failed { error, retry_in } => {
+                inv.arg("f")
+                    .arg(p.id.as_str())
+                    .arg(&p.token)
+                    .arg(error.kind())
+                    .arg(capped(error.to_string()))
+                    .arg(retry_in.map(|d| safe_ms(d).to_string()).unwrap_or_default());
+            }
+        }
+    }
+    let (outcomes, next): (Vec<String>, Value) = shared.invoke(&inv).await?;
+    if outcomes.len() != batch.len() {
+        return Err(Error::Protocol(format!(
+            "report answered {} outcomes for {} reports",
+            outcomes.len(),
+            batch.len()
+        )));
+    }
+    Ok((outcomes, parse_claim(queue, next)?))
+}
+
+/// `message`, cut to [`MESSAGE_MAX`] bytes at a character boundary, marked when cut.
+pub(crate) fn capped(message: String) -> String {
+    if message.len() <= MESSAGE_MAX {
+        return message;
+    }
+    let mut end = MESSAGE_MAX;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_at_a_character_boundary() {
+        assert_eq!(capped("short".into()), "short");
+        let long = "é".repeat(1_500); // 3 000 bytes
+        let cut = capped(long);
+        assert_eq!(cut.chars().count(), 1_001);
+        assert!(cut.ends_with('…'));
+    }
+}
