@@ -16,7 +16,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use voxqueue::tts::{self, AudioFormat, SpeechResult, StreamEvent, StreamReader, SynthesisRequest};
-use voxqueue::{EventStream, JobEvent, JobId, JobState, JobStatus, Queue};
+use voxqueue::{EventKind, EventStream, JobEvent, JobId, JobState, JobStatus, Queue};
 
 use crate::error::{ApiError, job_id};
 use crate::routes::{expired, rfc3339, status_json, stored_audio};
@@ -77,9 +77,11 @@ impl Follow {
     async fn next(mut self) -> Option<(Event, Option<Self>)> {
         loop {
             let event = self.events.recv().await?;
-            if self.events.missed() > self.missed {
-                // Too slow a client skipped events, maybe the terminal one: the job's
-                // state says whether it is over.
+            // A client too slow for the broadcast, or a reader that reconnected or fell
+            // behind a trimmed stream (`Gap`), may have skipped the terminal event: the
+            // job's state says whether it is over.
+            let gap = event.kind == EventKind::Gap;
+            if gap || self.events.missed() > self.missed {
                 self.missed = self.events.missed();
                 if let Ok(status) = self.queue.status(&self.id).await
                     && status.state.is_terminal()
@@ -87,7 +89,7 @@ impl Follow {
                     return Some((state_event(&status), None));
                 }
             }
-            if event.job_id != self.id {
+            if gap || event.job_id != self.id {
                 continue;
             }
             let done = event.kind.is_terminal();

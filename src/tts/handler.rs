@@ -210,13 +210,16 @@ impl Handler<SynthesisRequest> for TtsHandler {
             }
             None => synthesizer,
         };
-        let mut work = tokio::task::spawn_blocking(move || {
+        // Through the context, so a timed-out job's slot stays busy until the
+        // synthesis really ends: no second job starts on a device still in use.
+        let work = ctx.run_blocking(move || {
             let mut report = |done: usize, total: usize| {
                 let _ = tx.send((done, total));
                 !cancel.is_cancelled()
             };
             synthesize_long(&*synthesizer, &req, &options, &mut report)
         });
+        tokio::pin!(work);
         let synthesis = loop {
             tokio::select! {
                 joined = &mut work => break joined,
@@ -234,9 +237,7 @@ impl Handler<SynthesisRequest> for TtsHandler {
                 }
             }
         };
-        let synthesis = synthesis
-            .map_err(|e| JobError::Panic(format!("synthesis thread: {e}")))
-            .and_then(|s| s.map_err(job_error));
+        let synthesis = synthesis.and_then(|s| s.map_err(job_error));
         if let Some(stream) = &self.stream {
             // The chunks the tap sent before the thread ended are still in the channel.
             while let Ok(chunk) = chunks.try_recv() {

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use voxqueue::{
-    CancelOutcome, Error, JobContext, JobError, JobId, JobState, Priority, Queue, Worker,
-    handler_fn,
+    CancelOutcome, Error, JobContext, JobError, JobId, JobState, Queue, Worker, handler_fn,
 };
 
 use crate::common::{Prefix, eventually};
@@ -19,8 +18,6 @@ use crate::queue::Echo;
 use crate::worker::{spawn, stop};
 
 const WAIT: Duration = Duration::from_secs(10);
-/// The job the recovering worker holds so that a recovered job has to wait in line.
-const BLOCKER: u32 = 99;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Meanwhile {
@@ -120,45 +117,23 @@ async fn end_an_attempt(
         }
         Ending::Release => stop(holder).await,
         Ending::Expire => {
-            // Once the lease has lapsed, another worker's claim finds it. That worker
-            // takes a job of higher priority first and is then busy, so a job that
-            // goes back to ready stays there for the checks.
+            // Once the lease has lapsed, a live worker's heartbeat recovers it (here the
+            // holder's own early beat, which renews nothing): the job leaves `active`.
+            // The holder stays busy with the stalled attempt, so a job that goes back
+            // to ready stays there for the checks.
             let active = format!("{}:{{ends}}:active", p.name);
-            eventually(WAIT, "the lease lapsed", || async {
-                let lapsed: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            eventually(WAIT, "the lapsed lease was recovered", || async {
+                let score: Option<f64> = redis::cmd("ZSCORE")
                     .arg(&active)
-                    .arg("-inf")
-                    .arg(voxqueue_now_ms())
+                    .arg(job.id.as_str())
                     .query_async(&mut conn().await)
                     .await
                     .unwrap();
-                lapsed.contains(&job.id.as_str().to_owned()).then_some(())
+                score.is_none().then_some(())
             })
             .await;
-            let blocker = q
-                .enqueue(Echo { n: BLOCKER })
-                .priority(Priority::High)
-                .await
-                .unwrap();
-            let recoverer = handler_fn(|job: Echo, _ctx: JobContext| async move {
-                if job.n == BLOCKER {
-                    std::future::pending::<()>().await;
-                }
-                Ok::<_, JobError>(job.n)
-            });
-            let other = spawn(
-                Worker::builder(q.clone())
-                    .shutdown_grace(Duration::from_millis(100))
-                    .build(recoverer),
-            );
-            // The claim that handed the blocker over recovered lapsed leases first.
-            eventually(WAIT, "the other worker claimed", || async {
-                (q.status(&blocker.id).await.unwrap().state == JobState::Active).then_some(())
-            })
-            .await;
-            stop(other).await;
-            // Checked before the first worker stops: its hand-back would drop a lease
-            // that the recovery forgot.
+            // Checked before the holder stops: its hand-back would drop a lease that
+            // the recovery forgot.
             no_lease_left(p, &job.id, ending).await;
             stop(holder).await;
         }
@@ -166,7 +141,7 @@ async fn end_an_attempt(
     (q, job.id)
 }
 
-/// The job's lease is gone: nothing active but the blocker, no lease entry left.
+/// The job's lease is gone: the job is not active, no lease entry left.
 async fn no_lease_left(p: &Prefix, id: &JobId, ending: Ending) {
     let mut conn = conn().await;
     let lease: Option<String> = redis::cmd("HGET")
@@ -191,13 +166,6 @@ async fn conn() -> redis::aio::MultiplexedConnection {
         .get_multiplexed_async_connection()
         .await
         .unwrap()
-}
-
-fn voxqueue_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 async fn nothing_happened(ending: Ending, attempts: u32) -> (Prefix, voxqueue::JobStatus) {
