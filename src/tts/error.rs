@@ -79,6 +79,11 @@ pub enum TtsError {
     #[error("audio encoding failed: {0}")]
     Audio(String),
 
+    /// Audio codes handed to a neural codec do not fit the model (a frame with the wrong
+    /// number of codebooks, a code outside a codebook). The same codes fail every time.
+    #[error("invalid audio codes: {0}")]
+    InvalidCodes(String),
+
     /// The caller (or the job's cancellation) asked to stop before synthesis finished.
     #[error("synthesis cancelled")]
     Cancelled,
@@ -97,6 +102,7 @@ impl TtsError {
                 | Self::UnknownVoice { .. }
                 | Self::SpeedOutOfRange { .. }
                 | Self::SampleRateOutOfRange { .. }
+                | Self::InvalidCodes(_)
         )
     }
 
@@ -143,6 +149,7 @@ mod tests {
             TtsError::Backend("boom".into()),
             TtsError::backend_unavailable("espeak-ng not found", "install it"),
             TtsError::Audio("bad wav".into()),
+            TtsError::InvalidCodes("frame 0 has 3 codes".into()),
             TtsError::Cancelled,
         ]
     }
@@ -154,7 +161,7 @@ mod tests {
                 assert!(!e.is_retryable(), "{e:?}");
             }
         }
-        assert_eq!(all().iter().filter(|e| e.is_invalid_request()).count(), 5);
+        assert_eq!(all().iter().filter(|e| e.is_invalid_request()).count(), 6);
     }
 
     #[test]

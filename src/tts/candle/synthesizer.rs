@@ -414,40 +414,92 @@ impl ParlerSynthesizer {
         (sampling, seed)
     }
 
-    /// Generates and decodes one batch of prepared requests.
-    fn run(&self, items: &[GenItem]) -> Vec<Result<Audio, TtsError>> {
+    /// The audio codes the model generates for `request`, before the codec: one frame
+    /// per step, each with one code per codebook (delay pattern undone, frames with
+    /// special codes dropped). With [`Self::decode_codes`] this is the whole of
+    /// [`Synthesizer::synthesize`], split where a reference implementation can be
+    /// compared: generation and codec decoding are checked apart.
+    pub fn generate_codes(&self, request: &SynthesisRequest) -> Result<Vec<Vec<u32>>, TtsError> {
+        let item = self.prepare(request)?;
+        self.codes(std::slice::from_ref(&item))
+            .pop()
+            .unwrap_or_else(|| Err(TtsError::Backend("generation returned nothing".into())))
+    }
+
+    /// Decodes codes (as [`Self::generate_codes`] gives them, or a reference's) to audio
+    /// at the model's sample rate. Every frame must hold one code per codebook, each
+    /// below the codebook size: anything else is refused, never silently clipped.
+    pub fn decode_codes(&self, frames: &[Vec<u32>]) -> Result<Audio, TtsError> {
+        let model = self.model.lock().unwrap_or_else(PoisonError::into_inner);
+        self.decode_with(&model, frames)
+    }
+
+    fn decode_with(&self, model: &ParlerModel, frames: &[Vec<u32>]) -> Result<Audio, TtsError> {
+        if frames.is_empty() {
+            return Err(TtsError::Backend(
+                "Parler-TTS ended the speech before its first audio frame".into(),
+            ));
+        }
+        let books = self.special.num_codebooks;
+        let size = self.special.codebook_size;
+        for (step, frame) in frames.iter().enumerate() {
+            if frame.len() != books {
+                return Err(TtsError::InvalidCodes(format!(
+                    "frame {step} has {} codes; the model has {books} codebooks",
+                    frame.len()
+                )));
+            }
+            if let Some(code) = frame.iter().find(|&&c| c as usize >= size) {
+                return Err(TtsError::InvalidCodes(format!(
+                    "frame {step} holds {code}, outside the codebook (size {size})"
+                )));
+            }
+        }
+        let samples = model
+            .codec
+            .decode(frames, &self.device)
+            .map_err(|e| TtsError::Backend(format!("DAC decoding failed: {e}")))?;
+        tracing::debug!(
+            frames = frames.len(),
+            samples = samples.len(),
+            hop = model.codec.hop_length(),
+            "decoded speech"
+        );
+        Ok(Audio::new(samples, self.sample_rate))
+    }
+
+    /// Generates one batch of prepared requests: their frames, undelayed.
+    fn codes(&self, items: &[GenItem]) -> Vec<Result<Vec<Vec<u32>>, TtsError>> {
         let mut model = self.model.lock().unwrap_or_else(PoisonError::into_inner);
-        let columns = match generate(&mut model, &self.special, items, &self.device) {
-            Ok(columns) => columns,
+        self.codes_with(&mut model, items)
+    }
+
+    fn codes_with(
+        &self,
+        model: &mut ParlerModel,
+        items: &[GenItem],
+    ) -> Vec<Result<Vec<Vec<u32>>, TtsError>> {
+        match generate(model, &self.special, items, &self.device) {
+            Ok(columns) => columns
+                .iter()
+                .map(|cols| Ok(undelay(cols, self.special.codebook_size)))
+                .collect(),
             Err(err) => {
                 let message = format!("Parler-TTS generation failed: {err}");
-                return items
+                items
                     .iter()
                     .map(|_| Err(TtsError::Backend(message.clone())))
-                    .collect();
+                    .collect()
             }
-        };
-        columns
-            .iter()
-            .map(|cols| {
-                let frames = undelay(cols, self.special.codebook_size);
-                if frames.is_empty() {
-                    return Err(TtsError::Backend(
-                        "Parler-TTS ended the speech before its first audio frame".into(),
-                    ));
-                }
-                let samples = model
-                    .codec
-                    .decode(&frames, &self.device)
-                    .map_err(|e| TtsError::Backend(format!("DAC decoding failed: {e}")))?;
-                tracing::debug!(
-                    frames = frames.len(),
-                    samples = samples.len(),
-                    hop = model.codec.hop_length(),
-                    "decoded speech"
-                );
-                Ok(Audio::new(samples, self.sample_rate))
-            })
+        }
+    }
+
+    /// Generates and decodes one batch of prepared requests, under one lock.
+    fn run(&self, items: &[GenItem]) -> Vec<Result<Audio, TtsError>> {
+        let mut model = self.model.lock().unwrap_or_else(PoisonError::into_inner);
+        self.codes_with(&mut model, items)
+            .into_iter()
+            .map(|frames| self.decode_with(&model, &frames?))
             .collect()
     }
 }
@@ -527,5 +579,52 @@ impl Synthesizer for ParlerSynthesizer {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(TtsError::Backend("request was not run".into()))))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod codes_tests {
+    use super::*;
+    use crate::tts::candle::{TINY_HOP_LENGTH, write_tiny_model};
+
+    fn tiny() -> (tempfile::TempDir, ParlerSynthesizer) {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path(), 7).unwrap();
+        let options = ParlerOptions::new()
+            .with_device(DeviceChoice::Cpu)
+            .with_max_steps(40)
+            .with_seed(3);
+        let tts = ParlerSynthesizer::load(dir.path(), options).unwrap();
+        (dir, tts)
+    }
+
+    #[test]
+    fn generated_codes_decode_to_exactly_the_synthesized_audio() {
+        let (_dir, tts) = tiny();
+        let request = SynthesisRequest::new("Hello world.", "laura");
+        let codes = tts.generate_codes(&request).unwrap();
+        assert!(!codes.is_empty());
+        // Three codebooks of 32 codes in the tiny model.
+        assert!(codes.iter().all(|f| f.len() == 3 && f.iter().all(|&c| c < 32)));
+        let audio = tts.decode_codes(&codes).unwrap();
+        assert_eq!(audio.samples.len(), codes.len() * TINY_HOP_LENGTH);
+        assert_eq!(audio.samples, tts.synthesize(&request).unwrap().samples);
+    }
+
+    #[test]
+    fn codes_that_do_not_fit_the_model_are_refused() {
+        let (_dir, tts) = tiny();
+        let err = tts.decode_codes(&[vec![1, 2, 3], vec![1, 2]]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid audio codes: frame 1 has 2 codes; the model has 3 codebooks"
+        );
+        let err = tts.decode_codes(&[vec![1, 32, 3]]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid audio codes: frame 0 holds 32, outside the codebook (size 32)"
+        );
+        assert!(err.is_invalid_request());
+        assert!(tts.decode_codes(&[]).is_err());
     }
 }
