@@ -98,8 +98,15 @@ async fn sigkilled_worker_process_loses_no_job() {
         .build(slow_echo());
     let (stop, signal) = crate::common::shutdown();
     let running = tokio::spawn(worker.run_until(signal));
+    // One deadline for the lot: a broken transition must fail the test, not make it
+    // wait a minute per job.
+    eventually(Duration::from_secs(60), "every job completed", || async {
+        let s = q.stats().await.unwrap();
+        (s.totals.get("completed").copied().unwrap_or(0) >= 300).then_some(())
+    })
+    .await;
     for (n, job) in jobs.iter().enumerate() {
-        let st = q.wait(&job.id, Duration::from_secs(60)).await.unwrap();
+        let st = q.status(&job.id).await.unwrap();
         assert_eq!(st.state, JobState::Completed, "{:?}", st);
         assert_eq!(q.result::<u32>(&job.id).await.unwrap(), Some(n as u32));
     }
