@@ -16,10 +16,11 @@ use crate::queue::Echo;
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// A worker running in the background, and the sender that stops it.
+pub(crate) type Running = (oneshot::Sender<()>, JoinHandle<Result<(), Error>>);
+
 /// Runs a worker in the background; dropping the sender stops it.
-pub(crate) fn spawn<J, H>(
-    worker: Worker<J, H>,
-) -> (oneshot::Sender<()>, JoinHandle<Result<(), Error>>)
+pub(crate) fn spawn<J, H>(worker: Worker<J, H>) -> Running
 where
     J: serde::de::DeserializeOwned + Send + 'static,
     H: Handler<J>,
@@ -28,7 +29,7 @@ where
     (stop, tokio::spawn(worker.run_until(signal)))
 }
 
-pub(crate) async fn stop(worker: (oneshot::Sender<()>, JoinHandle<Result<(), Error>>)) {
+pub(crate) async fn stop(worker: Running) {
     let _ = worker.0.send(());
     worker.1.await.expect("worker task").expect("worker result");
 }
@@ -397,6 +398,46 @@ fn second_claim(
     })
 }
 
+/// Worker `first` claims `job`; once its lease has lapsed a second worker with the same
+/// id takes the job over (see `second_claim`). Returns both workers and the notifier
+/// that lets the second claim finish.
+async fn take_over<H: Handler<Echo>>(
+    q: &Queue<Echo>,
+    job: &voxqueue::JobId,
+    first: Worker<Echo, H>,
+) -> (Running, Running, Arc<Notify>) {
+    let wa = spawn(first);
+    eventually(WAIT, "the first claim holds the job", || async {
+        let st = q.status(job).await.unwrap();
+        (st.state == JobState::Active && st.attempts == 1).then_some(())
+    })
+    .await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let finish = Arc::new(Notify::new());
+    let wb = spawn(
+        Worker::builder(q.clone())
+            .id("fencer")
+            .build(second_claim(started.clone(), finish.clone())),
+    );
+    eventually(WAIT, "the second claim took over", || async {
+        (started.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    (wa, wb, finish)
+}
+
+/// Every key as `before` had it, and no new one.
+fn assert_unchanged(
+    before: &std::collections::BTreeMap<String, String>,
+    after: &std::collections::BTreeMap<String, String>,
+    what: &str,
+) {
+    for (key, value) in before {
+        assert_eq!(after.get(key), Some(value), "{what} changed {key}");
+    }
+    assert_eq!(after.len(), before.len(), "{what} added keys");
+}
+
 /// Runs one stale transition and checks that Redis refused it: every key of the
 /// queue is as the second claim left it, and the second claim still completes.
 async fn a_stale_worker_changes_nothing(action: Stale) {
@@ -433,30 +474,13 @@ async fn a_stale_worker_changes_nothing(action: Stale) {
             result
         }
     });
-    let wa = spawn(
-        Worker::builder(q.clone())
-            .id("fencer")
-            .lease(Duration::from_millis(300))
-            .heartbeat(Duration::from_secs(3600))
-            .shutdown_grace(Duration::from_millis(100))
-            .build(first),
-    );
-    eventually(WAIT, "the first claim holds the job", || async {
-        let st = q.status(&job.id).await.unwrap();
-        (st.state == JobState::Active && st.attempts == 1).then_some(())
-    })
-    .await;
-    let started = Arc::new(AtomicUsize::new(0));
-    let finish = Arc::new(Notify::new());
-    let wb = spawn(
-        Worker::builder(q.clone())
-            .id("fencer")
-            .build(second_claim(started.clone(), finish.clone())),
-    );
-    eventually(WAIT, "the second claim took over", || async {
-        (started.load(Ordering::SeqCst) == 1).then_some(())
-    })
-    .await;
+    let first = Worker::builder(q.clone())
+        .id("fencer")
+        .lease(Duration::from_millis(300))
+        .heartbeat(Duration::from_secs(3600))
+        .shutdown_grace(Duration::from_millis(100))
+        .build(first);
+    let (wa, wb, finish) = take_over(&q, &job.id, first).await;
     let before = p.snapshot().await;
     let st = q.status(&job.id).await.unwrap();
     assert_eq!(
@@ -480,11 +504,7 @@ async fn a_stale_worker_changes_nothing(action: Stale) {
             "stale progress accepted"
         );
     }
-    let after = p.snapshot().await;
-    for (key, value) in &before {
-        assert_eq!(after.get(key), Some(value), "{action:?} changed {key}");
-    }
-    assert_eq!(after.len(), before.len(), "{action:?} added keys");
+    assert_unchanged(&before, &p.snapshot().await, &format!("{action:?}"));
 
     finish.notify_one();
     assert_eq!(q.wait_result::<u32>(&job.id, WAIT).await.unwrap(), 2);
@@ -539,41 +559,20 @@ async fn a_stale_heartbeat_is_refused_and_fires_the_stale_handlers_token() {
             Err::<u32, _>(JobError::Cancelled)
         }
     });
-    let wa = spawn(
-        Worker::builder(q.clone())
-            .id("fencer")
-            .lease(Duration::from_millis(300))
-            .heartbeat(Duration::from_secs(1))
-            .cancel_grace(Duration::from_secs(60))
-            .build(first),
-    );
-    eventually(WAIT, "the first claim holds the job", || async {
-        let st = q.status(&job.id).await.unwrap();
-        (st.state == JobState::Active && st.attempts == 1).then_some(())
-    })
-    .await;
-    let started = Arc::new(AtomicUsize::new(0));
-    let finish = Arc::new(Notify::new());
-    let wb = spawn(
-        Worker::builder(q.clone())
-            .id("fencer")
-            .build(second_claim(started.clone(), finish.clone())),
-    );
-    eventually(WAIT, "the second claim took over", || async {
-        (started.load(Ordering::SeqCst) == 1).then_some(())
-    })
-    .await;
+    let first = Worker::builder(q.clone())
+        .id("fencer")
+        .lease(Duration::from_millis(300))
+        .heartbeat(Duration::from_secs(1))
+        .cancel_grace(Duration::from_secs(60))
+        .build(first);
+    let (wa, wb, finish) = take_over(&q, &job.id, first).await;
     let before = p.snapshot().await;
     eventually(WAIT, "the stale handler's token fired", || async {
         (fired.load(Ordering::SeqCst) == 1).then_some(())
     })
     .await;
     stop(wa).await;
-    let after = p.snapshot().await;
-    for (key, value) in &before {
-        assert_eq!(after.get(key), Some(value), "changed {key}");
-    }
-    assert_eq!(after.len(), before.len());
+    assert_unchanged(&before, &p.snapshot().await, "the stale heartbeat");
     let st = q.status(&job.id).await.unwrap();
     assert_eq!(
         (st.state, st.attempts, st.progress),
