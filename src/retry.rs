@@ -292,6 +292,21 @@ mod tests {
     }
 
     #[test]
+    fn unseeded_policies_do_not_come_back_in_a_herd() {
+        // Two workers' policies built alike: without a seed each draws its own entropy,
+        // so jobs failing together are retried apart.
+        let a = RetryPolicy::fixed(Duration::from_secs(10))
+            .max_attempts(10)
+            .jitter(0.5);
+        let b = RetryPolicy::fixed(Duration::from_secs(10))
+            .max_attempts(10)
+            .jitter(0.5);
+        assert_ne!(schedule(&a, 9), schedule(&b, 9));
+        // A clone (a job's stored policy) keeps its schedule.
+        assert_eq!(schedule(&a.clone(), 9), schedule(&a, 9));
+    }
+
+    #[test]
     fn the_default_policy_is_three_attempts_exponential_from_one_second() {
         let p = RetryPolicy::default();
         assert_eq!(p.attempts(), 3);
