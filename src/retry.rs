@@ -340,6 +340,10 @@ mod tests {
                 .delay_for(1),
             Duration::from_secs(2)
         );
+        // No jitter is stored as none (a job's policy travels as data).
+        let stored =
+            serde_json::to_value(RetryPolicy::fixed(Duration::from_secs(2)).jitter(0.0)).unwrap();
+        assert_eq!(stored["jitter"], serde_json::json!("None"));
     }
 
     #[test]
