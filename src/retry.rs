@@ -233,6 +233,19 @@ mod tests {
             .jitter(0.2)
             .seed(42);
         assert_eq!(schedule(&p, 4), vec![10_966, 22_793, 37_989, 75_014]);
+        // To the nanosecond: every bit of the mixer counts.
+        let nanos: Vec<u128> = (1..5)
+            .map(|a| p.next_delay(a).unwrap().as_nanos())
+            .collect();
+        assert_eq!(
+            nanos,
+            vec![
+                10_966_259_515,
+                22_793_408_395,
+                37_989_026_248,
+                75_014_102_929
+            ]
+        );
         assert_eq!(p.next_delay(5), None);
         // The same seed on another policy value gives the same schedule.
         assert_eq!(schedule(&p.clone(), 4), schedule(&p, 4));
