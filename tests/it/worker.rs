@@ -902,3 +902,52 @@ async fn finished_jobs_are_swept_after_their_result_ttl() {
     assert_eq!(q.result_bytes(&job.id).await.unwrap(), None);
     stop(w).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_that_finds_no_job_or_fails_permanently_does_not_wedge_the_breaker() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("breaker-probe").await;
+    let mut events = q.events().await.unwrap();
+    // 0: the transient failure that opens the breaker; 1: a permanent failure (neither
+    // success nor transient); anything else succeeds.
+    let handler = handler_fn(|job: Echo, _ctx: JobContext| async move {
+        match job.n {
+            0 => Err(JobError::transient("GPU fell off the bus")),
+            1 => Err(JobError::permanent("bad input")),
+            n => Ok(n),
+        }
+    });
+    let w = spawn(
+        Worker::builder(q.clone())
+            .id("prober")
+            .retry(RetryPolicy::none())
+            .circuit_breaker(voxqueue::CircuitBreaker::new(1, Duration::from_millis(200)))
+            .build(handler),
+    );
+    let opener = q.enqueue(Echo { n: 0 }).await.unwrap();
+    assert_eq!(
+        q.wait(&opener.id, WAIT).await.unwrap().state,
+        JobState::Dead
+    );
+    // The cool-down ends with nothing queued: the probe claims nothing.
+    loop {
+        let e = crate::common::within("half-open", events.recv())
+            .await
+            .unwrap();
+        if e.kind == voxqueue::EventKind::Breaker && e.data.as_deref() == Some("half_open") {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // let the empty probe return
+    // The next job is the probe; it fails permanently, which proves nothing either way.
+    let neutral = q.enqueue(Echo { n: 1 }).await.unwrap();
+    assert_eq!(
+        q.wait(&neutral.id, WAIT).await.unwrap().state,
+        JobState::Dead
+    );
+    // So the one after is probed too, and closes the breaker.
+    let good = q.enqueue(Echo { n: 2 }).await.unwrap();
+    assert_eq!(q.wait_result::<u32>(&good.id, WAIT).await.unwrap(), 2);
+    assert_eq!(q.stats().await.unwrap().open_breakers, 0);
+    stop(w).await;
+}
