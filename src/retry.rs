@@ -233,6 +233,19 @@ mod tests {
             .jitter(0.2)
             .seed(42);
         assert_eq!(schedule(&p, 4), vec![10_966, 22_793, 37_989, 75_014]);
+        // To the nanosecond: every bit of the mixer counts.
+        let nanos: Vec<u128> = (1..5)
+            .map(|a| p.next_delay(a).unwrap().as_nanos())
+            .collect();
+        assert_eq!(
+            nanos,
+            vec![
+                10_966_259_515,
+                22_793_408_395,
+                37_989_026_248,
+                75_014_102_929
+            ]
+        );
         assert_eq!(p.next_delay(5), None);
         // The same seed on another policy value gives the same schedule.
         assert_eq!(schedule(&p.clone(), 4), schedule(&p, 4));
@@ -292,6 +305,21 @@ mod tests {
     }
 
     #[test]
+    fn unseeded_policies_do_not_come_back_in_a_herd() {
+        // Two workers' policies built alike: without a seed each draws its own entropy,
+        // so jobs failing together are retried apart.
+        let a = RetryPolicy::fixed(Duration::from_secs(10))
+            .max_attempts(10)
+            .jitter(0.5);
+        let b = RetryPolicy::fixed(Duration::from_secs(10))
+            .max_attempts(10)
+            .jitter(0.5);
+        assert_ne!(schedule(&a, 9), schedule(&b, 9));
+        // A clone (a job's stored policy) keeps its schedule.
+        assert_eq!(schedule(&a.clone(), 9), schedule(&a, 9));
+    }
+
+    #[test]
     fn the_default_policy_is_three_attempts_exponential_from_one_second() {
         let p = RetryPolicy::default();
         assert_eq!(p.attempts(), 3);
@@ -325,6 +353,10 @@ mod tests {
                 .delay_for(1),
             Duration::from_secs(2)
         );
+        // No jitter is stored as none (a job's policy travels as data).
+        let stored =
+            serde_json::to_value(RetryPolicy::fixed(Duration::from_secs(2)).jitter(0.0)).unwrap();
+        assert_eq!(stored["jitter"], serde_json::json!("None"));
     }
 
     #[test]

@@ -42,24 +42,37 @@ async fn worker_process() {
         .unwrap();
 }
 
+/// The worker process, killed when the test ends however it ends (a failed assertion
+/// before the planned kill must not leave it running).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_worker_process_loses_no_job() {
     let p = Prefix::new();
     let q = p.queue::<Echo>("crash").await;
     let jobs = q.enqueue_bulk((0..300).map(|n| Echo { n })).await.unwrap();
 
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "crash::worker_process",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(PREFIX_VAR, &p.name)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the worker process");
+    let mut child = KillOnDrop(
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "crash::worker_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env(PREFIX_VAR, &p.name)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the worker process"),
+    );
     // Kill it mid-batch, while it holds jobs.
     eventually(
         Duration::from_secs(60),
@@ -74,8 +87,8 @@ async fn sigkilled_worker_process_loses_no_job() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    child.kill().expect("SIGKILL");
-    child.wait().unwrap();
+    child.0.kill().expect("SIGKILL");
+    child.0.wait().unwrap();
     let orphaned = q.stats().await.unwrap().active;
     assert!(orphaned > 0);
 
@@ -85,8 +98,15 @@ async fn sigkilled_worker_process_loses_no_job() {
         .build(slow_echo());
     let (stop, signal) = crate::common::shutdown();
     let running = tokio::spawn(worker.run_until(signal));
+    // One deadline for the lot: a broken transition must fail the test, not make it
+    // wait a minute per job.
+    eventually(Duration::from_secs(60), "every job completed", || async {
+        let s = q.stats().await.unwrap();
+        (s.totals.get("completed").copied().unwrap_or(0) >= 300).then_some(())
+    })
+    .await;
     for (n, job) in jobs.iter().enumerate() {
-        let st = q.wait(&job.id, Duration::from_secs(60)).await.unwrap();
+        let st = q.status(&job.id).await.unwrap();
         assert_eq!(st.state, JobState::Completed, "{:?}", st);
         assert_eq!(q.result::<u32>(&job.id).await.unwrap(), Some(n as u32));
     }

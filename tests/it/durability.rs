@@ -49,18 +49,19 @@ async fn a_redis_restart_with_aof_loses_no_job() {
     // server has no scripts loaded, so every script call meets NOSCRIPT first.
     server.restart();
     restarted.store(true, Ordering::SeqCst);
+    // One deadline for the lot, then every job's own result.
+    eventually(Duration::from_secs(60), "every job completed", || async {
+        let s = q.stats().await.ok()?;
+        (s.totals.get("completed").copied().unwrap_or(0) >= 200).then_some(())
+    })
+    .await;
     for (expected, job) in jobs.iter().enumerate() {
-        let n = eventually(
-            Duration::from_secs(60),
-            "job finished after restart",
-            || async {
-                q.wait_result::<u32>(&job.id, Duration::from_secs(5))
-                    .await
-                    .ok()
-            },
-        )
-        .await;
-        assert_eq!(n as usize, expected);
+        let st = q.status(&job.id).await.unwrap();
+        assert_eq!(st.state, JobState::Completed, "{st:?}");
+        assert_eq!(
+            q.result::<u32>(&job.id).await.unwrap(),
+            Some(expected as u32)
+        );
     }
     let _ = stop.send(());
     running.await.unwrap().unwrap();
@@ -176,11 +177,14 @@ fn make_certs(dir: &std::path::Path) {
     }
 }
 
-/// A TLS-only Redis with the certificates of `make_certs`; `mutual` makes it demand a
-/// client certificate. Killed on drop, also when the test panics.
-fn tls_server(certs: &std::path::Path, mutual: bool) -> RedisServer {
-    let path = |f: &str| certs.join(f).display().to_string();
-    RedisServer::start_tls(&[
+/// Fresh certificates (see `make_certs`) and a TLS-only Redis using them, with its
+/// `rediss://` URL; `mutual` makes it demand a client certificate. The server is killed
+/// on drop, also when the test panics.
+fn tls_server(mutual: bool) -> (tempfile::TempDir, RedisServer, String) {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let path = |f: &str| certs.path().join(f).display().to_string();
+    let server = RedisServer::start_tls(&[
         "--tls-cert-file",
         &path("server.crt"),
         "--tls-key-file",
@@ -189,7 +193,9 @@ fn tls_server(certs: &std::path::Path, mutual: bool) -> RedisServer {
         &path("ca.crt"),
         "--tls-auth-clients",
         if mutual { "yes" } else { "no" },
-    ])
+    ]);
+    let url = format!("rediss://127.0.0.1:{}", server.port);
+    (certs, server, url)
 }
 
 /// The error and all its sources, for matching the TLS cause.
@@ -231,10 +237,7 @@ async fn round_trip(q: &Queue<Echo>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_runs_over_tls_and_an_unknown_issuer_is_refused() {
-    let certs = tempfile::tempdir().unwrap();
-    make_certs(certs.path());
-    let server = tls_server(certs.path(), false);
-    let url = format!("rediss://127.0.0.1:{}", server.port);
+    let (certs, _server, url) = tls_server(false);
     let ca = std::fs::read(certs.path().join("ca.crt")).unwrap();
     let q = tls_queue(&url, voxqueue::TlsConfig::new().root_ca(ca))
         .await
@@ -255,10 +258,7 @@ async fn a_queue_runs_over_tls_and_an_unknown_issuer_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_presents_the_client_certificate() {
-    let certs = tempfile::tempdir().unwrap();
-    make_certs(certs.path());
-    let server = tls_server(certs.path(), true);
-    let url = format!("rediss://127.0.0.1:{}", server.port);
+    let (certs, _server, url) = tls_server(true);
     let read = |f: &str| std::fs::read(certs.path().join(f)).unwrap();
     let q = tls_queue(
         &url,

@@ -155,14 +155,16 @@ async fn cancelling_a_waiting_job_is_immediate() {
         q.cancel(&scheduled.id).await.unwrap(),
         CancelOutcome::Cancelled
     );
-    assert_eq!(
-        q.status(&queued.id).await.unwrap().state,
-        JobState::Cancelled
-    );
-    assert_eq!(
-        q.cancel(&queued.id).await.unwrap(),
-        CancelOutcome::AlreadyFinished(JobState::Cancelled)
-    );
+    for id in [&queued.id, &scheduled.id] {
+        let st = q.status(id).await.unwrap();
+        assert_eq!(st.state, JobState::Cancelled);
+        assert!(st.finished_at.is_some());
+        assert_eq!(
+            q.cancel(id).await.unwrap(),
+            CancelOutcome::AlreadyFinished(JobState::Cancelled)
+        );
+    }
+    assert_eq!(q.stats().await.unwrap().totals.get("cancelled"), Some(&2));
     let stats = q.stats().await.unwrap();
     assert_eq!((stats.queued, stats.scheduled), (0, 0));
     assert!(matches!(

@@ -313,3 +313,32 @@ async fn a_vanished_record_drops_its_lease_on_hand_back() {
 async fn a_vanished_record_drops_its_lease_when_the_lease_lapses() {
     vanished(Ending::Expire).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_corrupted_while_scheduled_is_buried_when_due() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("ends").await;
+    let job = q
+        .enqueue(Echo { n: 1 })
+        .delay(Duration::from_millis(200))
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("HSET")
+        .arg(format!("{}:{{ends}}:jobs", p.name))
+        .arg(job.id.as_str())
+        .arg("{not json")
+        .query_async(&mut conn().await)
+        .await
+        .unwrap();
+    let echo = handler_fn(|job: Echo, _ctx: JobContext| async move { Ok::<_, JobError>(job.n) });
+    let worker = spawn(Worker::builder(q.clone()).build(echo));
+    let st = eventually(WAIT, "buried when due", || async {
+        let st = q.status(&job.id).await.ok()?;
+        (st.state == JobState::Dead).then_some(st)
+    })
+    .await;
+    stop(worker).await;
+    assert!(st.reason.unwrap().starts_with("corrupt job record"));
+    assert_eq!(q.stats().await.unwrap().scheduled, 0);
+    assert_eq!(q.dead_letter().count().await.unwrap(), 1);
+}

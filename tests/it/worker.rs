@@ -16,10 +16,11 @@ use crate::queue::Echo;
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// A worker running in the background, and the sender that stops it.
+pub(crate) type Running = (oneshot::Sender<()>, JoinHandle<Result<(), Error>>);
+
 /// Runs a worker in the background; dropping the sender stops it.
-pub(crate) fn spawn<J, H>(
-    worker: Worker<J, H>,
-) -> (oneshot::Sender<()>, JoinHandle<Result<(), Error>>)
+pub(crate) fn spawn<J, H>(worker: Worker<J, H>) -> Running
 where
     J: serde::de::DeserializeOwned + Send + 'static,
     H: Handler<J>,
@@ -28,7 +29,7 @@ where
     (stop, tokio::spawn(worker.run_until(signal)))
 }
 
-pub(crate) async fn stop(worker: (oneshot::Sender<()>, JoinHandle<Result<(), Error>>)) {
+pub(crate) async fn stop(worker: Running) {
     let _ = worker.0.send(());
     worker.1.await.expect("worker task").expect("worker result");
 }
@@ -397,6 +398,46 @@ fn second_claim(
     })
 }
 
+/// Worker `first` claims `job`; once its lease has lapsed a second worker with the same
+/// id takes the job over (see `second_claim`). Returns both workers and the notifier
+/// that lets the second claim finish.
+async fn take_over<H: Handler<Echo>>(
+    q: &Queue<Echo>,
+    job: &voxqueue::JobId,
+    first: Worker<Echo, H>,
+) -> (Running, Running, Arc<Notify>) {
+    let wa = spawn(first);
+    eventually(WAIT, "the first claim holds the job", || async {
+        let st = q.status(job).await.unwrap();
+        (st.state == JobState::Active && st.attempts == 1).then_some(())
+    })
+    .await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let finish = Arc::new(Notify::new());
+    let wb = spawn(
+        Worker::builder(q.clone())
+            .id("fencer")
+            .build(second_claim(started.clone(), finish.clone())),
+    );
+    eventually(WAIT, "the second claim took over", || async {
+        (started.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    (wa, wb, finish)
+}
+
+/// Every key as `before` had it, and no new one.
+fn assert_unchanged(
+    before: &std::collections::BTreeMap<String, String>,
+    after: &std::collections::BTreeMap<String, String>,
+    what: &str,
+) {
+    for (key, value) in before {
+        assert_eq!(after.get(key), Some(value), "{what} changed {key}");
+    }
+    assert_eq!(after.len(), before.len(), "{what} added keys");
+}
+
 /// Runs one stale transition and checks that Redis refused it: every key of the
 /// queue is as the second claim left it, and the second claim still completes.
 async fn a_stale_worker_changes_nothing(action: Stale) {
@@ -433,30 +474,13 @@ async fn a_stale_worker_changes_nothing(action: Stale) {
             result
         }
     });
-    let wa = spawn(
-        Worker::builder(q.clone())
-            .id("fencer")
-            .lease(Duration::from_millis(300))
-            .heartbeat(Duration::from_secs(3600))
-            .shutdown_grace(Duration::from_millis(100))
-            .build(first),
-    );
-    eventually(WAIT, "the first claim holds the job", || async {
-        let st = q.status(&job.id).await.unwrap();
-        (st.state == JobState::Active && st.attempts == 1).then_some(())
-    })
-    .await;
-    let started = Arc::new(AtomicUsize::new(0));
-    let finish = Arc::new(Notify::new());
-    let wb = spawn(
-        Worker::builder(q.clone())
-            .id("fencer")
-            .build(second_claim(started.clone(), finish.clone())),
-    );
-    eventually(WAIT, "the second claim took over", || async {
-        (started.load(Ordering::SeqCst) == 1).then_some(())
-    })
-    .await;
+    let first = Worker::builder(q.clone())
+        .id("fencer")
+        .lease(Duration::from_millis(300))
+        .heartbeat(Duration::from_secs(3600))
+        .shutdown_grace(Duration::from_millis(100))
+        .build(first);
+    let (wa, wb, finish) = take_over(&q, &job.id, first).await;
     let before = p.snapshot().await;
     let st = q.status(&job.id).await.unwrap();
     assert_eq!(
@@ -480,11 +504,7 @@ async fn a_stale_worker_changes_nothing(action: Stale) {
             "stale progress accepted"
         );
     }
-    let after = p.snapshot().await;
-    for (key, value) in &before {
-        assert_eq!(after.get(key), Some(value), "{action:?} changed {key}");
-    }
-    assert_eq!(after.len(), before.len(), "{action:?} added keys");
+    assert_unchanged(&before, &p.snapshot().await, &format!("{action:?}"));
 
     finish.notify_one();
     assert_eq!(q.wait_result::<u32>(&job.id, WAIT).await.unwrap(), 2);
@@ -539,41 +559,20 @@ async fn a_stale_heartbeat_is_refused_and_fires_the_stale_handlers_token() {
             Err::<u32, _>(JobError::Cancelled)
         }
     });
-    let wa = spawn(
-        Worker::builder(q.clone())
-            .id("fencer")
-            .lease(Duration::from_millis(300))
-            .heartbeat(Duration::from_secs(1))
-            .cancel_grace(Duration::from_secs(60))
-            .build(first),
-    );
-    eventually(WAIT, "the first claim holds the job", || async {
-        let st = q.status(&job.id).await.unwrap();
-        (st.state == JobState::Active && st.attempts == 1).then_some(())
-    })
-    .await;
-    let started = Arc::new(AtomicUsize::new(0));
-    let finish = Arc::new(Notify::new());
-    let wb = spawn(
-        Worker::builder(q.clone())
-            .id("fencer")
-            .build(second_claim(started.clone(), finish.clone())),
-    );
-    eventually(WAIT, "the second claim took over", || async {
-        (started.load(Ordering::SeqCst) == 1).then_some(())
-    })
-    .await;
+    let first = Worker::builder(q.clone())
+        .id("fencer")
+        .lease(Duration::from_millis(300))
+        .heartbeat(Duration::from_secs(1))
+        .cancel_grace(Duration::from_secs(60))
+        .build(first);
+    let (wa, wb, finish) = take_over(&q, &job.id, first).await;
     let before = p.snapshot().await;
     eventually(WAIT, "the stale handler's token fired", || async {
         (fired.load(Ordering::SeqCst) == 1).then_some(())
     })
     .await;
     stop(wa).await;
-    let after = p.snapshot().await;
-    for (key, value) in &before {
-        assert_eq!(after.get(key), Some(value), "changed {key}");
-    }
-    assert_eq!(after.len(), before.len());
+    assert_unchanged(&before, &p.snapshot().await, "the stale heartbeat");
     let st = q.status(&job.id).await.unwrap();
     assert_eq!(
         (st.state, st.attempts, st.progress),
@@ -901,5 +900,54 @@ async fn finished_jobs_are_swept_after_their_result_ttl() {
     })
     .await;
     assert_eq!(q.result_bytes(&job.id).await.unwrap(), None);
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_that_finds_no_job_or_fails_permanently_does_not_wedge_the_breaker() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("breaker-probe").await;
+    let mut events = q.events().await.unwrap();
+    // 0: the transient failure that opens the breaker; 1: a permanent failure (neither
+    // success nor transient); anything else succeeds.
+    let handler = handler_fn(|job: Echo, _ctx: JobContext| async move {
+        match job.n {
+            0 => Err(JobError::transient("GPU fell off the bus")),
+            1 => Err(JobError::permanent("bad input")),
+            n => Ok(n),
+        }
+    });
+    let w = spawn(
+        Worker::builder(q.clone())
+            .id("prober")
+            .retry(RetryPolicy::none())
+            .circuit_breaker(voxqueue::CircuitBreaker::new(1, Duration::from_millis(200)))
+            .build(handler),
+    );
+    let opener = q.enqueue(Echo { n: 0 }).await.unwrap();
+    assert_eq!(
+        q.wait(&opener.id, WAIT).await.unwrap().state,
+        JobState::Dead
+    );
+    // The cool-down ends with nothing queued: the probe claims nothing.
+    loop {
+        let e = crate::common::within("half-open", events.recv())
+            .await
+            .unwrap();
+        if e.kind == voxqueue::EventKind::Breaker && e.data.as_deref() == Some("half_open") {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // let the empty probe return
+    // The next job is the probe; it fails permanently, which proves nothing either way.
+    let neutral = q.enqueue(Echo { n: 1 }).await.unwrap();
+    assert_eq!(
+        q.wait(&neutral.id, WAIT).await.unwrap().state,
+        JobState::Dead
+    );
+    // So the one after is probed too, and closes the breaker.
+    let good = q.enqueue(Echo { n: 2 }).await.unwrap();
+    assert_eq!(q.wait_result::<u32>(&good.id, WAIT).await.unwrap(), 2);
+    assert_eq!(q.stats().await.unwrap().open_breakers, 0);
     stop(w).await;
 }

@@ -60,10 +60,15 @@ const EOS_ROWS: [(usize, usize); 2] = [(1, 31), (2, 39)];
 const EOS_ROW_SCALE: f32 = 1.2;
 
 fn write_eos_model(dir: &Path, eos: usize) {
+    write_eos_rows(dir, eos, &EOS_ROWS);
+}
+
+/// The parity model with row EOS of head `cb` set to `EOS_ROW_SCALE` times row `src`.
+fn write_eos_rows(dir: &Path, eos: usize, edits: &[(usize, usize)]) {
     write_parity_model(dir);
     let path = dir.join(WEIGHTS_FILE);
     let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-    for (cb, src) in EOS_ROWS {
+    for &(cb, src) in edits {
         let name = format!("decoder.lm_heads.{cb}.weight");
         let mut rows = tensors[&name].to_vec2::<f32>().unwrap();
         rows[eos] = rows[src].iter().map(|v| v * EOS_ROW_SCALE).collect();
@@ -331,4 +336,90 @@ fn matches_the_pytorch_reference() {
     assert!(d_gen_wave < 1e-4, "generated waveform {d_gen_wave}");
     assert_eq!(eos_ours, eos_theirs, "eos scenario codes");
     assert!(d_eos_wave < 1e-4, "eos scenario waveform {d_eos_wave}");
+}
+
+/// The column whose codebook-0 token lends its head row to EOS in the early-EOS case.
+const EARLY_COLUMN: usize = 5;
+
+/// An EOS case whose audio differs from the plain one. The reference's "eos" scenario
+/// leaves codebook 0 alone, and codebook 0 ends (column 13) before the others may, so its
+/// waveform is the plain one. Here codebook 0's EOS row also becomes 1.2 times the row of
+/// the token the PyTorch reference picked at column 5, so codebook 0 ends by then. No
+/// PyTorch run of this case exists (regenerating the fixture needs torch), but until EOS
+/// is fed back nothing else changed: the codes must be the reference's plain greedy codes,
+/// and the audio the decoding of fewer frames.
+#[test]
+fn an_early_eos_shortens_the_audio_and_keeps_the_reference_codes_before_it() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/parler_tiny_reference.safetensors");
+    let reference = candle_core::safetensors::load(&fixture, &Device::Cpu).unwrap();
+    let r = |name: &str| reference[name].clone();
+    let device = Device::Cpu;
+    let ref_columns = r("greedy_columns");
+    let (k, _) = ref_columns.dims2().unwrap();
+    let theirs: Vec<Vec<u32>> = (0..k).map(|cb| ids(&ref_columns.i(cb).unwrap())).collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    write_parity_model(dir.path());
+    let cfg = load_dir(dir.path(), &device, DType::F32).unwrap().config;
+    let eos = cfg.decoder.eos_token_id;
+    let mut edits = vec![(0, theirs[0][EARLY_COLUMN] as usize)];
+    edits.extend(EOS_ROWS);
+    write_eos_rows(dir.path(), eos as usize, &edits);
+    let mut loaded = load_dir(dir.path(), &device, DType::F32).unwrap();
+    let item = GenItem {
+        description_ids: ids(&r("description_ids")),
+        prompt_ids: ids(&r("prompt_ids")),
+        max_columns: ids(&r("max_columns"))[0] as usize,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        seed: 0,
+    };
+    let ours = generate(&mut loaded.model, &Special::new(&cfg, 0), &[item], &device)
+        .unwrap()
+        .remove(0);
+    let ended = ours[0]
+        .iter()
+        .position(|&t| t == eos)
+        .expect("codebook 0 ends");
+    println!(
+        "early eos: codebook 0 ends at column {ended}, {} columns",
+        ours[0].len()
+    );
+    assert!(ended <= EARLY_COLUMN, "codebook 0 ended at {ended}");
+    // Every column before the EOS, and the other codebooks' tokens of the EOS column, came
+    // from the same logits as the reference's.
+    for cb in 0..k {
+        assert_eq!(ours[cb][..ended], theirs[cb][..ended], "codebook {cb}");
+        if cb > 0 {
+            assert_eq!(ours[cb][ended], theirs[cb][ended], "codebook {cb}");
+        }
+    }
+    let size = cfg.audio_encoder.codebook_size;
+    let early = super::generate::undelay(&ours, size);
+    let plain = super::generate::undelay(&theirs, size);
+    // Frame j reads columns j + 1, j + 2 and j + 3: frames from column `ended` of
+    // codebook 0 on are gone; the first `ended - 2` frames are made only of reference
+    // columns and are the reference's; the one after may hold a special code the changed
+    // inputs led to, and is then dropped too.
+    assert!(
+        (ended - 2..ended).contains(&early.len()),
+        "{} frames",
+        early.len()
+    );
+    assert!(
+        early.len() < plain.len(),
+        "{} vs {}",
+        early.len(),
+        plain.len()
+    );
+    assert_eq!(early[..ended - 2], plain[..ended - 2]);
+    let early_wave = loaded.model.codec.decode(&early, &device).unwrap();
+    let plain_wave = loaded.model.codec.decode(&plain, &device).unwrap();
+    assert!(early_wave.iter().all(|s| s.is_finite()));
+    assert_eq!(plain_wave.len(), r("generated_waveform").elem_count());
+    assert!(early_wave.len() < plain_wave.len());
 }
