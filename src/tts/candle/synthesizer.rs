@@ -605,7 +605,11 @@ mod codes_tests {
         let codes = tts.generate_codes(&request).unwrap();
         assert!(!codes.is_empty());
         // Three codebooks of 32 codes in the tiny model.
-        assert!(codes.iter().all(|f| f.len() == 3 && f.iter().all(|&c| c < 32)));
+        assert!(
+            codes
+                .iter()
+                .all(|f| f.len() == 3 && f.iter().all(|&c| c < 32))
+        );
         let audio = tts.decode_codes(&codes).unwrap();
         assert_eq!(audio.samples.len(), codes.len() * TINY_HOP_LENGTH);
         assert_eq!(audio.samples, tts.synthesize(&request).unwrap().samples);
