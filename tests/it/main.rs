@@ -14,6 +14,7 @@ mod metrics;
 #[cfg(feature = "candle")]
 mod piper;
 mod profile;
+mod props;
 mod queue;
 mod schedule;
 mod transitions;
