@@ -1,6 +1,7 @@
 //! The one integration-test binary (each extra binary is another full link): one
 //! module per concern, all against a real Redis.
 
+mod acl;
 #[cfg(feature = "candle")]
 mod candle;
 mod cluster;
