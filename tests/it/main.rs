@@ -11,6 +11,7 @@ mod dead_letter;
 mod dedup;
 mod durability;
 mod holes;
+mod memory;
 mod metrics;
 #[cfg(feature = "candle")]
 mod piper;
