@@ -2,6 +2,7 @@
 //! the pure text, caption and request functions, and two that run through a real queue:
 //! undecodable payloads and hostile job records end dead-lettered or valid, never lost.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -47,8 +48,16 @@ fn visible(s: &str) -> String {
         .collect()
 }
 
+/// `default` cases, or `PROPTEST_CASES` when set (for a longer run by hand).
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(cases(512)))]
 
     #[test]
     fn normalize_is_idempotent_nfc_and_clean(s in text(120)) {
@@ -372,6 +381,7 @@ fn undecodable_payloads_are_dead_lettered_and_the_worker_goes_on() {
     let shared = rt.block_on(conn());
     let mut runner = TestRunner::new(Config::with_cases(12));
     let strategy = prop::collection::vec(payload(), 1..5);
+    let (dead, finished) = (AtomicUsize::new(0), AtomicUsize::new(0));
     runner
         .run(&strategy, |payloads| {
             let mut conn = shared.clone();
@@ -394,11 +404,13 @@ fn undecodable_payloads_are_dead_lettered_and_the_worker_goes_on() {
                     let where_ = indexes_of(&mut conn, &base, id).await;
                     match serde_json::from_slice::<Echo>(bytes) {
                         Ok(echo) => {
+                            finished.fetch_add(1, Ordering::Relaxed);
                             assert_eq!(status.state, JobState::Completed, "{bytes:?}");
                             assert_eq!(q.result::<u32>(id).await.unwrap(), Some(echo.n));
                             assert_eq!(where_, ["finished"], "{bytes:?}");
                         }
                         Err(_) => {
+                            dead.fetch_add(1, Ordering::Relaxed);
                             assert_eq!(status.state, JobState::Dead, "{bytes:?}");
                             assert!(status.reason.is_some(), "{status:?}");
                             assert_eq!(where_, ["dead"], "{bytes:?}");
@@ -409,6 +421,10 @@ fn undecodable_payloads_are_dead_lettered_and_the_worker_goes_on() {
             Ok(())
         })
         .unwrap();
+    // Both endings were met, so neither half of the property held vacuously.
+    let (dead, finished) = (dead.into_inner(), finished.into_inner());
+    eprintln!("{dead} dead, {finished} finished");
+    assert!(dead > 0 && finished > 0, "{dead} dead, {finished} finished");
 }
 
 #[test]
@@ -420,6 +436,7 @@ fn hostile_records_end_dead_lettered_or_valid_never_in_no_index() {
     let shared = rt.block_on(conn());
     let mut runner = TestRunner::new(Config::with_cases(16));
     let strategy = prop::collection::vec(hostile(), 1..5);
+    let (dead, finished) = (AtomicUsize::new(0), AtomicUsize::new(0));
     runner
         .run(&strategy, |records| {
             let mut conn = shared.clone();
@@ -450,9 +467,15 @@ fn hostile_records_end_dead_lettered_or_valid_never_in_no_index() {
                         where_ == ["dead"] || where_ == ["finished"],
                         "{hostile:?} left the job in {where_:?}"
                     );
+                    let seen = if where_ == ["dead"] { &dead } else { &finished };
+                    seen.fetch_add(1, Ordering::Relaxed);
                 }
             });
             Ok(())
         })
         .unwrap();
+    // Both endings were met, so neither half of the property held vacuously.
+    let (dead, finished) = (dead.into_inner(), finished.into_inner());
+    eprintln!("{dead} dead, {finished} finished");
+    assert!(dead > 0 && finished > 0, "{dead} dead, {finished} finished");
 }
