@@ -364,118 +364,152 @@ async fn conn() -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+/// A queue on the test Redis, a runtime to drive it from proptest's synchronous runner, and
+/// a count of the endings met (so that neither half of a property holds vacuously).
+struct Bench {
+    rt: tokio::runtime::Runtime,
+    _prefix: Prefix,
+    q: Queue<Echo>,
+    base: String,
+    conn: redis::aio::MultiplexedConnection,
+    dead: AtomicUsize,
+    finished: AtomicUsize,
+}
+
+impl Bench {
+    fn new(queue: &str) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let prefix = Prefix::new();
+        let q = rt.block_on(prefix.queue(queue));
+        let conn = rt.block_on(conn());
+        Bench {
+            base: format!("{}:{{{queue}}}", prefix.name),
+            rt,
+            _prefix: prefix,
+            q,
+            conn,
+            dead: AtomicUsize::new(0),
+            finished: AtomicUsize::new(0),
+        }
+    }
+
+    /// Enqueues one job per item, overwrites its field in the queue's `hash` with
+    /// `hostile(what was there, item)`, then runs a worker until a valid job queued behind
+    /// them completes and every one of them has ended. Returns their ids.
+    fn corrupt_and_drain<T>(
+        &self,
+        hash: &str,
+        items: &[T],
+        hostile: impl Fn(&[u8], &T) -> Vec<u8>,
+    ) -> Vec<JobId> {
+        let mut conn = self.conn.clone();
+        let key = format!("{}:{hash}", self.base);
+        self.rt.block_on(async {
+            let mut ids = Vec::new();
+            for item in items {
+                let job = self.q.enqueue(Echo { n: 1 }).no_dedup().await.unwrap();
+                let stored: Vec<u8> = redis::cmd("HGET")
+                    .arg(&key)
+                    .arg(job.id.as_str())
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                hset(&mut conn, &key, &job.id, &hostile(&stored, item)).await;
+                ids.push(job.id);
+            }
+            let last = self
+                .q
+                .enqueue(Echo { n: 7 })
+                .priority(Priority::Low)
+                .no_dedup()
+                .await
+                .unwrap();
+            drain(&self.q, &self.base, &ids, &last.id).await;
+            ids
+        })
+    }
+
+    /// The one index that holds `id` at the end, counted.
+    fn ending(&self, id: &JobId) -> Vec<&'static str> {
+        let where_ = self
+            .rt
+            .block_on(indexes_of(&mut self.conn.clone(), &self.base, id));
+        let seen = if where_ == ["dead"] {
+            &self.dead
+        } else {
+            &self.finished
+        };
+        seen.fetch_add(1, Ordering::Relaxed);
+        where_
+    }
+
+    fn assert_both_endings_met(self) {
+        let (dead, finished) = (self.dead.into_inner(), self.finished.into_inner());
+        eprintln!("{dead} dead, {finished} finished");
+        assert!(dead > 0 && finished > 0, "{dead} dead, {finished} finished");
+    }
+}
+
+/// `cases` cases, and no regression file (the runner has no source file to put it by).
+fn runner_config(cases: u32) -> Config {
+    Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    }
 }
 
 #[test]
 fn undecodable_payloads_are_dead_lettered_and_the_worker_goes_on() {
-    let rt = runtime();
-    let p = Prefix::new();
-    let q: Queue<Echo> = rt.block_on(p.queue("payloads"));
-    let base = format!("{}:{{payloads}}", p.name);
-    let shared = rt.block_on(conn());
-    let mut runner = TestRunner::new(Config::with_cases(12));
+    let bench = Bench::new("payloads");
+    let q = &bench.q;
     let strategy = prop::collection::vec(payload(), 1..5);
-    let (dead, finished) = (AtomicUsize::new(0), AtomicUsize::new(0));
-    runner
+    TestRunner::new(runner_config(12))
         .run(&strategy, |payloads| {
-            let mut conn = shared.clone();
-            rt.block_on(async {
-                let mut ids = Vec::new();
-                for bytes in &payloads {
-                    let job = q.enqueue(Echo { n: 0 }).no_dedup().await.unwrap();
-                    hset(&mut conn, &format!("{base}:payloads"), &job.id, bytes).await;
-                    ids.push(job.id);
-                }
-                let last = q
-                    .enqueue(Echo { n: 7 })
-                    .priority(Priority::Low)
-                    .no_dedup()
-                    .await
-                    .unwrap();
-                drain(&q, &base, &ids, &last.id).await;
-                for (id, bytes) in ids.iter().zip(&payloads) {
-                    let status = q.status(id).await.unwrap();
-                    let where_ = indexes_of(&mut conn, &base, id).await;
-                    match serde_json::from_slice::<Echo>(bytes) {
-                        Ok(echo) => {
-                            finished.fetch_add(1, Ordering::Relaxed);
-                            assert_eq!(status.state, JobState::Completed, "{bytes:?}");
-                            assert_eq!(q.result::<u32>(id).await.unwrap(), Some(echo.n));
-                            assert_eq!(where_, ["finished"], "{bytes:?}");
-                        }
-                        Err(_) => {
-                            dead.fetch_add(1, Ordering::Relaxed);
-                            assert_eq!(status.state, JobState::Dead, "{bytes:?}");
-                            assert!(status.reason.is_some(), "{status:?}");
-                            assert_eq!(where_, ["dead"], "{bytes:?}");
-                        }
+            let ids = bench.corrupt_and_drain("payloads", &payloads, |_, bytes| bytes.clone());
+            for (id, bytes) in ids.iter().zip(&payloads) {
+                let where_ = bench.ending(id);
+                let status = bench.rt.block_on(q.status(id)).unwrap();
+                match serde_json::from_slice::<Echo>(bytes) {
+                    Ok(echo) => {
+                        assert_eq!(status.state, JobState::Completed, "{bytes:?}");
+                        let result = bench.rt.block_on(q.result::<u32>(id)).unwrap();
+                        assert_eq!(result, Some(echo.n));
+                        assert_eq!(where_, ["finished"], "{bytes:?}");
+                    }
+                    Err(_) => {
+                        assert_eq!(status.state, JobState::Dead, "{bytes:?}");
+                        assert!(status.reason.is_some(), "{status:?}");
+                        assert_eq!(where_, ["dead"], "{bytes:?}");
                     }
                 }
-            });
+            }
             Ok(())
         })
         .unwrap();
-    // Both endings were met, so neither half of the property held vacuously.
-    let (dead, finished) = (dead.into_inner(), finished.into_inner());
-    eprintln!("{dead} dead, {finished} finished");
-    assert!(dead > 0 && finished > 0, "{dead} dead, {finished} finished");
+    bench.assert_both_endings_met();
 }
 
 #[test]
 fn hostile_records_end_dead_lettered_or_valid_never_in_no_index() {
-    let rt = runtime();
-    let p = Prefix::new();
-    let q: Queue<Echo> = rt.block_on(p.queue("records"));
-    let base = format!("{}:{{records}}", p.name);
-    let shared = rt.block_on(conn());
-    let mut runner = TestRunner::new(Config::with_cases(16));
+    let bench = Bench::new("records");
     let strategy = prop::collection::vec(hostile(), 1..5);
-    let (dead, finished) = (AtomicUsize::new(0), AtomicUsize::new(0));
-    runner
+    TestRunner::new(runner_config(16))
         .run(&strategy, |records| {
-            let mut conn = shared.clone();
-            rt.block_on(async {
-                let mut ids = Vec::new();
-                for hostile in &records {
-                    let job = q.enqueue(Echo { n: 1 }).no_dedup().await.unwrap();
-                    let jobs = format!("{base}:jobs");
-                    let record: Vec<u8> = redis::cmd("HGET")
-                        .arg(&jobs)
-                        .arg(job.id.as_str())
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap();
-                    hset(&mut conn, &jobs, &job.id, &hostile.apply(&record)).await;
-                    ids.push(job.id);
-                }
-                let last = q
-                    .enqueue(Echo { n: 7 })
-                    .priority(Priority::Low)
-                    .no_dedup()
-                    .await
-                    .unwrap();
-                drain(&q, &base, &ids, &last.id).await;
-                for (id, hostile) in ids.iter().zip(&records) {
-                    let where_ = indexes_of(&mut conn, &base, id).await;
-                    assert!(
-                        where_ == ["dead"] || where_ == ["finished"],
-                        "{hostile:?} left the job in {where_:?}"
-                    );
-                    let seen = if where_ == ["dead"] { &dead } else { &finished };
-                    seen.fetch_add(1, Ordering::Relaxed);
-                }
-            });
+            let ids = bench.corrupt_and_drain("jobs", &records, |record, h| h.apply(record));
+            for (id, hostile) in ids.iter().zip(&records) {
+                let where_ = bench.ending(id);
+                assert!(
+                    where_ == ["dead"] || where_ == ["finished"],
+                    "{hostile:?} left the job in {where_:?}"
+                );
+            }
             Ok(())
         })
         .unwrap();
-    // Both endings were met, so neither half of the property held vacuously.
-    let (dead, finished) = (dead.into_inner(), finished.into_inner());
-    eprintln!("{dead} dead, {finished} finished");
-    assert!(dead > 0 && finished > 0, "{dead} dead, {finished} finished");
+    bench.assert_both_endings_met();
 }
