@@ -322,7 +322,13 @@ async fn hset(conn: &mut redis::aio::MultiplexedConnection, key: &str, id: &JobI
 
 /// Runs a worker until the `last` job completes and every job of `ids` is in a terminal
 /// index (`dead` or `finished`), then stops it; panics if that does not happen in time.
-async fn drain(q: &Queue<Echo>, base: &str, ids: &[JobId], last: &JobId) {
+async fn drain(
+    q: &Queue<Echo>,
+    conn: &redis::aio::MultiplexedConnection,
+    base: &str,
+    ids: &[JobId],
+    last: &JobId,
+) {
     let worker = Worker::builder(q.clone())
         .shutdown_grace(Duration::from_millis(100))
         .build(handler_fn(|job: Echo, _ctx| async move {
@@ -336,7 +342,6 @@ async fn drain(q: &Queue<Echo>, base: &str, ids: &[JobId], last: &JobId) {
         || async { (q.status(last).await.ok()?.state == JobState::Completed).then_some(()) },
     )
     .await;
-    let conn = conn().await;
     for id in ids {
         eventually(Duration::from_secs(10), "every job ends", || {
             let mut conn = conn.clone();
@@ -354,14 +359,6 @@ async fn drain(q: &Queue<Echo>, base: &str, ids: &[JobId], last: &JobId) {
         .await
         .expect("worker task")
         .expect("the worker goes on");
-}
-
-async fn conn() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(crate::common::redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
 }
 
 /// A queue on the test Redis, a runtime to drive it from proptest's synchronous runner, and
@@ -385,7 +382,10 @@ impl Bench {
             .unwrap();
         let prefix = Prefix::new();
         let q = rt.block_on(prefix.queue(queue));
-        let conn = rt.block_on(conn());
+        let client = redis::Client::open(crate::common::redis_url()).unwrap();
+        let conn = rt
+            .block_on(client.get_multiplexed_async_connection())
+            .unwrap();
         Bench {
             base: format!("{}:{{{queue}}}", prefix.name),
             rt,
@@ -428,7 +428,7 @@ impl Bench {
                 .no_dedup()
                 .await
                 .unwrap();
-            drain(&self.q, &self.base, &ids, &last.id).await;
+            drain(&self.q, &self.conn, &self.base, &ids, &last.id).await;
             ids
         })
     }
