@@ -1,6 +1,7 @@
 //! The one integration-test binary (each extra binary is another full link): one
 //! module per concern, all against a real Redis.
 
+mod acl;
 #[cfg(feature = "candle")]
 mod candle;
 mod cluster;
@@ -10,10 +11,12 @@ mod dead_letter;
 mod dedup;
 mod durability;
 mod holes;
+mod memory;
 mod metrics;
 #[cfg(feature = "candle")]
 mod piper;
 mod profile;
+mod props;
 mod queue;
 mod schedule;
 mod transitions;

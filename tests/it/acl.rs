@@ -1,0 +1,218 @@
+//! Least privilege: a Redis ACL user limited to one key prefix and the commands voxqueue
+//! sends (the README's `ACL SETUSER` line) runs a queue end to end; a wrong password and a
+//! missing command fail with the server's reason.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use voxqueue::{Error, JobError, Queue, Worker, handler_fn};
+
+use crate::common::{Prefix, redis_url, shutdown};
+
+/// Every command voxqueue's queue, worker and scripts send (scripts run with the caller's
+/// permissions, so the commands inside the Lua scripts count too). Kept in step with the
+/// README's "Least privilege" section.
+const COMMANDS: &[&str] = &[
+    // Scripts: invoked by SHA, loaded again after NOSCRIPT.
+    "evalsha",
+    "eval",
+    "script|load",
+    // Reads and waits outside scripts.
+    "blpop",
+    "xread",
+    "xrange",
+    "xrevrange",
+    "hget",
+    "hmget",
+    "hgetall",
+    "hkeys",
+    "zcard",
+    "zcount",
+    "zrangebyscore",
+    "zrevrange",
+    "zscore",
+    "exists",
+    "get",
+    "mget",
+    "smembers",
+    "time",
+    // Writes outside scripts (results, streams, catalogue).
+    "set",
+    "del",
+    "hset",
+    "hdel",
+    "xadd",
+    "pexpire",
+    "sadd",
+    "srem",
+    // Inside the Lua scripts.
+    "zadd",
+    "zrem",
+    "zpopmin",
+    "zrange",
+    "incr",
+    "incrby",
+    "hincrby",
+    "llen",
+    "ltrim",
+    "rpush",
+    // Connection setup by redis-rs.
+    "ping",
+];
+
+/// A Redis ACL user that exists for one test; deleted on drop.
+struct AclUser {
+    name: String,
+    password: String,
+}
+
+impl AclUser {
+    /// Creates a user allowed `commands` on keys under `prefix` only.
+    fn create(prefix: &str, commands: &[&str]) -> Self {
+        let user = AclUser {
+            name: format!("vqacl-{}", uuid::Uuid::new_v4().simple()),
+            password: format!("pw-{}", uuid::Uuid::new_v4().simple()),
+        };
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("SETUSER")
+            .arg(&user.name)
+            .arg("reset")
+            .arg("on")
+            .arg(format!(">{}", user.password))
+            .arg(format!("~{prefix}:*"))
+            .arg("resetchannels")
+            .arg("-@all");
+        for c in commands {
+            cmd.arg(format!("+{c}"));
+        }
+        let _: () = cmd.query(&mut admin()).expect("ACL SETUSER");
+        user
+    }
+
+    fn url(&self, password: &str) -> String {
+        redis_url().replacen("redis://", &format!("redis://{}:{password}@", self.name), 1)
+    }
+}
+
+impl Drop for AclUser {
+    fn drop(&mut self) {
+        let _: Result<i64, _> = redis::cmd("ACL")
+            .arg("DELUSER")
+            .arg(&self.name)
+            .query(&mut admin());
+    }
+}
+
+fn admin() -> redis::Connection {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_connection()
+        .unwrap()
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Greet {
+    name: String,
+}
+
+async fn connect(p: &Prefix, url: &str) -> Result<Queue<Greet>, Error> {
+    Queue::<Greet>::builder("acl")
+        .url(url)
+        .prefix(&p.name)
+        .connect()
+        .await
+}
+
+#[tokio::test]
+async fn a_user_limited_to_the_prefix_and_the_commands_runs_a_queue() {
+    let p = Prefix::new();
+    let user = AclUser::create(&p.name, COMMANDS);
+    let q = connect(&p, &user.url(&user.password)).await.unwrap();
+    let job = q.enqueue(Greet { name: "Ada".into() }).await.unwrap();
+    let worker = Worker::builder(q.clone())
+        .shutdown_grace(Duration::from_millis(100))
+        .build(handler_fn(|job: Greet, _ctx| async move {
+            Ok::<_, JobError>(format!("hello, {}", job.name))
+        }));
+    let (stop, stopped) = shutdown();
+    let running = tokio::spawn(worker.run_until(stopped));
+    let greeting: String = q
+        .wait_result(&job.id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(greeting, "hello, Ada");
+    assert_eq!(q.stats().await.unwrap().dead, 0);
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_refused_with_the_servers_reason() {
+    let p = Prefix::new();
+    let user = AclUser::create(&p.name, COMMANDS);
+    let err = match connect(&p, &user.url("not-the-password")).await {
+        Ok(q) => q.enqueue(Greet { name: "x".into() }).await.unwrap_err(),
+        Err(e) => e,
+    };
+    let text = format!("{err}");
+    // redis-rs reports the refused AUTH, not the server's WRONGPASS line; it does not
+    // name the user.
+    assert_eq!(
+        text,
+        "cannot connect to Redis: Password authentication failed - AuthenticationFailed"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_command_is_refused_naming_the_command() {
+    let p = Prefix::new();
+    let without: Vec<&str> = COMMANDS
+        .iter()
+        .copied()
+        .filter(|c| *c != "evalsha")
+        .collect();
+    let user = AclUser::create(&p.name, &without);
+    let q = connect(&p, &user.url(&user.password)).await.unwrap();
+    let err = q.enqueue(Greet { name: "x".into() }).await.unwrap_err();
+    assert_eq!(
+        format!("{err}"),
+        "Redis error: NoPerm: this user has no permissions to run the 'evalsha' command"
+    );
+}
+
+#[tokio::test]
+async fn a_command_missing_inside_a_script_is_refused_without_its_name() {
+    let p = Prefix::new();
+    let without: Vec<&str> = COMMANDS.iter().copied().filter(|c| *c != "zadd").collect();
+    let user = AclUser::create(&p.name, &without);
+    let q = connect(&p, &user.url(&user.password)).await.unwrap();
+    let err = q.enqueue(Greet { name: "x".into() }).await.unwrap_err();
+    // Redis names neither the command nor the key for a call inside a script, only the
+    // script's SHA and line; `ACL LOG` names the command.
+    let text = format!("{err}");
+    assert!(
+        text.starts_with(
+            "Redis error: ResponseError: The user executing the script can't run this command or subcommand script: "
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("zadd"), "{text}");
+}
+
+#[tokio::test]
+async fn a_key_outside_the_pattern_is_refused() {
+    let p = Prefix::new();
+    let user = AclUser::create(&p.name, COMMANDS);
+    let other = Prefix::new();
+    let err = connect(&other, &user.url(&user.password))
+        .await
+        .unwrap()
+        .enqueue(Greet { name: "x".into() })
+        .await
+        .unwrap_err();
+    // The server does not say which key; `ACL LOG` on the server does.
+    assert_eq!(
+        format!("{err}"),
+        "Redis error: NoPerm: this user has no permissions to access one of the keys used as arguments"
+    );
+}
