@@ -25,6 +25,9 @@ const TICK: Duration = Duration::from_secs(3);
 /// ...and at most this often (a busy queue's events are coalesced).
 const MIN_GAP: Duration = Duration::from_millis(300);
 
+/// Running jobs listed per queue at most (a dashboard row, not a report).
+const CURRENT_JOBS: usize = 100;
+
 /// The page; a key form when keys are set and the browser has no admin key.
 pub(crate) async fn page(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let page = match caller(&state, &headers) {
@@ -52,15 +55,25 @@ pub(crate) async fn snapshot(state: &AppState) -> Result<Value, ApiError> {
             jobs.push(job);
         }
     }
+    // Each worker's current jobs, from the queues' `active` index: what runs now
+    // anywhere, not only what this API process enqueued.
+    let mut running: Vec<(String, Value)> = Vec::new();
+    for backend in state.queues.all().await? {
+        for status in backend.queue.active_jobs(CURRENT_JOBS).await? {
+            if let Some(worker) = status.worker.clone() {
+                running.push((worker, json!(status.id)));
+            }
+        }
+    }
     let workers: Vec<Value> = catalog
         .workers()
         .await?
         .into_iter()
         .map(|w| {
-            let current: Vec<&Value> = jobs
+            let current: Vec<&Value> = running
                 .iter()
-                .filter(|j| j["state"] == "active" && j["worker"] == w.worker.as_str())
-                .map(|j| &j["id"])
+                .filter(|(worker, _)| *worker == w.worker)
+                .map(|(_, id)| id)
                 .collect();
             json!({
                 "worker": w.worker,

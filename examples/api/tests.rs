@@ -1168,6 +1168,14 @@ async fn the_dashboard_is_live_through_sse() {
     t.submit_id(hello("Show me on the dashboard.")).await;
     let page = String::from_utf8(body_bytes(t.get("/").await).await).unwrap();
     assert!(page.contains("new EventSource('/v1/admin/live')"));
+    let snapshot = first_snapshot(&t).await;
+    assert_eq!(snapshot["queues"]["espeak"]["queued"], 1, "{snapshot}");
+    assert_eq!(snapshot["recent"][0]["text"], "Show me on the dashboard.");
+    assert_eq!(snapshot["workers"][0]["worker"], "registered");
+}
+
+/// The first snapshot `/v1/admin/live` sends.
+async fn first_snapshot(t: &TestApp) -> Value {
     let response = t.get("/v1/admin/live").await;
     assert_eq!(
         response.headers()[header::CONTENT_TYPE],
@@ -1188,10 +1196,40 @@ async fn the_dashboard_is_live_through_sse() {
         .lines()
         .find_map(|l| l.strip_prefix("data: "))
         .expect("a data line");
-    let snapshot: Value = serde_json::from_str(data).unwrap();
-    assert_eq!(snapshot["queues"]["espeak"]["queued"], 1, "{snapshot}");
-    assert_eq!(snapshot["recent"][0]["text"], "Show me on the dashboard.");
-    assert_eq!(snapshot["workers"][0]["worker"], "registered");
+    serde_json::from_str(data).unwrap()
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_each_workers_current_jobs() {
+    let t = TestApp::start(Setup::default()).await;
+    // Enqueued and held elsewhere (another producer, another worker): this API
+    // process never saw the job, the dashboard still shows who runs it.
+    let queue = t.queues.backend("espeak").await.unwrap().queue.clone();
+    let id = queue
+        .enqueue(SynthesisRequest::new("What runs now?", "en-us"))
+        .await
+        .unwrap()
+        .id
+        .to_string();
+    let hold = voxqueue::handler_fn(|_: SynthesisRequest, _: voxqueue::JobContext| async {
+        std::future::pending::<Result<u32, voxqueue::JobError>>().await
+    });
+    let (stop, signal) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(
+        voxqueue::Worker::builder(queue)
+            .id("registered")
+            .shutdown_grace(Duration::from_millis(50))
+            .build(hold)
+            .run_until(async {
+                let _ = signal.await;
+            }),
+    );
+    t.until_state(&id, "active").await;
+    let snapshot = first_snapshot(&t).await;
+    assert_eq!(snapshot["workers"][0]["worker"], "registered", "{snapshot}");
+    assert_eq!(snapshot["workers"][0]["current"], json!([id.as_str()]));
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
 }
 
 #[tokio::test]

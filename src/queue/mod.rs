@@ -8,6 +8,7 @@
 //! - `read`: status, results, waiting and cancellation
 //! - `stats`: counts, live workers and recent outcomes
 
+mod active;
 mod builder;
 mod enqueue;
 mod read;

@@ -951,3 +951,58 @@ async fn a_probe_that_finds_no_job_or_fails_permanently_does_not_wedge_the_break
     assert_eq!(q.stats().await.unwrap().open_breakers, 0);
     stop(w).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_jobs_name_what_each_worker_runs_now() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("active-list").await;
+    let go = Arc::new(Notify::new());
+    let g = go.clone();
+    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
+        let g = g.clone();
+        async move {
+            g.notified().await;
+            Ok::<_, JobError>(job.n)
+        }
+    });
+    let a = q.enqueue(Echo { n: 1 }).await.unwrap();
+    let b = q.enqueue(Echo { n: 2 }).await.unwrap();
+    let queued = q.enqueue(Echo { n: 3 }).await.unwrap();
+    assert!(q.active_jobs(10).await.unwrap().is_empty());
+    let w = spawn(
+        Worker::builder(q.clone())
+            .id("lister")
+            .concurrency(2)
+            .build(handler),
+    );
+    let running = eventually(WAIT, "two jobs running", || async {
+        let jobs = q.active_jobs(10).await.unwrap();
+        (jobs.len() == 2).then_some(jobs)
+    })
+    .await;
+    let mut ids: Vec<_> = running.iter().map(|s| s.id.clone()).collect();
+    ids.sort();
+    let mut want = vec![a.id.clone(), b.id.clone()];
+    want.sort();
+    assert_eq!(ids, want);
+    assert!(
+        running
+            .iter()
+            .all(|s| s.worker.as_deref() == Some("lister"))
+    );
+    assert!(!ids.contains(&queued.id));
+    assert_eq!(q.active_jobs(1).await.unwrap().len(), 1);
+    assert!(q.active_jobs(0).await.unwrap().is_empty());
+    // Release the handlers (each poll wakes whoever waits by then) until all three ran.
+    eventually(WAIT, "all done", || async {
+        go.notify_waiters();
+        let mut done = true;
+        for job in [&a, &b, &queued] {
+            done &= q.status(&job.id).await.unwrap().state == JobState::Completed;
+        }
+        done.then_some(())
+    })
+    .await;
+    assert!(q.active_jobs(10).await.unwrap().is_empty());
+    stop(w).await;
+}
