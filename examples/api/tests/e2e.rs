@@ -145,3 +145,64 @@ async fn real_processes_speak_over_http() {
     assert!(audio.rms() > 0.01, "silent: rms {}", audio.rms());
     drop(processes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_programs_cleanup_cron_purges_old_dead_letters() {
+    let prefix = Prefix(format!("vqtest-e2e-{}", uuid::Uuid::new_v4().simple()));
+    let redis = super::redis_url();
+    let worker = std::env::current_exe()
+        .expect("this test binary")
+        .with_file_name("worker");
+    assert!(worker.exists(), "{} is missing", worker.display());
+    let queue = voxqueue::Queue::<tts::SynthesisRequest>::builder("speech.espeak")
+        .url(&redis)
+        .prefix(&prefix.0)
+        .connect()
+        .await
+        .expect("the espeak queue");
+    let mut events = queue.events().await.expect("events");
+    // A voice no eSpeak NG has: the worker fails the job permanently, into the dead
+    // letters; the cleanup, due every second and purging any age, then deletes it.
+    let doomed = queue
+        .enqueue(tts::SynthesisRequest::new("Nobody speaks this.", "klingon"))
+        .await
+        .expect("enqueued")
+        .id;
+    let _processes = Processes(vec![
+        Command::new(&worker)
+            .args([
+                "--redis",
+                &redis,
+                "--prefix",
+                &prefix.0,
+                "--cleanup-cron",
+                "* * * * * *",
+                "--cleanup-dead-age",
+                "0s",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the worker program"),
+    ]);
+    let (mut died, mut purged) = (false, false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !purged {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = tokio::time::timeout(left, events.recv())
+            .await
+            .expect("the dead letter was purged in time")
+            .expect("the event stream");
+        if event.job_id == doomed {
+            died |= event.kind == voxqueue::EventKind::Dead;
+            purged = event.kind == voxqueue::EventKind::Purged;
+        }
+    }
+    assert!(died, "purged without having died");
+    assert!(matches!(
+        queue.status(&doomed).await,
+        Err(voxqueue::Error::NotFound(_))
+    ));
+    assert_eq!(queue.dead_letter().count().await.unwrap(), 0);
+}
