@@ -33,6 +33,25 @@ impl Drop for Processes {
     }
 }
 
+/// The worker program (built by `cargo test` beside this binary) with `args`, quiet.
+fn worker_program(args: &[&str]) -> Child {
+    let worker = std::env::current_exe()
+        .expect("this test binary")
+        .with_file_name("worker");
+    assert!(
+        worker.exists(),
+        "{} is missing: `cargo test` builds it, or run `cargo build --example worker`",
+        worker.display()
+    );
+    Command::new(&worker)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the worker program")
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -56,12 +75,6 @@ async fn real_processes_speak_over_http() {
     let prefix = Prefix(format!("vqtest-e2e-{}", uuid::Uuid::new_v4().simple()));
     let redis = super::redis_url();
     let exe = std::env::current_exe().expect("this test binary");
-    let worker = exe.with_file_name("worker");
-    assert!(
-        worker.exists(),
-        "{} is missing: `cargo test` builds it, or run `cargo build --example worker`",
-        worker.display()
-    );
     let port = free_port();
     let quiet = || {
         let mut c = Command::new(&exe);
@@ -69,22 +82,14 @@ async fn real_processes_speak_over_http() {
         c
     };
     let mut processes = Processes(Vec::new());
-    processes.0.push(
-        Command::new(&worker)
-            .args([
-                "--redis",
-                &redis,
-                "--prefix",
-                &prefix.0,
-                "--voice-ttl",
-                "5s",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the worker program"),
-    );
+    processes.0.push(worker_program(&[
+        "--redis",
+        &redis,
+        "--prefix",
+        &prefix.0,
+        "--voice-ttl",
+        "5s",
+    ]));
     processes.0.push(
         quiet()
             .args([
@@ -150,10 +155,6 @@ async fn real_processes_speak_over_http() {
 async fn the_worker_programs_cleanup_cron_purges_old_dead_letters() {
     let prefix = Prefix(format!("vqtest-e2e-{}", uuid::Uuid::new_v4().simple()));
     let redis = super::redis_url();
-    let worker = std::env::current_exe()
-        .expect("this test binary")
-        .with_file_name("worker");
-    assert!(worker.exists(), "{} is missing", worker.display());
     let queue = voxqueue::Queue::<tts::SynthesisRequest>::builder("speech.espeak")
         .url(&redis)
         .prefix(&prefix.0)
@@ -168,24 +169,16 @@ async fn the_worker_programs_cleanup_cron_purges_old_dead_letters() {
         .await
         .expect("enqueued")
         .id;
-    let _processes = Processes(vec![
-        Command::new(&worker)
-            .args([
-                "--redis",
-                &redis,
-                "--prefix",
-                &prefix.0,
-                "--cleanup-cron",
-                "* * * * * *",
-                "--cleanup-dead-age",
-                "0s",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the worker program"),
-    ]);
+    let _processes = Processes(vec![worker_program(&[
+        "--redis",
+        &redis,
+        "--prefix",
+        &prefix.0,
+        "--cleanup-cron",
+        "* * * * * *",
+        "--cleanup-dead-age",
+        "0s",
+    ])]);
     let (mut died, mut purged) = (false, false);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !purged {

@@ -45,9 +45,11 @@
 //! - `tiny` — [`write_tiny_model`], a random miniature for tests and benches.
 //! - `hub` — download from the Hugging Face hub (feature `hub`).
 //! - `piper` — [`PiperSynthesizer`]: Piper (VITS) voices from their ONNX files.
+//! - `batched` — the request-by-request preparation and model batching both backends share.
 //!
 //! [Parler-TTS]: https://github.com/huggingface/parler-tts
 
+mod batched;
 mod codec;
 mod config;
 mod decoder;

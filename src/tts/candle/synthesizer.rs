@@ -7,6 +7,7 @@ use std::sync::{Mutex, PoisonError};
 use candle_core::{DType, Device};
 use tokenizers::Tokenizer;
 
+use super::batched::run_batched;
 use super::device::{DeviceChoice, Precision, describe, dtype_for};
 use super::error::ModelError;
 use super::generate::{GenItem, Special, generate, undelay};
@@ -560,25 +561,12 @@ impl Synthesizer for ParlerSynthesizer {
     /// transcripts are padded and masked, and each request stops on its own EOS. A request
     /// that fails validation gets its own error without failing the others.
     fn synthesize_batch(&self, requests: &[SynthesisRequest]) -> Vec<Result<Audio, TtsError>> {
-        let mut results: Vec<Option<Result<Audio, TtsError>>> =
-            requests.iter().map(|_| None).collect();
-        let mut ready: Vec<(usize, GenItem)> = Vec::with_capacity(requests.len());
-        for (i, request) in requests.iter().enumerate() {
-            match self.prepare(request) {
-                Ok(item) => ready.push((i, item)),
-                Err(err) => results[i] = Some(Err(err)),
-            }
-        }
-        for chunk in ready.chunks(self.settings.max_batch) {
-            let items: Vec<GenItem> = chunk.iter().map(|(_, item)| item.clone()).collect();
-            for ((i, _), result) in chunk.iter().zip(self.run(&items)) {
-                results[*i] = Some(result);
-            }
-        }
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(TtsError::Backend("request was not run".into()))))
-            .collect()
+        run_batched(
+            requests,
+            self.settings.max_batch,
+            |r| self.prepare(r),
+            |items| self.run(items),
+        )
     }
 }
 

@@ -10,6 +10,7 @@ use super::error::PiperError;
 use super::model::{Utterance, Vits};
 use super::onnx::Weights;
 use super::phonemize::Phonemizer;
+use crate::tts::candle::batched::run_batched;
 use crate::tts::candle::device::{DeviceChoice, Precision, describe, dtype_for};
 use crate::tts::{Audio, EspeakSynthesizer, SynthesisRequest, Synthesizer, TtsError, Voice};
 
@@ -479,24 +480,11 @@ impl Synthesizer for PiperSynthesizer {
     /// audio equals what [`synthesize`](Self::synthesize) gives. A request that fails
     /// (unknown voice, nothing to say) gets its own error without failing the others.
     fn synthesize_batch(&self, requests: &[SynthesisRequest]) -> Vec<Result<Audio, TtsError>> {
-        let mut results: Vec<Option<Result<Audio, TtsError>>> =
-            requests.iter().map(|_| None).collect();
-        let mut ready = Vec::with_capacity(requests.len());
-        for (i, request) in requests.iter().enumerate() {
-            match self.prepare(request) {
-                Ok(u) => ready.push((i, u)),
-                Err(err) => results[i] = Some(Err(err)),
-            }
-        }
-        for chunk in ready.chunks(self.options.max_batch) {
-            let batch: Vec<Utterance> = chunk.iter().map(|(_, u)| u.clone()).collect();
-            for ((i, _), result) in chunk.iter().zip(self.run(&batch)) {
-                results[*i] = Some(result);
-            }
-        }
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(TtsError::Backend("request was not run".into()))))
-            .collect()
+        run_batched(
+            requests,
+            self.options.max_batch,
+            |r| self.prepare(r),
+            |batch| self.run(batch),
+        )
     }
 }
