@@ -57,7 +57,7 @@ impl<H> Runner<H> {
     /// A one-slot worker on one queue prefetches: it keeps one claimed job ahead,
     /// held (its lease renewed by the heartbeat like any other) until it runs, so the
     /// next job starts while the last one's report (which claims the one after) is
-    /// still on its way. A job ahead that will not run (shutdown, breaker, a lingering
+    /// still on its way, and reports need not wait for each other. A job ahead that will not run (shutdown, breaker, a lingering
     /// attempt) is handed back at once, its attempt uncounted.
     pub(crate) async fn run<J>(self: Arc<Self>, mut job: Claimed, slot: OwnedSemaphorePermit)
     where
@@ -65,9 +65,11 @@ impl<H> Runner<H> {
         H: Handler<J>,
     {
         let slot = Arc::new(slot);
-        let prefetch = self.config.concurrency == 1 && self.queues.len() == 1;
+        // Jobs this slot wants in hand beyond the one it runs: one when prefetching.
+        let ahead_max = usize::from(self.config.concurrency == 1 && self.queues.len() == 1);
         let mut ahead: VecDeque<Claimed> = VecDeque::new();
-        let mut in_flight: Option<JoinHandle<Vec<Claimed>>> = None;
+        // Reports on their way, oldest first, with the number of jobs each asked for.
+        let mut in_flight: VecDeque<(usize, JoinHandle<Vec<Claimed>>)> = VecDeque::new();
         loop {
             let shared = self.queues[job.queue].clone();
             let ending = self.attempt::<J>(&shared, &job, &slot).await;
@@ -83,7 +85,7 @@ impl<H> Runner<H> {
             }
             let report = match ending {
                 Ending::Interrupted => {
-                    if let Some(reporting) = in_flight.take() {
+                    for (_, reporting) in in_flight.drain(..) {
                         ahead.extend(reporting.await.unwrap_or_default());
                     }
                     ahead.push_front(job);
@@ -101,36 +103,49 @@ impl<H> Runner<H> {
                 && !lingering
                 && !self.stopping.is_cancelled()
                 && self.breaker.is_closed();
-            if let Some(reporting) = in_flight.take() {
-                ahead.extend(reporting.await.unwrap_or_default());
-            }
             if !claim_more {
+                for (_, reporting) in in_flight.drain(..) {
+                    ahead.extend(reporting.await.unwrap_or_default());
+                }
                 self.hand_back(std::mem::take(&mut ahead), "not run; handed back")
                     .await;
             }
-            let claim = match (claim_more, prefetch && ahead.is_empty()) {
-                (false, _) => 0,
-                // This slot's next job and the one to keep ahead of it.
-                (true, true) => 2,
-                (true, false) => 1,
-            };
-            let reporting = self.clone().report(job, report, claim);
-            match ahead.pop_front() {
-                Some(next) => {
-                    in_flight = Some(tokio::spawn(reporting));
-                    job = next;
-                }
-                None => {
-                    let mut next = reporting.await.into_iter();
-                    match next.next() {
-                        Some(first) => {
-                            job = first;
-                            ahead.extend(next);
-                        }
-                        None => return,
-                    }
+            // Reports already answered hand over their jobs without a wait.
+            while in_flight.front().is_some_and(|(_, r)| r.is_finished()) {
+                if let Some((_, reporting)) = in_flight.pop_front() {
+                    ahead.extend(reporting.await.unwrap_or_default());
                 }
             }
+            // The next job and the ones to keep ahead, less those in hand or coming.
+            let coming: usize = in_flight.iter().map(|(n, _)| n).sum();
+            let claim = if claim_more {
+                (1 + ahead_max).saturating_sub(ahead.len() + coming)
+            } else {
+                0
+            };
+            let reporting = self.clone().report(job, report, claim);
+            if ahead.is_empty() && in_flight.is_empty() {
+                let mut next = reporting.await.into_iter();
+                match next.next() {
+                    Some(first) => {
+                        job = first;
+                        ahead.extend(next);
+                    }
+                    None => return,
+                }
+                continue;
+            }
+            // A job in hand runs while this report (and any before it) travels.
+            in_flight.push_back((claim, tokio::spawn(reporting)));
+            job = loop {
+                if let Some(next) = ahead.pop_front() {
+                    break next;
+                }
+                match in_flight.pop_front() {
+                    Some((_, reporting)) => ahead.extend(reporting.await.unwrap_or_default()),
+                    None => return,
+                }
+            };
         }
     }
 
