@@ -29,11 +29,20 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
-    pub(crate) fn insert(&self, queue: usize, id: JobId, held: Held) {
+    /// The job's entry, made now if it has none: a job is held (its lease renewed)
+    /// from the moment it is handed over, also while it waits as a one-slot worker's
+    /// prefetched next job, and a cancellation that arrives meanwhile is kept.
+    pub(crate) fn hold(&self, queue: usize, id: &JobId, token: &str) -> Held {
         self.inner
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert((queue, id), held);
+            .entry((queue, id.clone()))
+            .or_insert_with(|| Held {
+                token: token.to_owned(),
+                cancel: CancellationToken::new(),
+                lost: Arc::new(AtomicBool::new(false)),
+            })
+            .clone()
     }
 
     pub(crate) fn remove(&self, queue: usize, id: &JobId) {

@@ -38,11 +38,12 @@ pub(crate) enum Report {
     },
 }
 
-/// What Redis did with a report, and the next job it handed over, if asked.
+/// What Redis did with a report, and the next jobs it handed over, if asked.
 #[derive(Debug)]
 pub(crate) struct Acked {
     pub(crate) outcome: String,
-    pub(crate) next: Option<Claimed>,
+    /// At most as many as the report asked for (fewer when the queue ran short).
+    pub(crate) next: Vec<Claimed>,
 }
 
 /// One report waiting for its batch.
@@ -50,7 +51,8 @@ pub(crate) struct Pending {
     id: JobId,
     token: String,
     report: Report,
-    claim_next: bool,
+    /// Jobs to claim for this report's slot in the same call.
+    claim: usize,
     /// Set by the heartbeat when the lease is lost: then retrying is pointless.
     lost: Option<Arc<AtomicBool>>,
     reply: oneshot::Sender<Result<Acked, Error>>,
@@ -95,13 +97,13 @@ impl Reporter {
 
     /// Reports one attempt and waits until Redis has it (through transient failures,
     /// for as long as the lease is not lost: a finished result, maybe an hour's work,
-    /// is worth waiting out an outage for). With `claim_next`, the same call may hand
-    /// over this slot's next job.
+    /// is worth waiting out an outage for). The same call may hand over up to `claim`
+    /// next jobs for this slot (two when a one-slot worker prefetches).
     pub(crate) async fn report(
         &self,
         job: &Claimed,
         report: Report,
-        claim_next: bool,
+        claim: usize,
         lost: Option<Arc<AtomicBool>>,
     ) -> Result<(Report, Acked), Error> {
         let (reply, answer) = oneshot::channel();
@@ -112,7 +114,7 @@ impl Reporter {
             id: job.id.clone(),
             token: job.token.clone(),
             report,
-            claim_next,
+            claim,
             lost,
             reply,
         };
@@ -180,16 +182,15 @@ async fn send(
             Ok((outcomes, next)) => {
                 let mut next = next.jobs.into_iter();
                 for (pending, outcome) in batch.into_iter().zip(outcomes) {
-                    let job = if pending.claim_next {
-                        next.next()
-                    } else {
-                        None
+                    let jobs = next.by_ref().take(pending.claim).collect();
+                    let acked = Acked {
+                        outcome,
+                        next: jobs,
                     };
-                    let acked = Acked { outcome, next: job };
-                    if let Err(Ok(unwanted)) = pending.reply.send(Ok(acked))
-                        && let Some(job) = unwanted.next
-                    {
-                        hand_back(shared, args, job);
+                    if let Err(Ok(unwanted)) = pending.reply.send(Ok(acked)) {
+                        for job in unwanted.next {
+                            hand_back(shared, args, job);
+                        }
                     }
                 }
                 // More jobs than asked for cannot happen; never strand one if it did.
@@ -254,7 +255,7 @@ async fn invoke(
     args: &ClaimArgs,
     batch: &[Pending],
 ) -> Result<(Vec<String>, super::claim::Claim), Error> {
-    let wanted = batch.iter().filter(|p| p.claim_next).count();
+    let wanted: usize = batch.iter().map(|p| p.claim).sum();
     let mut inv = shared.invocation(shared.scripts.report);
     inv.arg(&args.worker_id)
         .arg(wanted)

@@ -2,12 +2,14 @@
 //! worker's shutdown, catch panics, report, and go on with the next job Redis handed
 //! over in the same round trip.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::WorkerConfig;
@@ -51,12 +53,23 @@ impl<H> Runner<H> {
     /// ([`JobContext::run_blocking`]): an attempt that timed out while its blocking
     /// work goes on keeps the slot busy until that work really ends, so no second job
     /// starts on a busy device.
+    ///
+    /// A one-slot worker on one queue prefetches: it keeps one claimed job ahead,
+    /// held (its lease renewed by the heartbeat like any other) until it runs, so the
+    /// next job starts while the last one's report (which claims the one after) is
+    /// still on its way, and reports need not wait for each other. A job ahead that will not run (shutdown, breaker, a lingering
+    /// attempt) is handed back at once, its attempt uncounted.
     pub(crate) async fn run<J>(self: Arc<Self>, mut job: Claimed, slot: OwnedSemaphorePermit)
     where
         J: DeserializeOwned + Send + 'static,
         H: Handler<J>,
     {
         let slot = Arc::new(slot);
+        // Jobs this slot wants in hand beyond the one it runs: one when prefetching.
+        let ahead_max = usize::from(self.config.concurrency == 1 && self.queues.len() == 1);
+        let mut ahead: VecDeque<Claimed> = VecDeque::new();
+        // Reports on their way, oldest first, with the number of jobs each asked for.
+        let mut in_flight: VecDeque<(usize, JoinHandle<Vec<Claimed>>)> = VecDeque::new();
         loop {
             let shared = self.queues[job.queue].clone();
             let ending = self.attempt::<J>(&shared, &job, &slot).await;
@@ -72,15 +85,11 @@ impl<H> Runner<H> {
             }
             let report = match ending {
                 Ending::Interrupted => {
-                    self.registry.remove(job.queue, &job.id);
-                    match claim::release(&shared, &job, self.config.lease).await {
-                        Ok(outcome) => {
-                            tracing::info!(job = %job.id, %outcome, "handed back on shutdown")
-                        }
-                        Err(e) => {
-                            tracing::warn!(job = %job.id, error = %e, "hand-back failed; the lease will expire")
-                        }
+                    for (_, reporting) in in_flight.drain(..) {
+                        ahead.extend(reporting.await.unwrap_or_default());
                     }
+                    ahead.push_front(job);
+                    self.hand_back(ahead, "handed back on shutdown").await;
                     return;
                 }
                 Ending::Done(Ok(bytes)) => Report::Completed(bytes),
@@ -90,30 +99,91 @@ impl<H> Runner<H> {
                 }
             };
             // One queue: the report claims the next job in the same round trip.
-            let claim_next = self.queues.len() == 1
+            let claim_more = self.queues.len() == 1
                 && !lingering
                 && !self.stopping.is_cancelled()
                 && self.breaker.is_closed();
-            // The job stays in the registry until Redis has the report, so the
-            // heartbeat renews its lease while the report waits out an outage, and
-            // the retries stop only when the lease is lost (or shutdown's grace ends).
-            let lost = self.registry.lost_flag(job.queue, &job.id);
-            let acked = self.reporters[job.queue]
-                .report(&job, report, claim_next, lost)
-                .await;
-            self.registry.remove(job.queue, &job.id);
-            match acked {
-                Ok((report, acked)) => {
-                    log_outcome(&job, &report, &acked.outcome);
-                    record_metrics(&shared.name, &report, &acked.outcome);
-                    match acked.next {
-                        Some(next) => job = next,
-                        None => return,
-                    }
+            if !claim_more {
+                for (_, reporting) in in_flight.drain(..) {
+                    ahead.extend(reporting.await.unwrap_or_default());
                 }
+                self.hand_back(std::mem::take(&mut ahead), "not run; handed back")
+                    .await;
+            }
+            // Reports already answered hand over their jobs without a wait.
+            while in_flight.front().is_some_and(|(_, r)| r.is_finished()) {
+                if let Some((_, reporting)) = in_flight.pop_front() {
+                    ahead.extend(reporting.await.unwrap_or_default());
+                }
+            }
+            // The next job and the ones to keep ahead, less those in hand or coming.
+            let coming: usize = in_flight.iter().map(|(n, _)| n).sum();
+            let claim = if claim_more {
+                (1 + ahead_max).saturating_sub(ahead.len() + coming)
+            } else {
+                0
+            };
+            let reporting = self.clone().report(job, report, claim);
+            if ahead.is_empty() && in_flight.is_empty() {
+                let mut next = reporting.await.into_iter();
+                match next.next() {
+                    Some(first) => {
+                        job = first;
+                        ahead.extend(next);
+                    }
+                    None => return,
+                }
+                continue;
+            }
+            // A job in hand runs while this report (and any before it) travels.
+            in_flight.push_back((claim, tokio::spawn(reporting)));
+            job = loop {
+                if let Some(next) = ahead.pop_front() {
+                    break next;
+                }
+                match in_flight.pop_front() {
+                    Some((_, reporting)) => ahead.extend(reporting.await.unwrap_or_default()),
+                    None => return,
+                }
+            };
+        }
+    }
+
+    /// Reports an attempt (the job stays held until Redis has the report, so the
+    /// heartbeat renews its lease while the report waits out an outage, and the
+    /// retries stop only when the lease is lost or shutdown's grace ends). Returns the
+    /// up to `claim` jobs handed over with it, already held.
+    async fn report(self: Arc<Self>, job: Claimed, report: Report, claim: usize) -> Vec<Claimed> {
+        let lost = self.registry.lost_flag(job.queue, &job.id);
+        let acked = self.reporters[job.queue]
+            .report(&job, report, claim, lost)
+            .await;
+        self.registry.remove(job.queue, &job.id);
+        match acked {
+            Ok((report, acked)) => {
+                log_outcome(&job, &report, &acked.outcome);
+                record_metrics(&self.queues[job.queue].name, &report, &acked.outcome);
+                for next in &acked.next {
+                    self.registry.hold(next.queue, &next.id, &next.token);
+                }
+                acked.next
+            }
+            Err(e) => {
+                tracing::error!(job = %job.id, error = %e, "report failed; the job runs again after its lease");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Hands jobs this slot will not run back to ready (claimed means run or handed
+    /// back); the attempt is not counted.
+    async fn hand_back(&self, jobs: impl IntoIterator<Item = Claimed>, why: &str) {
+        for job in jobs {
+            self.registry.remove(job.queue, &job.id);
+            match claim::release(&self.queues[job.queue], &job, self.config.lease).await {
+                Ok(outcome) => tracing::info!(job = %job.id, %outcome, "{why}"),
                 Err(e) => {
-                    tracing::error!(job = %job.id, error = %e, "report failed; the job runs again after its lease");
-                    return;
+                    tracing::warn!(job = %job.id, error = %e, "hand-back failed; the lease will expire")
                 }
             }
         }
@@ -175,17 +245,7 @@ impl<H> Runner<H> {
             Ok(p) => p,
             Err(e) => return Ending::Done(Err(JobError::Decode(e.to_string()))),
         };
-        let cancel = CancellationToken::new();
-        let lost = Arc::new(AtomicBool::new(false));
-        self.registry.insert(
-            job.queue,
-            job.id.clone(),
-            Held {
-                token: job.token.clone(),
-                cancel: cancel.clone(),
-                lost: lost.clone(),
-            },
-        );
+        let Held { cancel, lost, .. } = self.registry.hold(job.queue, &job.id, &job.token);
         let ctx = JobContext {
             id: job.id.clone(),
             attempt: record.attempts,

@@ -213,16 +213,18 @@ end
 
 -- One token per new piece of work, in one call; claims trim the list back to the
 -- work that is left (see `claim`), so tokens never pile up behind busy workers.
+-- One call on the hot path: push, then trim only when the list grew past the cap.
 local function wake(n)
-  local room = math.min(n, WAKE_MAX - redis.call('LLEN', K_WAKE))
-  if room <= 0 then
+  if n <= 0 then
     return
   end
   local tokens = {}
-  for i = 1, room do
+  for i = 1, math.min(n, WAKE_MAX) do
     tokens[i] = '1'
   end
-  redis.call('RPUSH', K_WAKE, unpack(tokens))
+  if redis.call('RPUSH', K_WAKE, unpack(tokens)) > WAKE_MAX then
+    redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
+  end
 end
 
 -- Puts a job in the ready set. A job keeps its sequence number when it comes back
@@ -507,14 +509,19 @@ local function claim(worker, n, lease_ms, default_attempts)
   -- Wake tokens stand for work nobody took yet: keep no more than the ready jobs
   -- (plus one while jobs are scheduled, so a sleeping worker still learns of an
   -- earlier due time), so idle workers never spin through empty claims after a burst.
-  local keep = redis.call('ZCARD', K_READY)
-  if redis.call('ZCARD', K_SCHEDULED) > 0 then
-    keep = keep + 1
-  end
-  if keep == 0 then
-    redis.call('DEL', K_WAKE)
-  else
-    redis.call('LTRIM', K_WAKE, 0, keep - 1)
+  -- Read in the order that ends soonest on the hot path: no tokens (busy workers), or
+  -- fewer tokens than ready jobs (a backlog), need nothing trimmed.
+  local tokens = redis.call('LLEN', K_WAKE)
+  if tokens > 0 then
+    local keep = redis.call('ZCARD', K_READY)
+    if keep < tokens and redis.call('ZCARD', K_SCHEDULED) > 0 then
+      keep = keep + 1
+    end
+    if keep == 0 then
+      redis.call('DEL', K_WAKE)
+    elseif keep < tokens then
+      redis.call('LTRIM', K_WAKE, 0, keep - 1)
+    end
   end
   local wake_in = -1
   if claimed < n then
