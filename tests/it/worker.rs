@@ -1006,3 +1006,62 @@ async fn active_jobs_name_what_each_worker_runs_now() {
     assert!(q.active_jobs(10).await.unwrap().is_empty());
     stop(w).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_slot_worker_holds_its_next_job_renewed_and_hands_it_back_unrun_on_shutdown() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("prefetch").await;
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let r = ran.clone();
+    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
+        let r = r.clone();
+        async move {
+            r.lock().unwrap().push(job.n);
+            if job.n > 0 {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, JobError>(job.n)
+        }
+    });
+    // The first job's report claims the second and one more to hold ahead.
+    let done = q.enqueue(Echo { n: 0 }).await.unwrap();
+    let first = q.enqueue(Echo { n: 1 }).await.unwrap();
+    let next = q.enqueue(Echo { n: 2 }).await.unwrap();
+    let w = spawn(
+        Worker::builder(q.clone())
+            .id("one-slot")
+            .concurrency(1)
+            .lease(Duration::from_millis(300))
+            .heartbeat(Duration::from_millis(100))
+            .shutdown_grace(Duration::from_millis(100))
+            .build(handler),
+    );
+    // The job ahead is claimed while the second one runs: held by this worker.
+    eventually(WAIT, "the next job held ahead", || async {
+        let st = q.status(&next.id).await.unwrap();
+        (st.state == JobState::Active && st.worker.as_deref() == Some("one-slot")).then_some(())
+    })
+    .await;
+    // Five leases later it is still held, renewed: never recovered as stalled.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let st = q.status(&next.id).await.unwrap();
+    assert_eq!(
+        (st.state, st.worker.as_deref()),
+        (JobState::Active, Some("one-slot"))
+    );
+    assert!(st.errors.is_empty(), "{:?}", st.errors);
+    assert_eq!(*ran.lock().unwrap(), vec![0, 1]);
+    assert_eq!(q.status(&done.id).await.unwrap().state, JobState::Completed);
+    // On shutdown both go back at once, attempts uncounted; the held one never ran.
+    stop(w).await;
+    for job in [&first, &next] {
+        let st = q.status(&job.id).await.unwrap();
+        assert_eq!(
+            (st.state, st.attempts),
+            (JobState::Queued, 0),
+            "{:?}",
+            job.id
+        );
+    }
+    assert_eq!(*ran.lock().unwrap(), vec![0, 1]);
+}
