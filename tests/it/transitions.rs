@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use voxqueue::{
-    CancelOutcome, Error, JobContext, JobError, JobId, JobState, Queue, Worker, handler_fn,
+    CancelOutcome, Error, JobContext, JobError, JobId, JobState, Priority, Queue, Worker,
+    handler_fn,
 };
 
 use crate::common::{Prefix, eventually};
@@ -18,6 +19,8 @@ use crate::queue::Echo;
 use crate::worker::{spawn, stop};
 
 const WAIT: Duration = Duration::from_secs(10);
+/// The job the recovering worker holds so that a recovered job has to wait in line.
+const BLOCKER: u32 = 99;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Meanwhile {
@@ -117,10 +120,30 @@ async fn end_an_attempt(
         }
         Ending::Release => stop(holder).await,
         Ending::Expire => {
-            // Once the lease has lapsed, a live worker's heartbeat recovers it (here the
-            // holder's own early beat, which renews nothing): the job leaves `active`.
-            // The holder stays busy with the stalled attempt, so a job that goes back
-            // to ready stays there for the checks.
+            // A live worker's heartbeat recovers lapsed leases (the holder's own never
+            // beats in time here). That worker is busy with a job of higher priority,
+            // so a job that goes back to ready stays there for the checks.
+            let blocker = q
+                .enqueue(Echo { n: BLOCKER })
+                .priority(Priority::High)
+                .await
+                .unwrap();
+            let recoverer = handler_fn(|job: Echo, _ctx: JobContext| async move {
+                if job.n == BLOCKER {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, JobError>(job.n)
+            });
+            let other = spawn(
+                Worker::builder(q.clone())
+                    .heartbeat(Duration::from_millis(50))
+                    .shutdown_grace(Duration::from_millis(100))
+                    .build(recoverer),
+            );
+            eventually(WAIT, "the other worker holds the blocker", || async {
+                (q.status(&blocker.id).await.unwrap().state == JobState::Active).then_some(())
+            })
+            .await;
             let active = format!("{}:{{ends}}:active", p.name);
             eventually(WAIT, "the lapsed lease was recovered", || async {
                 let score: Option<f64> = redis::cmd("ZSCORE")
@@ -135,6 +158,7 @@ async fn end_an_attempt(
             // Checked before the holder stops: its hand-back would drop a lease that
             // the recovery forgot.
             no_lease_left(p, &job.id, ending).await;
+            stop(other).await;
             stop(holder).await;
         }
     }
