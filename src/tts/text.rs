@@ -539,6 +539,26 @@ mod tests {
     }
 
     #[test]
+    fn a_run_of_cjk_and_ascii_terminators_ends_one_sentence() {
+        assert_eq!(split("真的吗？！好的。"), ["真的吗？！", "好的。"]);
+        assert_eq!(split("是吗？!对。"), ["是吗？!", "对。"]);
+    }
+
+    #[test]
+    fn opening_brackets_are_skipped_around_a_full_stop() {
+        // The word after the stop is lowercase once its bracket is skipped: no boundary.
+        assert_eq!(
+            split("He stopped. (and then he left.) Fine."),
+            ["He stopped. (and then he left.)", "Fine."]
+        );
+        // The word before the stop is a title once its bracket is skipped: no boundary.
+        assert_eq!(
+            split("He met (Dr. Smith) today. Fine."),
+            ["He met (Dr. Smith) today.", "Fine."]
+        );
+    }
+
+    #[test]
     fn keeps_inner_whitespace_as_given() {
         assert_eq!(split("A  b. C"), ["A  b.", "C"]);
     }
@@ -550,6 +570,15 @@ mod tests {
         assert_eq!(
             split_sentences_max("One. Two.", 10),
             split_sentences("One. Two.")
+        );
+    }
+
+    #[test]
+    fn a_latin_comma_inside_a_word_is_no_cut_point() {
+        // "aaaa,bbbb" is one word: only the space may cut it (a CJK mark would not need one).
+        assert_eq!(
+            split_sentences_max("aaaa,bbbb cccc", 9),
+            ["aaaa,bbbb", "cccc"]
         );
     }
 
