@@ -19,6 +19,7 @@ mod profile;
 mod props;
 mod queue;
 mod schedule;
+mod sentinel;
 mod transitions;
 mod tts;
 mod worker;
