@@ -4,6 +4,7 @@
 mod acl;
 #[cfg(feature = "candle")]
 mod candle;
+mod chaos;
 mod cluster;
 mod common;
 mod crash;
