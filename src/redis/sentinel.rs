@@ -356,4 +356,17 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn a_lost_link_or_a_demoted_server_means_asking_the_sentinels_again() {
+        let server = |code: &str| redis::make_extension_error(code.to_owned(), None);
+        assert!(means_not_primary(&server("READONLY")));
+        assert!(means_not_primary(&server("MASTERDOWN")));
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(means_not_primary(&io));
+        // The server's answer about the command, not about its role: keep the link.
+        for code in ["ERR", "NOPERM", "LOADING", "NOSCRIPT", "BUSY"] {
+            assert!(!means_not_primary(&server(code)), "{code}");
+        }
+    }
 }
