@@ -248,15 +248,16 @@ impl<J> Enqueue<'_, J> {
     /// Why: Redis replicates asynchronously, so a job acknowledged by the primary may
     /// not have reached any replica when the primary dies; Sentinel then promotes a
     /// replica without it. With this option an `Ok` means the job is on the primary
-    /// *and* on `replicas` replicas, so a failover to one of them keeps it (see the
-    /// README, "Reliability", for what `WAIT` does not cover).
+    /// *and* on `replicas` replicas, so a failover to one of them keeps it (the README's
+    /// "Sentinel, replication and `WAIT`" says what `WAIT` does not cover).
     ///
     /// Fewer replicas within `timeout` gives [`Error::ReplicasNotAcked`]: the job
     /// **is stored** on the primary and will run; only its survival of a failover is
     /// unconfirmed. Enqueueing again with the same [`id`](Self::id) is safe and waits
     /// again. The wait holds the queue handle's shared connection: other calls on this
-    /// handle queue behind it, so give waited enqueues a handle of their own if
-    /// that matters. Not offered on a cluster ([`Error::InvalidConfig`]).
+    /// handle and its clones queue behind it, so give waited enqueues a separately
+    /// connected handle if that matters. The ACL user needs `+wait`. Not offered on a
+    /// cluster ([`Error::InvalidConfig`]).
     pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
         self.replicas = Some((replicas, timeout));
         self
