@@ -14,7 +14,32 @@ pub enum Error {
     Connect(#[source] redis::RedisError),
     /// A command or script failed (server error, lost connection, response timeout).
     #[error("Redis error: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(#[source] redis::RedisError),
+    /// Redis refused the credentials: a wrong password, or a user that does not exist
+    /// or is switched off. Redis says no more (it never tells a client which).
+    #[error(
+        "Redis refused the credentials{}: wrong password, or no such user, or the user is off \
+         (ACL SETUSER <user> on >password)",
+        user.as_deref().map(|u| format!(" of user {u:?}")).unwrap_or_default()
+    )]
+    AuthFailed {
+        /// The user named in the URL (`None`: the `default` user).
+        user: Option<String>,
+    },
+    /// The Redis ACL user may not do something voxqueue needs: `missing` says what, as
+    /// far as Redis told. The message lists every rule voxqueue needs
+    /// ([`acl_rules`](crate::acl_rules), the README's `ACL SETUSER` line).
+    #[error(
+        "Redis ACL refused {missing}. The user needs: {rules} (README, \"Least privilege\"); \
+         ACL LOG on the server names the exact command or key. Redis said: {server}",
+        rules = crate::acl_rules("<prefix>")
+    )]
+    NoPermission {
+        /// What was refused.
+        missing: AclMissing,
+        /// Redis's own words.
+        server: String,
+    },
     /// Queue names become part of every key and its hash tag.
     #[error(
         "invalid queue name {0:?}: it must be 1 to 128 characters without '{{', '}}', ':' or whitespace"
@@ -57,6 +82,23 @@ pub enum Error {
         /// When the same enqueue would be allowed.
         retry_after: Duration,
     },
+    /// The job **is stored** on the primary, but fewer replicas than asked
+    /// ([`Enqueue::wait_for_replicas`](crate::Enqueue::wait_for_replicas)) confirmed
+    /// it within the timeout: a failover before they catch up could lose it. Enqueueing
+    /// again with the same id is safe (it returns this job) and waits again.
+    #[error(
+        "job {id} is stored on the primary, but only {acked} of {wanted} replicas confirmed it within {timeout:?}"
+    )]
+    ReplicasNotAcked {
+        /// The job (stored on the primary).
+        id: JobId,
+        /// Replicas that confirmed the write.
+        acked: u32,
+        /// Replicas asked for.
+        wanted: u32,
+        /// How long the enqueue waited.
+        timeout: Duration,
+    },
     /// The job did not finish within the time the caller was willing to wait.
     #[error("timed out waiting for job {0}")]
     WaitTimeout(JobId),
@@ -70,6 +112,70 @@ pub enum Error {
         /// The last recorded error, if any.
         last_error: Option<String>,
     },
+}
+
+/// What a Redis ACL refused, as far as Redis says: a command outside a script is
+/// named; a key, or a command inside one of voxqueue's scripts, is not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AclMissing {
+    /// The command (or `command|subcommand`) Redis named: add `+<it>` to the user.
+    Command(String),
+    /// A key outside the user's key patterns. Redis does not say which; all of a
+    /// queue's keys start with its prefix, so the user needs `~<prefix>:*`.
+    Key,
+    /// A command inside one of voxqueue's Lua scripts. Redis names only the script
+    /// (its SHA and line); every command in the rules below is needed.
+    ScriptCommand,
+}
+
+impl std::fmt::Display for AclMissing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AclMissing::Command(c) => write!(f, "the command {c:?}: add +{c}"),
+            AclMissing::Key => f.write_str(
+                "a key outside the user's key patterns (Redis does not say which; \
+                 the queue's keys are <prefix>:*)",
+            ),
+            AclMissing::ScriptCommand => {
+                f.write_str("a command inside a voxqueue script (Redis does not say which)")
+            }
+        }
+    }
+}
+
+impl From<redis::RedisError> for Error {
+    /// Sorts Redis's refusals into typed errors: ACL refusals and rejected credentials
+    /// come only as text from the server, so this is the one place that reads it.
+    fn from(e: redis::RedisError) -> Self {
+        classify(e).unwrap_or_else(Error::Redis)
+    }
+}
+
+/// An ACL or authentication refusal as its typed error; anything else back unchanged.
+pub(crate) fn classify(e: redis::RedisError) -> Result<Error, redis::RedisError> {
+    if e.kind() == redis::ErrorKind::AuthenticationFailed || e.code() == Some("WRONGPASS") {
+        return Ok(Error::AuthFailed { user: None });
+    }
+    let text = e.detail().map_or_else(|| e.to_string(), str::to_owned);
+    let missing = if e.code() == Some("NOPERM") {
+        // "this user has no permissions to run the 'evalsha' command"
+        match text.split('\'').nth(1) {
+            Some(command) if text.contains("to run the") => AclMissing::Command(command.to_owned()),
+            _ if text.contains("keys") => AclMissing::Key,
+            _ => return Err(e),
+        }
+    } else if text.contains("The user executing the script can't run this command") {
+        AclMissing::ScriptCommand
+    } else if text.contains("The user executing the script can't access") {
+        AclMissing::Key
+    } else {
+        return Err(e);
+    };
+    Ok(Error::NoPermission {
+        missing,
+        server: text,
+    })
 }
 
 impl Error {
@@ -87,13 +193,17 @@ impl Error {
     /// failures ([`Error::is_connection_error`]) and the server's passing states — a
     /// restarted server still loading its data (`LOADING`), a cluster resharding or
     /// failing over (`TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `READONLY` on a demoted
-    /// primary), or a server busy with a long script (`BUSY`). Workers retry these;
+    /// primary, no primary named by the sentinels yet), or a server busy with a long
+    /// script (`BUSY`). Workers retry these;
     /// they never count as a job's failure.
     pub fn is_transient(&self) -> bool {
         if self.is_connection_error() {
             return true;
         }
         match self {
+            // During a Sentinel failover the sentinels may, for a moment, name no
+            // reachable primary (at first connect this is more likely a wrong name).
+            Error::Redis(e) if e.kind() == redis::ErrorKind::MasterNameNotFoundBySentinel => true,
             Error::Redis(e) => matches!(
                 e.code(),
                 Some("LOADING" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "READONLY" | "BUSY")
@@ -220,5 +330,58 @@ mod tests {
             assert!(!server(code).is_transient(), "{code}");
         }
         assert!(!Error::Protocol("x".into()).is_transient());
+    }
+
+    fn refused(code: &str, detail: &str) -> Error {
+        Error::from(redis::make_extension_error(
+            code.to_owned(),
+            Some(detail.to_owned()),
+        ))
+    }
+
+    #[test]
+    fn acl_refusals_say_what_is_missing() {
+        let missing = |e: Error| match e {
+            Error::NoPermission { missing, .. } => missing,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            missing(refused(
+                "NOPERM",
+                "this user has no permissions to run the 'script|load' command"
+            )),
+            AclMissing::Command("script|load".into())
+        );
+        assert_eq!(
+            missing(refused(
+                "NOPERM",
+                "this user has no permissions to access one of the keys used as arguments"
+            )),
+            AclMissing::Key
+        );
+        assert_eq!(
+            missing(refused(
+                "ERR",
+                "The user executing the script can't run this command or subcommand script: abc, on @user_script:12."
+            )),
+            AclMissing::ScriptCommand
+        );
+        assert!(matches!(
+            refused(
+                "WRONGPASS",
+                "invalid username-password pair or user is disabled."
+            ),
+            Error::AuthFailed { user: None }
+        ));
+        // Other refusals and errors stay what they were.
+        assert!(matches!(
+            refused(
+                "NOPERM",
+                "this user has no permissions to access one of the channels"
+            ),
+            Error::Redis(_)
+        ));
+        assert!(matches!(refused("ERR", "unknown command"), Error::Redis(_)));
+        assert!(!refused("NOPERM", "no permissions to run the 'get' command").is_transient());
     }
 }

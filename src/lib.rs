@@ -73,11 +73,11 @@ pub mod worker;
 
 pub use dead_letter::{DEFAULT_DEAD_LETTER_CAP, DeadJob, DeadLetter};
 pub use dedup::{Deduplicator, RateLimit};
-pub use error::{Error, JobError};
+pub use error::{AclMissing, Error, JobError};
 pub use events::{EventKind, EventStream, JobEvent};
 pub use job::{AttemptError, JobId, JobOptions, JobState, JobStatus, Priority};
 pub use queue::{CancelOutcome, Enqueue, Enqueued, Queue, QueueBuilder, QueueStats, RecentStats};
-pub use redis::{Connector, TlsConfig};
+pub use redis::{Connector, TlsConfig, acl_rules};
 pub use retry::RetryPolicy;
 pub use schedule::{Periodic, Schedule};
 pub use worker::{

@@ -32,7 +32,9 @@ impl<J> std::fmt::Debug for QueueBuilder<J> {
 }
 
 impl<J> QueueBuilder<J> {
-    /// The Redis server, by URL (`redis://`, `rediss://` for TLS, credentials in the URL).
+    /// The Redis server, by URL (`redis://`, `rediss://` for TLS, credentials in the URL),
+    /// or a primary behind Redis Sentinel (`redis+sentinel://host:26379,…/service`, see
+    /// [`Connector::sentinel`]).
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.url = Some(url.into());
         self
@@ -118,7 +120,7 @@ impl<J> QueueBuilder<J> {
         let keys = Keys::new(&self.prefix, &self.name)?;
         let connector = match (self.connector, self.url) {
             (Some(c), _) => c,
-            (None, Some(url)) => Connector::single(&url)?,
+            (None, Some(url)) => Connector::from_url(&url)?,
             (None, None) => {
                 return Err(Error::InvalidConfig(
                     "no Redis URL or connector given".into(),

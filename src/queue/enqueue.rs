@@ -39,6 +39,7 @@ impl<J: Serialize> Queue<J> {
             options: JobOptions::default(),
             dedup: DedupChoice::Queue,
             rate_limit: None,
+            replicas: None,
         }
     }
 
@@ -63,7 +64,7 @@ impl<J: Serialize> Queue<J> {
             .collect::<Result<Vec<_>, _>>()?;
         let mut out = Vec::with_capacity(prepared.len());
         for chunk in prepared.chunks(BULK_CHUNK) {
-            out.extend(self.store(chunk, None).await?);
+            out.extend(self.store(chunk, None, None).await?);
         }
         Ok(out)
     }
@@ -118,6 +119,7 @@ impl<J: Serialize> Queue<J> {
         &self,
         jobs: &[Prepared],
         limit: Option<&RateLimit>,
+        replicas: Option<(u32, Duration)>,
     ) -> Result<Vec<Enqueued>, Error> {
         let mut inv = self.shared.invocation(self.shared.scripts.enqueue);
         match limit {
@@ -131,7 +133,10 @@ impl<J: Serialize> Queue<J> {
                 .arg(&job.payload)
                 .arg(&job.dedup_key);
         }
-        let (status, reply): (String, redis::Value) = self.shared.invoke(&inv).await?;
+        let ((status, reply), acked): ((String, redis::Value), u32) = match replicas {
+            None => (self.shared.invoke(&inv).await?, 0),
+            Some((n, timeout)) => self.shared.conn.invoke_and_wait(&inv, n, timeout).await?,
+        };
         if status == "limited" {
             let ms: u64 = redis::from_redis_value(reply)
                 .map_err(|e| Error::Protocol(format!("enqueue: {e}")))?;
@@ -143,6 +148,16 @@ impl<J: Serialize> Queue<J> {
         }
         let reply: Vec<(String, u8, String)> =
             redis::from_redis_value(reply).map_err(|e| Error::Protocol(format!("enqueue: {e}")))?;
+        if let (Some((wanted, timeout)), Some(job)) = (replicas, jobs.first())
+            && acked < wanted
+        {
+            return Err(Error::ReplicasNotAcked {
+                id: job.id.clone(),
+                acked,
+                wanted,
+                timeout,
+            });
+        }
         let created = reply.iter().filter(|r| r.1 == 1).count() as u64;
         metrics::count(metrics::ENQUEUED, &self.shared.name, created);
         metrics::count(
@@ -192,6 +207,7 @@ pub struct Enqueue<'q, J> {
     options: JobOptions,
     dedup: DedupChoice,
     rate_limit: Option<RateLimit>,
+    replicas: Option<(u32, Duration)>,
 }
 
 impl<J> std::fmt::Debug for Enqueue<'_, J> {
@@ -222,6 +238,28 @@ impl<J> Enqueue<'_, J> {
     /// fails with [`Error::RateLimited`], which says when to try again.
     pub fn rate_limit(mut self, limit: RateLimit) -> Self {
         self.rate_limit = Some(limit);
+        self
+    }
+
+    /// Returns only once `replicas` replicas have the job (Redis `WAIT`, sent right
+    /// after the enqueue on the same connection), waiting at most `timeout` (more than
+    /// zero, at most 4 s).
+    ///
+    /// Why: Redis replicates asynchronously, so a job acknowledged by the primary may
+    /// not have reached any replica when the primary dies; Sentinel then promotes a
+    /// replica without it. With this option an `Ok` means the job is on the primary
+    /// *and* on `replicas` replicas, so a failover to one of them keeps it (the README's
+    /// "Sentinel, replication and `WAIT`" says what `WAIT` does not cover).
+    ///
+    /// Fewer replicas within `timeout` gives [`Error::ReplicasNotAcked`]: the job
+    /// **is stored** on the primary and will run; only its survival of a failover is
+    /// unconfirmed. Enqueueing again with the same [`id`](Self::id) is safe and waits
+    /// again. The wait holds the queue handle's shared connection: other calls on this
+    /// handle and its clones queue behind it, so give waited enqueues a separately
+    /// connected handle if that matters. The ACL user needs `+wait`. Not offered on a
+    /// cluster ([`Error::InvalidConfig`]).
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replicas = Some((replicas, timeout));
         self
     }
 
@@ -295,7 +333,11 @@ impl<'q, J: Serialize + Send + Sync + 'q> IntoFuture for Enqueue<'q, J> {
             let prepared = self.queue.prepare(&self.job, &self.options, &self.dedup)?;
             let mut out = self
                 .queue
-                .store(std::slice::from_ref(&prepared), self.rate_limit.as_ref())
+                .store(
+                    std::slice::from_ref(&prepared),
+                    self.rate_limit.as_ref(),
+                    self.replicas,
+                )
                 .await?;
             out.pop()
                 .ok_or_else(|| Error::Protocol("enqueue returned nothing".into()))

@@ -1,5 +1,6 @@
-//! Connections: one node (plain or TLS through a `rediss://` URL) or a cluster, behind
-//! one type so every other module is written once.
+//! Connections: one node (plain or TLS through a `rediss://` URL), a primary found
+//! through Redis Sentinel, or a cluster, behind one type so every other module is
+//! written once.
 
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Client, Cmd, Pipeline, RedisFuture, Value};
 
+use super::sentinel::{SCHEME as SENTINEL_SCHEME, SentinelConn, SentinelTarget};
 use crate::error::Error;
 
 /// Long enough for a script over a large queue, short enough to notice a dead server.
@@ -18,10 +20,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const RECONNECT_RETRIES: usize = 4;
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 
-/// Where the queue's Redis is: one server or a cluster.
+/// Where the queue's Redis is: one server, a primary behind Redis Sentinel, or a cluster.
 ///
 /// A `rediss://` URL gives TLS (rustls); a password or an ACL user goes in the URL
-/// (`redis://user:secret@host:6379/0`).
+/// (`redis://user:secret@host:6379/0`). A `redis+sentinel://` URL names sentinels
+/// instead of a server (see [`Connector::sentinel`]).
 #[derive(Debug, Clone)]
 pub struct Connector {
     kind: Kind,
@@ -32,6 +35,7 @@ pub struct Connector {
 #[allow(clippy::large_enum_variant)]
 enum Kind {
     Single(Client),
+    Sentinel(SentinelTarget),
     Cluster(ClusterClient),
 }
 
@@ -41,6 +45,45 @@ impl Connector {
         let client = Client::open(url).map_err(Error::Connect)?;
         Ok(Self {
             kind: Kind::Single(client),
+        })
+    }
+
+    /// One server by URL, whichever kind the scheme says: `redis://` or `rediss://`
+    /// for one server ([`Connector::single`]), `redis+sentinel://` for a primary
+    /// behind Sentinel ([`Connector::sentinel`]). What [`QueueBuilder::url`] uses.
+    ///
+    /// [`QueueBuilder::url`]: crate::QueueBuilder::url
+    pub fn from_url(url: &str) -> Result<Self, Error> {
+        if url.starts_with(SENTINEL_SCHEME) {
+            Self::sentinel(url)
+        } else {
+            Self::single(url)
+        }
+    }
+
+    /// The primary that Redis Sentinel names, by a URL of the form
+    ///
+    /// ```text
+    /// redis+sentinel://[[user]:password@]host[:port][,host[:port]…]/service[/db]
+    /// ```
+    ///
+    /// `host:port` are the *sentinels* (port 26379 by default; list several, any one
+    /// answering is enough), `service` is the primary's name in the sentinels'
+    /// configuration (`sentinel monitor <service> …`), and the credentials and database
+    /// are the primary's (`%XX` escapes allowed). The sentinels themselves are asked
+    /// without credentials; TLS to the primary is not offered through this URL.
+    ///
+    /// Why not a plain URL to the primary: after a failover that address is dead or a
+    /// read-only replica. Here every connection asks the sentinels again when its
+    /// primary stops answering, times out or answers `READONLY`, so producers and
+    /// workers follow a failover on their own; the command that met the failure fails
+    /// with a transient error ([`Error::is_transient`]) for its caller to retry (workers
+    /// do). What a failover can lose, and how
+    /// [`Enqueue::wait_for_replicas`](crate::Enqueue::wait_for_replicas) closes the gap,
+    /// is in the README ("Sentinel, replication and `WAIT`").
+    pub fn sentinel(url: &str) -> Result<Self, Error> {
+        Ok(Self {
+            kind: Kind::Sentinel(SentinelTarget::parse(url)?),
         })
     }
 
@@ -91,11 +134,12 @@ impl Connector {
     pub(crate) async fn connect(&self) -> Result<Conn, Error> {
         match &self.kind {
             Kind::Single(client) => manager(client, Some(RESPONSE_TIMEOUT)).await,
+            Kind::Sentinel(target) => sentinel(target, Some(RESPONSE_TIMEOUT)).await,
             Kind::Cluster(client) => Ok(Conn::Cluster(
                 client
                     .get_async_connection()
                     .await
-                    .map_err(Error::Connect)?,
+                    .map_err(|e| connect_error(e, None))?,
             )),
         }
     }
@@ -105,13 +149,14 @@ impl Connector {
     pub(crate) async fn connect_blocking(&self) -> Result<Conn, Error> {
         match &self.kind {
             Kind::Single(client) => manager(client, None).await,
+            Kind::Sentinel(target) => sentinel(target, None).await,
             Kind::Cluster(client) => {
                 // Blocking commands wait at most a few seconds by our own timeouts.
                 let config = ClusterConfig::new().set_response_timeout(Duration::from_secs(3600));
                 let conn = client
                     .get_async_connection_with_config(config)
                     .await
-                    .map_err(Error::Connect)?;
+                    .map_err(|e| connect_error(e, None))?;
                 Ok(Conn::Cluster(conn))
             }
         }
@@ -129,8 +174,36 @@ async fn manager(client: &Client, response_timeout: Option<Duration>) -> Result<
     let manager = client
         .get_connection_manager_with_config(config)
         .await
-        .map_err(Error::Connect)?;
+        .map_err(|e| connect_error(e, client.get_connection_info().redis_settings().username()))?;
     Ok(Conn::Single(manager))
+}
+
+/// A failed first connection as its error: refused credentials and ACL refusals typed
+/// (naming the URL's user), anything else [`Error::Connect`].
+pub(crate) fn connect_error(e: redis::RedisError, user: Option<&str>) -> Error {
+    match crate::error::classify(e) {
+        Ok(Error::AuthFailed { .. }) => Error::AuthFailed {
+            user: user.map(str::to_owned),
+        },
+        Ok(typed) => typed,
+        Err(e) => Error::Connect(e),
+    }
+}
+
+/// A connection to the primary the sentinels name, found again after a failover.
+async fn sentinel(
+    target: &SentinelTarget,
+    response_timeout: Option<Duration>,
+) -> Result<Conn, Error> {
+    let conn = SentinelConn::connect(
+        target,
+        CONNECT_TIMEOUT,
+        response_timeout,
+        RECONNECT_RETRIES,
+        RECONNECT_MAX_DELAY,
+    )
+    .await?;
+    Ok(Conn::Sentinel(conn))
 }
 
 /// Certificates for [`Connector::single_tls`], all PEM.
@@ -177,6 +250,7 @@ impl TlsConfig {
 #[derive(Clone)]
 pub(crate) enum Conn {
     Single(ConnectionManager),
+    Sentinel(SentinelConn),
     Cluster(ClusterConnection),
 }
 
@@ -184,6 +258,7 @@ impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Conn::Single(_) => f.write_str("Conn::Single"),
+            Conn::Sentinel(c) => c.fmt(f),
             Conn::Cluster(_) => f.write_str("Conn::Cluster"),
         }
     }
@@ -193,6 +268,7 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -205,6 +281,7 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -212,6 +289,7 @@ impl ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
+            Conn::Sentinel(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
     }

@@ -1,11 +1,11 @@
 //! Least privilege: a Redis ACL user limited to one key prefix and the commands voxqueue
 //! sends (the README's `ACL SETUSER` line) runs a queue end to end; a wrong password and a
-//! missing command fail with the server's reason.
+//! missing permission fail with a typed error that says what is missing.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use voxqueue::{Error, JobError, Queue, Worker, handler_fn};
+use voxqueue::{AclMissing, Error, JobError, Queue, Worker, handler_fn};
 
 use crate::common::{Prefix, redis_url, shutdown};
 
@@ -146,21 +146,43 @@ async fn a_user_limited_to_the_prefix_and_the_commands_runs_a_queue() {
     running.await.unwrap().unwrap();
 }
 
+#[test]
+fn the_librarys_rules_are_the_tested_commands() {
+    let mut expected = "~pfx:* resetchannels -@all".to_owned();
+    for c in COMMANDS {
+        expected.push_str(&format!(" +{c}"));
+    }
+    assert_eq!(voxqueue::acl_rules("pfx"), expected);
+}
+
 #[tokio::test]
-async fn a_wrong_password_is_refused_with_the_servers_reason() {
+async fn a_wrong_password_is_a_typed_error_naming_the_user() {
     let p = Prefix::new();
     let user = AclUser::create(&p.name, COMMANDS);
     let err = match connect(&p, &user.url("not-the-password")).await {
         Ok(q) => q.enqueue(Greet { name: "x".into() }).await.unwrap_err(),
         Err(e) => e,
     };
-    let text = format!("{err}");
-    // redis-rs reports the refused AUTH, not the server's WRONGPASS line; it does not
-    // name the user.
+    match &err {
+        Error::AuthFailed { user: Some(name) } => assert_eq!(*name, user.name),
+        other => panic!("{other:?}"),
+    }
     assert_eq!(
-        text,
-        "cannot connect to Redis: Password authentication failed - AuthenticationFailed"
+        err.to_string(),
+        format!(
+            "Redis refused the credentials of user {:?}: wrong password, or no such user, \
+             or the user is off (ACL SETUSER <user> on >password)",
+            user.name
+        )
     );
+}
+
+/// The hint every ACL refusal carries: the whole rule set, with the prefix to fill in.
+fn hint() -> String {
+    format!(
+        "The user needs: {} (README, \"Least privilege\"); ACL LOG on the server names the exact command or key.",
+        voxqueue::acl_rules("<prefix>")
+    )
 }
 
 #[tokio::test]
@@ -174,33 +196,56 @@ async fn a_missing_command_is_refused_naming_the_command() {
     let user = AclUser::create(&p.name, &without);
     let q = connect(&p, &user.url(&user.password)).await.unwrap();
     let err = q.enqueue(Greet { name: "x".into() }).await.unwrap_err();
+    match &err {
+        Error::NoPermission { missing, .. } => {
+            assert_eq!(*missing, AclMissing::Command("evalsha".into()))
+        }
+        other => panic!("{other:?}"),
+    }
     assert_eq!(
-        format!("{err}"),
-        "Redis error: NoPerm: this user has no permissions to run the 'evalsha' command"
+        err.to_string(),
+        format!(
+            "Redis ACL refused the command \"evalsha\": add +evalsha. {} Redis said: \
+             this user has no permissions to run the 'evalsha' command",
+            hint()
+        )
     );
 }
 
 #[tokio::test]
-async fn a_command_missing_inside_a_script_is_refused_without_its_name() {
+async fn a_command_missing_inside_a_script_is_refused_with_the_rules_it_needs() {
     let p = Prefix::new();
     let without: Vec<&str> = COMMANDS.iter().copied().filter(|c| *c != "zadd").collect();
     let user = AclUser::create(&p.name, &without);
     let q = connect(&p, &user.url(&user.password)).await.unwrap();
     let err = q.enqueue(Greet { name: "x".into() }).await.unwrap_err();
     // Redis names neither the command nor the key for a call inside a script, only the
-    // script's SHA and line; `ACL LOG` names the command.
-    let text = format!("{err}");
+    // script's SHA and line; the error lists every rule the user needs instead.
+    match &err {
+        Error::NoPermission { missing, server } => {
+            assert_eq!(*missing, AclMissing::ScriptCommand);
+            assert!(
+                server.starts_with(
+                    "The user executing the script can't run this command or subcommand"
+                ),
+                "{server}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let text = err.to_string();
     assert!(
-        text.starts_with(
-            "Redis error: ResponseError: The user executing the script can't run this command or subcommand script: "
-        ),
+        text.starts_with(&format!(
+            "Redis ACL refused a command inside a voxqueue script (Redis does not say which). {}",
+            hint()
+        )),
         "{text}"
     );
-    assert!(!text.contains("zadd"), "{text}");
+    assert!(text.contains(" +zadd "), "{text}");
 }
 
 #[tokio::test]
-async fn a_key_outside_the_pattern_is_refused() {
+async fn a_key_outside_the_pattern_is_refused_naming_the_pattern() {
     let p = Prefix::new();
     let user = AclUser::create(&p.name, COMMANDS);
     let other = Prefix::new();
@@ -210,9 +255,18 @@ async fn a_key_outside_the_pattern_is_refused() {
         .enqueue(Greet { name: "x".into() })
         .await
         .unwrap_err();
-    // The server does not say which key; `ACL LOG` on the server does.
+    // The server does not say which key; the error says which pattern covers them all.
+    match &err {
+        Error::NoPermission { missing, .. } => assert_eq!(*missing, AclMissing::Key),
+        other => panic!("{other:?}"),
+    }
     assert_eq!(
-        format!("{err}"),
-        "Redis error: NoPerm: this user has no permissions to access one of the keys used as arguments"
+        err.to_string(),
+        format!(
+            "Redis ACL refused a key outside the user's key patterns (Redis does not say \
+             which; the queue's keys are <prefix>:*). {} Redis said: this user has no \
+             permissions to access one of the keys used as arguments",
+            hint()
+        )
     );
 }

@@ -4,6 +4,7 @@
 mod acl;
 #[cfg(feature = "candle")]
 mod candle;
+mod chaos;
 mod cluster;
 mod common;
 mod crash;
@@ -19,6 +20,7 @@ mod profile;
 mod props;
 mod queue;
 mod schedule;
+mod sentinel;
 mod transitions;
 mod tts;
 mod worker;
