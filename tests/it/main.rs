@@ -13,6 +13,7 @@ mod durability;
 mod holes;
 mod memory;
 mod metrics;
+mod partition;
 #[cfg(feature = "candle")]
 mod piper;
 mod profile;
