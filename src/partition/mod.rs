@@ -134,13 +134,19 @@ impl<J> PartitionedQueue<J> {
     /// A worker builder over every partition, taking turns among them (equal weights):
     /// no partition is starved, and a partition whose last claim came up short is
     /// asked after the others for a moment, so claims do not keep visiting empty
-    /// partitions. Set concurrency, retries and the rest as for any worker.
+    /// partitions. A claim for several slots is split over the partitions; with at
+    /// least a slot per partition, each slot then takes up to 32 jobs in a row from its
+    /// partition, each claimed with the last one's report (one round trip per job, as
+    /// on a plain queue), before it takes its turn again. Set concurrency, retries and
+    /// the rest as for any worker.
     pub fn worker(&self) -> WorkerBuilder<J> {
         let mut builder = Worker::builder(self.parts[0].clone());
         for q in &self.parts[1..] {
             builder = builder.queue(q.clone());
         }
-        builder.order(QueueOrder::Weighted(vec![1; self.parts.len()]))
+        builder
+            .order(QueueOrder::Weighted(vec![1; self.parts.len()]))
+            .spread()
     }
 
     /// The dead letters of every partition, as one.

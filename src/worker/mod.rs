@@ -71,7 +71,17 @@ pub(crate) struct WorkerConfig {
     pub(crate) order: QueueOrder,
     pub(crate) id: String,
     pub(crate) breaker: Option<CircuitBreaker>,
+    /// Partitions of one logical queue: claims are split over the queues, and, with a
+    /// slot per queue at least, a slot's report claims its next job from the same
+    /// queue for a run of jobs (see `SPREAD_RUN`), as a one-queue worker's does every
+    /// time: one round trip per job instead of two.
+    pub(crate) spread: bool,
 }
+
+/// Jobs a slot of a spread worker takes from one queue through its reports before it
+/// goes back to the claim loop, which takes turns over the queues: long enough that
+/// the extra claim is cheap, short enough that no queue waits long for a slot.
+pub(crate) const SPREAD_RUN: u32 = 32;
 
 /// Builds a [`Worker`]; see [`Worker::builder`].
 #[derive(Debug)]
@@ -155,6 +165,12 @@ impl<J> WorkerBuilder<J> {
         self
     }
 
+    /// The queues are partitions of one logical queue (see [`WorkerConfig::spread`]).
+    pub(crate) fn spread(mut self) -> Self {
+        self.config.spread = true;
+        self
+    }
+
     /// Finishes the worker with its handler.
     pub fn build<H: Handler<J>>(self, handler: H) -> Worker<J, H> {
         Worker {
@@ -199,6 +215,7 @@ impl<J> Worker<J, ()> {
                 order: QueueOrder::Strict,
                 id: format!("worker-{}", uuid::Uuid::now_v7().simple()),
                 breaker: None,
+                spread: false,
             },
         }
     }
@@ -434,18 +451,36 @@ where
         n: usize,
     ) -> Result<Claim, Error> {
         let mut out = Claim::default();
-        for index in picker.order() {
-            let want = n - out.jobs.len();
+        let order = picker.order();
+        // Spread: each queue is asked for its share first, then those that gave it in
+        // full for the rest, so a big claim does not put every slot on one partition.
+        let share = if self.config.spread {
+            n.div_ceil(order.len().max(1))
+        } else {
+            n
+        };
+        let mut full = Vec::new();
+        for index in order {
+            let want = share.min(n - out.jobs.len());
             if want == 0 {
                 break;
             }
             let got = claim::claim(&runner.queues[index], index, want, &runner.args).await?;
+            let short = got.jobs.len() < want;
+            picker.claimed(index, short);
+            if !short {
+                full.push(index);
+            }
+            out.merge(got);
+        }
+        for index in full {
+            let want = n - out.jobs.len();
+            if want == 0 || share == n {
+                break;
+            }
+            let got = claim::claim(&runner.queues[index], index, want, &runner.args).await?;
             picker.claimed(index, got.jobs.len() < want);
-            out.jobs.extend(got.jobs);
-            out.next_wake = match (out.next_wake, got.next_wake) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            out.merge(got);
         }
         Ok(out)
     }

@@ -70,7 +70,11 @@ impl<H> Runner<H> {
         let mut ahead: VecDeque<Claimed> = VecDeque::new();
         // Reports on their way, oldest first, with the number of jobs each asked for.
         let mut in_flight: VecDeque<(usize, JoinHandle<Vec<Claimed>>)> = VecDeque::new();
+        // Jobs this slot has run here (a spread worker's slot returns to the claim
+        // loop after a run of them).
+        let mut run = 0u32;
         loop {
+            run += 1;
             let shared = self.queues[job.queue].clone();
             let ending = self.attempt::<J>(&shared, &job, &slot).await;
             // Blocking work of this attempt still runs: the slot is not free.
@@ -98,8 +102,9 @@ impl<H> Runner<H> {
                     Report::Failed { error, retry_in }
                 }
             };
-            // One queue: the report claims the next job in the same round trip.
-            let claim_more = self.queues.len() == 1
+            // One queue (or a spread worker's run): the report claims the next job in
+            // the same round trip.
+            let claim_more = (self.queues.len() == 1 || run < self.spread_run())
                 && !lingering
                 && !self.stopping.is_cancelled()
                 && self.breaker.is_closed();
@@ -147,6 +152,14 @@ impl<H> Runner<H> {
                 }
             };
         }
+    }
+
+    /// How many jobs in a row a slot takes from one queue through its reports: a
+    /// spread worker's slot (with a slot per queue at least, so every queue keeps one)
+    /// takes a run of them; otherwise each claim goes through the claim loop's turns.
+    fn spread_run(&self) -> u32 {
+        let spread = self.config.spread && self.config.concurrency >= self.queues.len();
+        if spread { super::SPREAD_RUN } else { 0 }
     }
 
     /// Reports an attempt (the job stays held until Redis has the report, so the

@@ -335,7 +335,45 @@ async fn a_worker_takes_turns_over_the_partitions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_a_slot_per_partition_serves_them_all_at_once() {
+    let p = Prefix::new();
+    let q = open(&p, "slots", 3).await;
+    q.enqueue_bulk((0..300).map(|n| Echo { n })).await.unwrap();
+    let (started, handler) = recorder(&q, Duration::from_millis(1));
+    let (stop, signal) = shutdown();
+    let worker = q.worker().concurrency(3).build(handler);
+    let running = tokio::spawn(worker.run_until(signal));
+    eventually(Duration::from_secs(30), "all jobs run", || async {
+        (q.stats().await.unwrap().totals.get("completed") == Some(&300)).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    let order = started.lock().unwrap().clone();
+    // The first claim gives each partition a slot: every partition runs from the start.
+    let mut first = [0; 3];
+    for &part in &order[..30] {
+        first[part] += 1;
+    }
+    assert!(
+        first.iter().all(|&n| n >= 5),
+        "first 30 starts by partition: {first:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_that_fills_late_is_not_starved() {
+    late_partition_runs_before_the_backlog_drains(1).await;
+}
+
+/// With a slot per partition, slots take runs of jobs from one partition: a run ends
+/// and the late partition gets its turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_fills_late_is_not_starved_by_runs_of_jobs() {
+    late_partition_runs_before_the_backlog_drains(2).await;
+}
+
+async fn late_partition_runs_before_the_backlog_drains(concurrency: usize) {
     let p = Prefix::new();
     let q = open(&p, "late", 2).await;
     // Partition 0 alone has a backlog (ids that name it), so partition 1 is found
@@ -350,7 +388,8 @@ async fn a_partition_that_fills_late_is_not_starved() {
     assert_eq!(queued_per_partition(&q).await, vec![200, 0]);
     let (started, handler) = recorder(&q, Duration::from_millis(5));
     let (stop, signal) = shutdown();
-    let running = tokio::spawn(q.worker().build(handler).run_until(signal));
+    let worker = q.worker().concurrency(concurrency).build(handler);
+    let running = tokio::spawn(worker.run_until(signal));
     eventually(Duration::from_secs(10), "the backlog to start", || async {
         (started.lock().unwrap().len() >= 10).then_some(())
     })
@@ -365,8 +404,8 @@ async fn a_partition_that_fills_late_is_not_starved() {
         .await
         .unwrap();
     assert_eq!(n, 1000);
-    // It ran long before the backlog drained (200 × 5 ms; a short partition waits
-    // at most 50 ms for its next turn).
+    // It ran long before the backlog drained (200 × 5 ms over the slots; a short
+    // partition waits at most 50 ms or a run of 32 jobs for its next turn).
     let backlog_left = q.partitions()[0].stats().await.unwrap().queued;
     assert!(
         backlog_left > 50,
