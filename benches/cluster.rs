@@ -50,10 +50,19 @@ fn figures(_c: &mut Criterion) {
         for round in 0..rounds {
             for (slot, p) in [(0, 1u32), (1, 3u32)] {
                 let name = format!("bench-p{p}-r{round}-{}", std::process::id());
-                let (rate, cpu) = drain_rate(&nodes, &name, p, jobs, workers, concurrency).await;
+                let (rate, cpu, redis) =
+                    drain_rate(&nodes, &name, p, jobs, workers, concurrency).await;
+                let per_job = |d: Duration| d.as_secs_f64() * 1e6 / jobs as f64;
+                let redis_total: Duration = redis.iter().sum();
                 println!(
-                    "ROUND {round} p={p} {rate:.0} jobs/s, client cpu {:.0} % of one core",
-                    cpu * 100.0
+                    "ROUND {round} p={p} {rate:.0} jobs/s; CPU per job: client {:.1} us, \
+                     Redis {:.1} us (nodes {:?} us)",
+                    per_job(cpu),
+                    per_job(redis_total),
+                    redis
+                        .iter()
+                        .map(|&d| per_job(d).round())
+                        .collect::<Vec<_>>()
                 );
                 rates[slot].push(rate);
             }
@@ -68,8 +77,8 @@ fn figures(_c: &mut Criterion) {
 
 /// `jobs` pre-filled no-op jobs (step events off: the throughput profile) through
 /// `workers` workers over all partitions, each with its own connections: jobs per
-/// second from the workers' start until the last job completed, and the client's CPU
-/// time over that span in cores.
+/// second from the workers' start until the last job completed, and the CPU time the
+/// client and each Redis node spent over that span.
 async fn drain_rate(
     nodes: &[String],
     name: &str,
@@ -77,7 +86,7 @@ async fn drain_rate(
     jobs: usize,
     workers: usize,
     concurrency: usize,
-) -> (f64, f64) {
+) -> (f64, Duration, Vec<Duration>) {
     let open = || async {
         PartitionedQueue::<Job>::builder(name)
             .connector(Connector::cluster(nodes).expect("cluster URLs"))
@@ -97,6 +106,7 @@ async fn drain_rate(
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let start = Instant::now();
     let cpu = process_cpu();
+    let redis = nodes_cpu(nodes);
     let mut running = Vec::new();
     for h in handles {
         let handler =
@@ -114,14 +124,39 @@ async fn drain_rate(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    let cores = (process_cpu() - cpu).as_secs_f64() / elapsed;
-    let rate = jobs as f64 / elapsed;
+    let rate = jobs as f64 / start.elapsed().as_secs_f64();
+    let cpu = process_cpu() - cpu;
+    let redis = nodes_cpu(nodes)
+        .into_iter()
+        .zip(redis)
+        .map(|(after, before)| after.saturating_sub(before))
+        .collect();
     let _ = stop.send(true);
     for r in running {
         r.await.unwrap().unwrap();
     }
-    (rate, cores)
+    (rate, cpu, redis)
+}
+
+/// The CPU time (user + system) each node has used, from `INFO cpu`.
+fn nodes_cpu(nodes: &[String]) -> Vec<Duration> {
+    nodes
+        .iter()
+        .map(|url| {
+            let info: String = redis::Client::open(url.as_str())
+                .and_then(|c| c.get_connection())
+                .and_then(|mut c| redis::cmd("INFO").arg("cpu").query(&mut c))
+                .unwrap_or_default();
+            let secs: f64 = info
+                .lines()
+                .filter_map(|l| {
+                    let (k, v) = l.trim().split_once(':')?;
+                    matches!(k, "used_cpu_sys" | "used_cpu_user").then(|| v.parse::<f64>().ok())?
+                })
+                .sum();
+            Duration::from_secs_f64(secs)
+        })
+        .collect()
 }
 
 /// This process's CPU time (user + system), from `/proc/self/stat` (zero elsewhere).
