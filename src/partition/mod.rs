@@ -135,8 +135,8 @@ impl<J> PartitionedQueue<J> {
     /// no partition is starved, and a partition whose last claim came up short is
     /// asked after the others for a moment, so claims do not keep visiting empty
     /// partitions. A claim for several slots is split over the partitions; with at
-    /// least a slot per partition, each slot then takes up to 32 jobs in a row from its
-    /// partition, each claimed with the last one's report (one round trip per job, as
+    /// least a slot per partition, each slot then takes jobs from its partition for up
+    /// to 100 ms, each claimed with the last one's report (one round trip per job, as
     /// on a plain queue), before it takes its turn again. Set concurrency, retries and
     /// the rest as for any worker.
     pub fn worker(&self) -> WorkerBuilder<J> {

@@ -73,15 +73,16 @@ pub(crate) struct WorkerConfig {
     pub(crate) breaker: Option<CircuitBreaker>,
     /// Partitions of one logical queue: claims are split over the queues, and, with a
     /// slot per queue at least, a slot's report claims its next job from the same
-    /// queue for a run of jobs (see `SPREAD_RUN`), as a one-queue worker's does every
-    /// time: one round trip per job instead of two.
+    /// queue for a while (see `SPREAD_RUN`), as a one-queue worker's does every time:
+    /// one round trip per job instead of two.
     pub(crate) spread: bool,
 }
 
-/// Jobs a slot of a spread worker takes from one queue through its reports before it
-/// goes back to the claim loop, which takes turns over the queues: long enough that
-/// the extra claim is cheap, short enough that no queue waits long for a slot.
-pub(crate) const SPREAD_RUN: u32 = 32;
+/// How long a slot of a spread worker keeps taking jobs from one queue through its
+/// reports before it goes back to the claim loop, which takes turns over the queues.
+/// Time, not a count: fast jobs (where a claim per job costs most) run many to a
+/// claim, slow ones one, and no queue waits longer than this for a slot to come back.
+pub(crate) const SPREAD_RUN: Duration = Duration::from_millis(100);
 
 /// Builds a [`Worker`]; see [`Worker::builder`].
 #[derive(Debug)]

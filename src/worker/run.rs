@@ -70,11 +70,9 @@ impl<H> Runner<H> {
         let mut ahead: VecDeque<Claimed> = VecDeque::new();
         // Reports on their way, oldest first, with the number of jobs each asked for.
         let mut in_flight: VecDeque<(usize, JoinHandle<Vec<Claimed>>)> = VecDeque::new();
-        // Jobs this slot has run here (a spread worker's slot returns to the claim
-        // loop after a run of them).
-        let mut run = 0u32;
+        // A spread worker's slot returns to the claim loop after a while.
+        let run_ends = tokio::time::Instant::now() + self.spread_run();
         loop {
-            run += 1;
             let shared = self.queues[job.queue].clone();
             let ending = self.attempt::<J>(&shared, &job, &slot).await;
             // Blocking work of this attempt still runs: the slot is not free.
@@ -104,7 +102,7 @@ impl<H> Runner<H> {
             };
             // One queue (or a spread worker's run): the report claims the next job in
             // the same round trip.
-            let claim_more = (self.queues.len() == 1 || run < self.spread_run())
+            let claim_more = (self.queues.len() == 1 || tokio::time::Instant::now() < run_ends)
                 && !lingering
                 && !self.stopping.is_cancelled()
                 && self.breaker.is_closed();
@@ -154,12 +152,16 @@ impl<H> Runner<H> {
         }
     }
 
-    /// How many jobs in a row a slot takes from one queue through its reports: a
-    /// spread worker's slot (with a slot per queue at least, so every queue keeps one)
-    /// takes a run of them; otherwise each claim goes through the claim loop's turns.
-    fn spread_run(&self) -> u32 {
+    /// How long a slot takes jobs from one queue through its reports: a spread
+    /// worker's slot (with a slot per queue at least, so every queue keeps one) for a
+    /// while; otherwise each claim goes through the claim loop's turns.
+    fn spread_run(&self) -> Duration {
         let spread = self.config.spread && self.config.concurrency >= self.queues.len();
-        if spread { super::SPREAD_RUN } else { 0 }
+        if spread {
+            super::SPREAD_RUN
+        } else {
+            Duration::ZERO
+        }
     }
 
     /// Reports an attempt (the job stays held until Redis has the report, so the

@@ -366,8 +366,8 @@ async fn a_partition_that_fills_late_is_not_starved() {
     late_partition_runs_before_the_backlog_drains(1).await;
 }
 
-/// With a slot per partition, slots take runs of jobs from one partition: a run ends
-/// and the late partition gets its turn.
+/// With a slot per partition, slots take runs of jobs from one partition (100 ms): a
+/// run ends and the late partition gets its turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_that_fills_late_is_not_starved_by_runs_of_jobs() {
     late_partition_runs_before_the_backlog_drains(2).await;
@@ -405,7 +405,7 @@ async fn late_partition_runs_before_the_backlog_drains(concurrency: usize) {
         .unwrap();
     assert_eq!(n, 1000);
     // It ran long before the backlog drained (200 × 5 ms over the slots; a short
-    // partition waits at most 50 ms or a run of 32 jobs for its next turn).
+    // partition waits at most 50 ms, or a slot's 100 ms run, for its next turn).
     let backlog_left = q.partitions()[0].stats().await.unwrap().queued;
     assert!(
         backlog_left > 50,
