@@ -488,3 +488,38 @@ async fn partitions_land_on_different_masters_of_a_cluster() {
     assert_eq!(stats.totals.get("completed"), Some(&63));
     assert_eq!(stats.totals.get("deduplicated"), Some(&1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priorities_hold_within_a_partition() {
+    let p = Prefix::new();
+    let q = open(&p, "priority", 2).await;
+    // Low jobs first, then a high one, all in partition 1 (their ids name it).
+    for n in 0..5 {
+        q.enqueue(Echo { n })
+            .id(JobId::new(format!("low{n}@1")).unwrap())
+            .priority(voxqueue::Priority::Low)
+            .await
+            .unwrap();
+    }
+    q.enqueue(Echo { n: 99 })
+        .id(JobId::new("high@1").unwrap())
+        .priority(voxqueue::Priority::High)
+        .await
+        .unwrap();
+    assert_eq!(queued_per_partition(&q).await, vec![0, 6]);
+    let started = Arc::new(Mutex::new(Vec::new()));
+    let log = started.clone();
+    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
+        log.lock().unwrap().push(job.n);
+        async move { Ok::<_, JobError>(job.n) }
+    });
+    let (stop, signal) = shutdown();
+    let running = tokio::spawn(q.worker().build(handler).run_until(signal));
+    eventually(Duration::from_secs(10), "all jobs run", || async {
+        (q.stats().await.unwrap().totals.get("completed") == Some(&6)).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    assert_eq!(*started.lock().unwrap(), vec![99, 0, 1, 2, 3, 4]);
+}
