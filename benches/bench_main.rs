@@ -10,6 +10,7 @@ use criterion::criterion_main;
 mod audio;
 #[cfg(feature = "candle")]
 mod candle;
+mod cluster;
 #[cfg(feature = "candle")]
 mod piper;
 mod queue;
@@ -18,6 +19,7 @@ mod text;
 #[cfg(feature = "candle")]
 criterion_main!(
     queue::queue_figures,
+    cluster::cluster_figures,
     queue::benches,
     text::benches,
     audio::benches,
@@ -27,6 +29,7 @@ criterion_main!(
 #[cfg(not(feature = "candle"))]
 criterion_main!(
     queue::queue_figures,
+    cluster::cluster_figures,
     queue::benches,
     text::benches,
     audio::benches

@@ -99,6 +99,17 @@ pub enum Error {
         /// How long the enqueue waited.
         timeout: Duration,
     },
+    /// A partitioned queue exists with another partition count than the one asked
+    /// for: its jobs are spread by that count, so it cannot be opened with another.
+    #[error("queue {queue:?} has {stored} partitions, not {requested}")]
+    PartitionMismatch {
+        /// The logical queue.
+        queue: String,
+        /// The count stored in Redis when the queue was created.
+        stored: u32,
+        /// The count this caller asked for.
+        requested: u32,
+    },
     /// The job did not finish within the time the caller was willing to wait.
     #[error("timed out waiting for job {0}")]
     WaitTimeout(JobId),

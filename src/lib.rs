@@ -39,6 +39,8 @@
 //! - [`error`]: [`Error`] for callers, [`JobError`] for handlers
 //! - [`job`]: ids, states, priorities, per-job options, status snapshots
 //! - [`queue`]: [`Queue`]: builder, enqueue (single and bulk), status, wait, cancel, stats
+//! - [`partition`]: [`PartitionedQueue`]: one logical queue over P partitions (hash
+//!   tags), so a Redis Cluster spreads it over its masters
 //! - [`worker`]: [`Worker`], [`Handler`], [`JobContext`], leases and heartbeats, shutdown
 //! - [`dedup`]: [`Deduplicator`] (one job per distinct request) and [`RateLimit`]
 //! - [`retry`]: [`RetryPolicy`], a pure function from attempt to delay
@@ -64,6 +66,7 @@ pub mod error;
 pub mod events;
 pub mod job;
 pub mod metrics;
+pub mod partition;
 pub mod queue;
 pub mod redis;
 pub mod retry;
@@ -76,6 +79,7 @@ pub use dedup::{Deduplicator, RateLimit};
 pub use error::{AclMissing, Error, JobError};
 pub use events::{EventKind, EventStream, JobEvent};
 pub use job::{AttemptError, JobId, JobOptions, JobState, JobStatus, Priority};
+pub use partition::{PartitionedBuilder, PartitionedQueue};
 pub use queue::{CancelOutcome, Enqueue, Enqueued, Queue, QueueBuilder, QueueStats, RecentStats};
 pub use redis::{Connector, TlsConfig, acl_rules};
 pub use retry::RetryPolicy;

@@ -36,6 +36,17 @@ pub(crate) struct Claim {
     pub(crate) next_wake: Option<Duration>,
 }
 
+impl Claim {
+    /// Adds another queue's claim: its jobs, and the sooner of the two wake-ups.
+    pub(crate) fn merge(&mut self, other: Claim) {
+        self.jobs.extend(other.jobs);
+        self.next_wake = match (self.next_wake, other.next_wake) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
 pub(crate) async fn claim(
     shared: &Shared,
     queue: usize,

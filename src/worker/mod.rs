@@ -51,7 +51,10 @@ pub enum QueueOrder {
     /// are empty.
     Strict,
     /// Each queue gets a share of claims proportional to its weight (smooth weighted
-    /// round robin: deterministic, no starvation).
+    /// round robin: deterministic, no starvation). A queue whose last claim came up
+    /// short is asked after the others for the next 50 ms, so a busy worker does not
+    /// spend a round trip on an empty queue every claim (a partitioned queue's worker
+    /// over mostly idle partitions, say).
     Weighted(Vec<u32>),
 }
 
@@ -68,7 +71,18 @@ pub(crate) struct WorkerConfig {
     pub(crate) order: QueueOrder,
     pub(crate) id: String,
     pub(crate) breaker: Option<CircuitBreaker>,
+    /// Partitions of one logical queue: claims are split over the queues, and, with a
+    /// slot per queue at least, a slot's report claims its next job from the same
+    /// queue for a while (see `SPREAD_RUN`), as a one-queue worker's does every time:
+    /// one round trip per job instead of two.
+    pub(crate) spread: bool,
 }
+
+/// How long a slot of a spread worker keeps taking jobs from one queue through its
+/// reports before it goes back to the claim loop, which takes turns over the queues.
+/// Time, not a count: fast jobs (where a claim per job costs most) run many to a
+/// claim, slow ones one, and no queue waits longer than this for a slot to come back.
+pub(crate) const SPREAD_RUN: Duration = Duration::from_millis(100);
 
 /// Builds a [`Worker`]; see [`Worker::builder`].
 #[derive(Debug)]
@@ -152,6 +166,12 @@ impl<J> WorkerBuilder<J> {
         self
     }
 
+    /// The queues are partitions of one logical queue (see [`WorkerConfig::spread`]).
+    pub(crate) fn spread(mut self) -> Self {
+        self.config.spread = true;
+        self
+    }
+
     /// Finishes the worker with its handler.
     pub fn build<H: Handler<J>>(self, handler: H) -> Worker<J, H> {
         Worker {
@@ -196,6 +216,7 @@ impl<J> Worker<J, ()> {
                 order: QueueOrder::Strict,
                 id: format!("worker-{}", uuid::Uuid::now_v7().simple()),
                 breaker: None,
+                spread: false,
             },
         }
     }
@@ -431,27 +452,51 @@ where
         n: usize,
     ) -> Result<Claim, Error> {
         let mut out = Claim::default();
-        for index in picker.order() {
-            let want = n - out.jobs.len();
+        let order = picker.order();
+        // Spread: each queue is asked for its share first, then those that gave it in
+        // full for the rest, so a big claim does not put every slot on one partition.
+        let share = if self.config.spread {
+            n.div_ceil(order.len().max(1))
+        } else {
+            n
+        };
+        let mut full = Vec::new();
+        for index in order {
+            let want = share.min(n - out.jobs.len());
             if want == 0 {
                 break;
             }
             let got = claim::claim(&runner.queues[index], index, want, &runner.args).await?;
-            out.jobs.extend(got.jobs);
-            out.next_wake = match (out.next_wake, got.next_wake) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let short = got.jobs.len() < want;
+            picker.claimed(index, short);
+            if !short {
+                full.push(index);
+            }
+            out.merge(got);
+        }
+        for index in full {
+            let want = n - out.jobs.len();
+            if want == 0 || share == n {
+                break;
+            }
+            let got = claim::claim(&runner.queues[index], index, want, &runner.args).await?;
+            picker.claimed(index, got.jobs.len() < want);
+            out.merge(got);
         }
         Ok(out)
     }
 }
+
+/// How long a queue that came up short is asked after the others (weighted order).
+const SHORT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Queue order per claim.
 #[derive(Debug)]
 struct Picker {
     weights: Option<Vec<i64>>,
     current: Vec<i64>,
+    /// Weighted order: until when each queue, found short, goes last.
+    short_until: Vec<Option<std::time::Instant>>,
 }
 
 impl Picker {
@@ -460,10 +505,12 @@ impl Picker {
             QueueOrder::Strict => Picker {
                 weights: None,
                 current: vec![0; n],
+                short_until: vec![None; n],
             },
             QueueOrder::Weighted(w) => Picker {
                 weights: Some(w.iter().map(|&x| i64::from(x)).collect()),
                 current: vec![0; n],
+                short_until: vec![None; n],
             },
         }
     }
@@ -483,7 +530,19 @@ impl Picker {
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by_key(|&i| (std::cmp::Reverse(self.current[i]), i));
         self.current[order[0]] -= total;
+        // Queues lately found short go last (still asked when the others fall short,
+        // so nothing is missed; only the wasted round trips go).
+        let now = std::time::Instant::now();
+        order.sort_by_key(|&i| self.short_until[i].is_some_and(|t| t > now));
         order
+    }
+
+    /// Notes how a claim from queue `index` went: short (it gave fewer jobs than
+    /// asked, so it is drained for now) or full. Strict order ignores it.
+    fn claimed(&mut self, index: usize, short: bool) {
+        if self.weights.is_some() {
+            self.short_until[index] = short.then(|| std::time::Instant::now() + SHORT_BACKOFF);
+        }
     }
 }
 
@@ -542,6 +601,26 @@ mod tests {
         let firsts: Vec<usize> = (0..8).map(|_| p.order()[0]).collect();
         assert_eq!(firsts.iter().filter(|&&i| i == 0).count(), 6);
         assert_eq!(firsts.iter().filter(|&&i| i == 1).count(), 2);
+    }
+
+    #[test]
+    fn weighted_order_asks_queues_found_short_last() {
+        let mut p = Picker::new(&QueueOrder::Weighted(vec![1, 1, 1]), 3);
+        p.claimed(0, true);
+        p.claimed(1, false);
+        // Queue 0 would lead (ties go to the lowest index) but was found short.
+        assert_eq!(p.order(), vec![1, 2, 0]);
+        // Found full again, it takes its turns as before.
+        p.claimed(0, false);
+        assert_eq!(p.order(), vec![1, 2, 0]);
+        assert_eq!(p.order(), vec![2, 0, 1]);
+    }
+
+    #[test]
+    fn strict_order_ignores_short_queues() {
+        let mut p = Picker::new(&QueueOrder::Strict, 2);
+        p.claimed(0, true);
+        assert_eq!(p.order(), vec![0, 1]);
     }
 
     #[test]

@@ -70,6 +70,8 @@ impl<H> Runner<H> {
         let mut ahead: VecDeque<Claimed> = VecDeque::new();
         // Reports on their way, oldest first, with the number of jobs each asked for.
         let mut in_flight: VecDeque<(usize, JoinHandle<Vec<Claimed>>)> = VecDeque::new();
+        // A spread worker's slot returns to the claim loop after a while.
+        let run_ends = tokio::time::Instant::now() + self.spread_run();
         loop {
             let shared = self.queues[job.queue].clone();
             let ending = self.attempt::<J>(&shared, &job, &slot).await;
@@ -98,8 +100,9 @@ impl<H> Runner<H> {
                     Report::Failed { error, retry_in }
                 }
             };
-            // One queue: the report claims the next job in the same round trip.
-            let claim_more = self.queues.len() == 1
+            // One queue (or a spread worker's run): the report claims the next job in
+            // the same round trip.
+            let claim_more = (self.queues.len() == 1 || tokio::time::Instant::now() < run_ends)
                 && !lingering
                 && !self.stopping.is_cancelled()
                 && self.breaker.is_closed();
@@ -146,6 +149,18 @@ impl<H> Runner<H> {
                     None => return,
                 }
             };
+        }
+    }
+
+    /// How long a slot takes jobs from one queue through its reports: a spread
+    /// worker's slot (with a slot per queue at least, so every queue keeps one) for a
+    /// while; otherwise each claim goes through the claim loop's turns.
+    fn spread_run(&self) -> Duration {
+        let spread = self.config.spread && self.config.concurrency >= self.queues.len();
+        if spread {
+            super::SPREAD_RUN
+        } else {
+            Duration::ZERO
         }
     }
 

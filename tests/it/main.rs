@@ -14,6 +14,7 @@ mod durability;
 mod holes;
 mod memory;
 mod metrics;
+mod partition;
 #[cfg(feature = "candle")]
 mod piper;
 mod profile;
