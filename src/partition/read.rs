@@ -75,7 +75,10 @@ impl<J> PartitionedQueue<J> {
         id: &JobId,
         timeout: Duration,
     ) -> Result<R, Error> {
-        self.locate(id).await?.wait_result(id, timeout).await
+        // Boxed: the plain queue's waiting future is deep enough that nesting it here
+        // overflows rustc's layout query depth.
+        let queue = self.locate(id).await?;
+        Box::pin(queue.wait_result(id, timeout)).await
     }
 
     /// Waits until the job reaches a terminal state; see [`Queue::wait`].
