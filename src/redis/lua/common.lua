@@ -1,4 +1,4 @@
--- Shared prelude, prepended to every transition script at compile time.
+-- Shared prelude of every transition script: the library they are functions of.
 --
 -- Every script receives the same KEYS, all under one hash tag, so every call touches
 -- one slot and no key is ever built inside a script (managed clusters and Dragonfly
@@ -28,29 +28,50 @@
 --         events of ordinary steps (see STEP_EVENTS)
 -- ARGV[3..] script specific (see each script's header)
 
-local K_JOBS, K_PAYLOADS, K_RESULTS, K_LEASES = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_READY, K_SCHEDULED, K_ACTIVE, K_DEAD = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local K_FINISHED, K_EVENTS, K_WAKE, K_WORKERS = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
-local K_SEQ, K_STATS = KEYS[13], KEYS[14]
-local K_DEDUP, K_DEDUP_EXP, K_LIMITS, K_LIMITS_EXP = KEYS[15], KEYS[16], KEYS[17], KEYS[18]
-local K_BREAKERS = KEYS[19]
+-- The prelude is written as a library: it defines functions and constants only, and
+-- `begin` binds one call's keys, clock and stream cap. Redis runs it once per FUNCTION
+-- LOAD (each transition is then a function of the library, called by FCALL), or at
+-- the top of every call where a server only takes EVALSHA, with `begin(KEYS, ARGV)`
+-- prepended to the script's own lines (see scripts.rs). No per-call work happens at
+-- the top level, and every value a call sets is set again by the next call's `begin`.
 
--- One clock: Redis's. A caller's clock may run ahead or behind, and a call may wait
--- behind a stalled server; the time the script runs is when the transition happens
--- (a lease starts when Redis hands the job over).
-local NOW
-if ARGV[1] ~= nil and ARGV[1] ~= '' then
-  NOW = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local K_JOBS, K_PAYLOADS, K_RESULTS, K_LEASES
+local K_READY, K_SCHEDULED, K_ACTIVE, K_DEAD
+local K_FINISHED, K_EVENTS, K_WAKE, K_WORKERS
+local K_SEQ, K_STATS
+local K_DEDUP, K_DEDUP_EXP, K_LIMITS, K_LIMITS_EXP
+local K_BREAKERS
+local NOW, EVENTS_MAX, STEP_EVENTS
+-- Counters a batch script adds up in Lua and writes once at its end (see
+-- `flush_counts`), instead of one HINCRBY per job; nil: written at once.
+local deferred = nil
+
+local function begin(keys, args)
+  K_JOBS, K_PAYLOADS, K_RESULTS, K_LEASES = keys[1], keys[2], keys[3], keys[4]
+  K_READY, K_SCHEDULED, K_ACTIVE, K_DEAD = keys[5], keys[6], keys[7], keys[8]
+  K_FINISHED, K_EVENTS, K_WAKE, K_WORKERS = keys[9], keys[10], keys[11], keys[12]
+  K_SEQ, K_STATS = keys[13], keys[14]
+  K_DEDUP, K_DEDUP_EXP, K_LIMITS, K_LIMITS_EXP = keys[15], keys[16], keys[17], keys[18]
+  K_BREAKERS = keys[19]
+  -- One clock: Redis's. A caller's clock may run ahead or behind, and a call may wait
+  -- behind a stalled server; the time the script runs is when the transition happens
+  -- (a lease starts when Redis hands the job over).
+  if args[1] ~= nil and args[1] ~= '' then
+    NOW = tonumber(args[1])
+  else
+    local t = redis.call('TIME')
+    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  -- A negative cap says the queue keeps only the events that matter to waiters and
+  -- operators (outcomes, retries, stalls, ...), not the steps of every job's life
+  -- (queued, scheduled, active): two stream writes fewer per job on the hot path.
+  EVENTS_MAX = tonumber(args[2])
+  STEP_EVENTS = EVENTS_MAX > 0
+  EVENTS_MAX = math.abs(EVENTS_MAX)
+  -- A library's state outlives a call: a call that failed half-way left nothing here.
+  deferred = nil
 end
--- A negative cap says the queue keeps only the events that matter to waiters and
--- operators (outcomes, retries, stalls, ...), not the steps of every job's life
--- (queued, scheduled, active): two stream writes fewer per job on the hot path.
-local EVENTS_MAX = tonumber(ARGV[2])
-local STEP_EVENTS = EVENTS_MAX > 0
-EVENTS_MAX = math.abs(EVENTS_MAX)
+
 local PRI_SPAN = 10000000000000 -- 1e13 sequence numbers per priority level
 local WAKE_MAX = 1000           -- more tokens than this wake nobody new
 local ERRORS_MAX = 10           -- attempt errors kept per job (the latest)
@@ -152,10 +173,6 @@ local function emit_step(kind, id, data)
     emit(kind, id, data)
   end
 end
-
--- Counters a batch script adds up in Lua and writes once at its end (see
--- `flush_counts`), instead of one HINCRBY per job; nil: written at once.
-local deferred = nil
 
 local function count(field, n)
   if deferred then
