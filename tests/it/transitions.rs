@@ -175,6 +175,18 @@ async fn no_lease_left(p: &Prefix, id: &JobId, ending: Ending) {
         .await
         .unwrap();
     assert_eq!(lease, None, "{ending:?} left the lease");
+    // The token lives in the record while the job is active.
+    let record: Option<String> = redis::cmd("HGET")
+        .arg(format!("{}:{{ends}}:jobs", p.name))
+        .arg(id.as_str())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let record = record.unwrap_or_default();
+    assert!(
+        !record.contains("\"lease\""),
+        "{ending:?} left the lease: {record}"
+    );
     let active: Option<f64> = redis::cmd("ZSCORE")
         .arg(format!("{}:{{ends}}:active", p.name))
         .arg(id.as_str())

@@ -6,7 +6,8 @@
 --   KEYS[1]  jobs       hash   id -> job record (JSON)
 --   KEYS[2]  payloads   hash   id -> payload bytes (never decoded here)
 --   KEYS[3]  results    hash   id -> result bytes
---   KEYS[4]  leases     hash   id -> lease token of the claim that owns it
+--   KEYS[4]  leases     hash   id -> lease token, only for jobs claimed before the token
+--                               moved into the record (`lease`); read and dropped, never written
 --   KEYS[5]  ready      zset   score = priority rank * 1e13 + sequence
 --   KEYS[6]  scheduled  zset   score = run-at ms
 --   KEYS[7]  active     zset   score = lease deadline ms
@@ -94,7 +95,7 @@ local NUMBER_FIELDS = {
   'pri', 'seq', 'attempts', 'max_attempts', 'timeout_ms', 'created_at', 'run_at',
   'expires_at', 'started_at', 'finished_at', 'result_ttl_ms', 'dedup_ttl_ms', 'progress',
 }
-local STRING_FIELDS = { 'worker', 'reason', 'dedup' }
+local STRING_FIELDS = { 'worker', 'reason', 'dedup', 'lease' }
 
 -- Why a decoded record cannot be used (nil when it can): every field a script does
 -- arithmetic on, indexes by or stores must have its type, checked before any script
@@ -254,9 +255,23 @@ local function push_ready(job, fresh_seq)
   redis.call('ZADD', K_READY, int((job.pri or 1) * PRI_SPAN + job.seq), job.id)
 end
 
-local function release_lease(id)
-  redis.call('HDEL', K_LEASES, id)
-  redis.call('ZREM', K_ACTIVE, id)
+-- The lease token lives in the record (`lease`), written with the claim's one HSET of
+-- the record, so a claim and a report need no call of their own for it. A record
+-- without one may still hold a lease in the `leases` hash (claimed by an older
+-- version): that entry is dropped too. Takes the job, or the id of a job without a
+-- record.
+local function release_lease(job)
+  if type(job) ~= 'table' then
+    redis.call('HDEL', K_LEASES, job)
+    redis.call('ZREM', K_ACTIVE, job)
+    return
+  end
+  if job.lease then
+    job.lease = nil
+  else
+    redis.call('HDEL', K_LEASES, job.id)
+  end
+  redis.call('ZREM', K_ACTIVE, job.id)
 end
 
 -- A finished job's dedup entry: a completed job answers duplicates for its dedup
@@ -277,7 +292,7 @@ local function finish(job, state)
   job.finished_at = NOW
   job.cancel = nil
   settle_dedup(job)
-  release_lease(job.id)
+  release_lease(job)
   redis.call('ZADD', K_FINISHED, int(NOW + (job.result_ttl_ms or 86400000)), job.id)
   save(job)
   count(state)
@@ -320,7 +335,7 @@ local function bury(job, reason)
   job.reason = reason
   job.cancel = nil
   settle_dedup(job)
-  release_lease(job.id)
+  release_lease(job)
   redis.call('ZADD', K_DEAD, int(NOW), job.id)
   save(job)
   count('dead')
@@ -406,7 +421,7 @@ local function recover(limit)
       elseif (job.attempts or 0) >= (job.max_attempts or 1) then
         bury(job, message)
       else
-        release_lease(id)
+        release_lease(job)
         push_ready(job, false)
         save(job)
         emit('stalled', id, message)
@@ -507,7 +522,7 @@ local function claim(worker, n, lease_ms, default_attempts)
         end
         local token = int(next_token)
         next_token = next_token + 1
-        redis.call('HSET', K_LEASES, id, token)
+        job.lease = token
         redis.call('ZADD', K_ACTIVE, int(NOW + lease_ms), id)
         local raw = encode(job)
         redis.call('HSET', K_JOBS, id, raw)
@@ -548,20 +563,30 @@ local function claim(worker, n, lease_ms, default_attempts)
   return out
 end
 
--- The lease check every transition of an active job starts with.
-local function owned(id, token)
-  return redis.call('HGET', K_LEASES, id) == token
+-- The lease check every transition of an active job starts with, on its loaded
+-- record (nil: no record). A record claimed by an older version keeps its token in
+-- the `leases` hash; one that does not decode is owned by the token its raw bytes
+-- still name, if any.
+local function owned(job, token)
+  if not job then
+    return false
+  elseif job.lease then
+    return job.lease == token
+  elseif job.corrupt and string.find(job.raw, '"lease":"' .. token .. '"', 1, true) then
+    return true
+  end
+  return redis.call('HGET', K_LEASES, job.id) == token
 end
 
 -- The opening every report of an active job shares (complete, fail, release): the
--- lease check, then the record, then (with `cancel_ends`) a requested cancellation.
+-- record, the lease check, then (with `cancel_ends`) a requested cancellation.
 -- Returns the job when this worker still owns it, or nil and the outcome when the
--- report ends here ('lost': nothing was changed beyond dropping a lease that had no
--- record; 'dead': the record was unusable and is buried; 'cancelled').
+-- report ends here ('lost': nothing was changed beyond dropping the lease of a job
+-- that has no record; 'dead': the record was unusable and is buried; 'cancelled').
+-- A job without a record, or with one that cannot be used, has no token left to
+-- check: the report does at once what recovery would do when the lease ran out
+-- (drop the lease; bury the job with the reason), whoever sends it.
 local function reported(id, token, cancel_ends)
-  if not owned(id, token) then
-    return nil, 'lost'
-  end
   local job = load(id)
   if not job then
     release_lease(id)
@@ -570,6 +595,9 @@ local function reported(id, token, cancel_ends)
   if job.corrupt then
     bury(job, 'corrupt job record: ' .. job.corrupt)
     return nil, 'dead'
+  end
+  if not owned(job, token) then
+    return nil, 'lost'
   end
   if cancel_ends and job.cancel then
     finish(job, 'cancelled')
@@ -611,7 +639,7 @@ local function fail_one(id, token, kind, message, retry_in)
     return 'cancelled'
   elseif delay then
     local retry_at = NOW + math.max(delay, 1)
-    release_lease(id)
+    release_lease(job)
     job.state = 'scheduled'
     job.run_at = retry_at
     redis.call('ZADD', K_SCHEDULED, int(retry_at), id)
