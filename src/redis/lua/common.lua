@@ -91,16 +91,22 @@ local STATES = {
   queued = true, scheduled = true, active = true,
   completed = true, dead = true, cancelled = true, expired = true,
 }
-local NUMBER_FIELDS = {
-  'pri', 'seq', 'attempts', 'max_attempts', 'timeout_ms', 'created_at', 'run_at',
-  'expires_at', 'started_at', 'finished_at', 'result_ttl_ms', 'dedup_ttl_ms', 'progress',
+-- The type every field a script does arithmetic on, indexes by or stores must have.
+local FIELD_TYPES = {
+  pri = 'number', seq = 'number', attempts = 'number', max_attempts = 'number',
+  timeout_ms = 'number', created_at = 'number', run_at = 'number',
+  expires_at = 'number', started_at = 'number', finished_at = 'number',
+  result_ttl_ms = 'number', dedup_ttl_ms = 'number', progress = 'number',
+  worker = 'string', reason = 'string', dedup = 'string', lease = 'string',
+  errors = 'table',
 }
-local STRING_FIELDS = { 'worker', 'reason', 'dedup', 'lease' }
+local TYPE_NAMES = { number = 'a number', string = 'a string', table = 'a list' }
 
 -- Why a decoded record cannot be used (nil when it can): every field a script does
 -- arithmetic on, indexes by or stores must have its type, checked before any script
 -- moves the job, so a wrong-shaped record is buried instead of failing a script
--- half-way (which would leave the job in no index at all).
+-- half-way (which would leave the job in no index at all). One pass over the fields
+-- the record has (a handful), not over every field it might have.
 local function shape_error(id, job)
   -- The id is the hash field; a record does not repeat it (it did before), but one
   -- that names another job is not this job's.
@@ -110,20 +116,11 @@ local function shape_error(id, job)
   if not STATES[job.state] then
     return 'unknown state ' .. tostring(job.state)
   end
-  for _, field in ipairs(NUMBER_FIELDS) do
-    local v = job[field]
-    if v ~= nil and type(v) ~= 'number' then
-      return field .. ' is a ' .. type(v) .. ', not a number'
+  for field, v in pairs(job) do
+    local want = FIELD_TYPES[field]
+    if want and type(v) ~= want then
+      return field .. ' is a ' .. type(v) .. ', not ' .. TYPE_NAMES[want]
     end
-  end
-  for _, field in ipairs(STRING_FIELDS) do
-    local v = job[field]
-    if v ~= nil and type(v) ~= 'string' then
-      return field .. ' is a ' .. type(v) .. ', not a string'
-    end
-  end
-  if job.errors ~= nil and type(job.errors) ~= 'table' then
-    return 'errors is a ' .. type(job.errors) .. ', not a list'
   end
   return nil
 end
