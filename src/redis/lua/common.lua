@@ -242,6 +242,31 @@ local function wake(n)
   end
 end
 
+-- Tables a batch fills and writes with one call each (enqueue's records, payloads
+-- and ready entries), with explicit lengths so that stale entries never count. As
+-- functions of a library they are made once, not per call: a call's garbage is what
+-- makes Lua's collector walk the whole library again.
+local BATCH_A, BATCH_B, BATCH_C = {}, {}, {}
+
+-- Writes the first nr entries of BATCH_A (records) and BATCH_B (payloads) and the
+-- first nq of BATCH_C (ready) and lets go of them. Returns 0, 0 (the new lengths).
+local function write_batch(nr, nq)
+  if nr > 0 then
+    redis.call('HSET', K_JOBS, unpack(BATCH_A, 1, nr))
+    redis.call('HSET', K_PAYLOADS, unpack(BATCH_B, 1, nr))
+  end
+  if nq > 0 then
+    redis.call('ZADD', K_READY, unpack(BATCH_C, 1, nq))
+  end
+  for i = 1, nr do
+    BATCH_A[i], BATCH_B[i] = nil, nil
+  end
+  for i = 1, nq do
+    BATCH_C[i] = nil
+  end
+  return 0, 0
+end
+
 -- Puts a job in the ready set. A job keeps its sequence number when it comes back
 -- from a dead worker or a shutdown, so it does not lose its place in line.
 local function push_ready(job, fresh_seq)
@@ -482,22 +507,31 @@ local function claim(worker, n, lease_ms, default_attempts)
   local swept = false
   -- Lease tokens come from the sequence, reserved for the whole claim in one call.
   local next_token, last_token = 1, 0
+  -- Ids popped from ready (id, score, id, score, ...) and not yet looked at: one
+  -- ZPOPMIN for as many as the claim still wants. Every popped id is claimed, buried
+  -- or ended before the loop stops (the pop never takes more than the loop will look
+  -- at: `n - claimed` and the guard both bound it).
+  local popped, at = {}, 1
   while claimed < n and guard < n + 1000 do
-    guard = guard + 1
-    local popped = redis.call('ZPOPMIN', K_READY, 1)
-    if #popped == 0 then
-      if swept then
-        break
-      end
-      -- Short: maybe a scheduled job came due or a lease ran out since the last look.
-      maintain(true)
-      swept = true
-      popped = redis.call('ZPOPMIN', K_READY, 1)
+    if at > #popped then
+      local want = math.min(n - claimed, n + 1000 - guard)
+      popped, at = redis.call('ZPOPMIN', K_READY, want), 1
       if #popped == 0 then
-        break
+        if swept then
+          break
+        end
+        -- Short: maybe a scheduled job came due or a lease ran out since the last look.
+        maintain(true)
+        swept = true
+        popped = redis.call('ZPOPMIN', K_READY, want)
+        if #popped == 0 then
+          break
+        end
       end
     end
-    local id = popped[1]
+    guard = guard + 1
+    local id = popped[at]
+    at = at + 2
     local job = load(id)
     if job and job.corrupt then
       bury(job, 'corrupt job record: ' .. job.corrupt)
