@@ -4,7 +4,10 @@
 /// Every command voxqueue's queue, workers and scripts send. Scripts run with the
 /// caller's permissions, so the commands inside the Lua scripts count too.
 const COMMANDS: &[&str] = &[
-    // Scripts: invoked by SHA, loaded again after NOSCRIPT.
+    // Scripts: run as Redis Functions (loaded again after "Function not found"), or by
+    // SHA where FCALL is refused or missing (loaded again after NOSCRIPT).
+    "fcall",
+    "function|load",
     "evalsha",
     "eval",
     "script|load",

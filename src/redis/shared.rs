@@ -4,12 +4,13 @@
 
 use std::time::Duration;
 
-use redis::{FromRedisValue, Script, ScriptInvocation};
+use redis::{FromRedisValue, ToRedisArgs};
 use tokio::sync::OnceCell;
 
 use crate::error::Error;
 use crate::events::EventHub;
 use crate::job::now_ms;
+use crate::redis::scripts::{self, Transition};
 use crate::redis::{Conn, Connector, Keys, Scripts};
 
 /// Settings shared by every producer and worker of one queue value.
@@ -41,11 +42,12 @@ pub(crate) struct Shared {
 impl Shared {
     /// A script call with the queue's keys and the stream cap already given. The
     /// first argument is empty: scripts read Redis's own clock (`TIME`), never ours.
-    pub(crate) fn invocation<'a>(&self, script: &'a Script) -> ScriptInvocation<'a> {
-        let mut inv = script.prepare_invoke();
-        for key in self.keys.all() {
-            inv.key(key);
-        }
+    pub(crate) fn invocation(&self, transition: &'static Transition) -> Invocation<'_> {
+        let mut inv = Invocation {
+            transition,
+            keys: self.keys.all(),
+            args: Vec::with_capacity(8),
+        };
         // The cap travels negated when step events are off (see common.lua).
         let cap = i64::try_from(self.config.events_max).unwrap_or(i64::MAX);
         inv.arg("")
@@ -53,11 +55,50 @@ impl Shared {
         inv
     }
 
-    pub(crate) async fn invoke<T: FromRedisValue>(
+    pub(crate) async fn invoke<T: FromRedisValue>(&self, inv: &Invocation<'_>) -> Result<T, Error> {
+        self.invoke_on(&mut self.conn.clone(), inv).await
+    }
+
+    /// Runs a script call on `conn` (a connection of the caller's own, such as the
+    /// heartbeat's): by `FCALL`, loading the library where the server has none, or by
+    /// `EVALSHA` where functions are not to be had (see `scripts`).
+    pub(crate) async fn invoke_on<T: FromRedisValue>(
         &self,
-        inv: &ScriptInvocation<'_>,
+        conn: &mut Conn,
+        inv: &Invocation<'_>,
     ) -> Result<T, Error> {
-        Ok(inv.invoke_async(&mut self.conn.clone()).await?)
+        if self.scripts.functions() {
+            let fcall = inv.transition.fcall(inv.keys, &inv.args);
+            let first = fcall.query_async::<T>(conn).await;
+            let failed = match first {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            if scripts::is_function_missing(&failed) {
+                match scripts::load_library().query_async::<()>(conn).await {
+                    Ok(()) => {}
+                    Err(e) if scripts::is_functions_unavailable(&e) => {
+                        self.scripts.functions_unavailable(&e)
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                if self.scripts.functions() {
+                    return Ok(fcall.query_async::<T>(conn).await?);
+                }
+            } else if scripts::is_functions_unavailable(&failed) {
+                self.scripts.functions_unavailable(&failed);
+            } else {
+                return Err(failed.into());
+            }
+        }
+        let mut eval = inv.transition.script().prepare_invoke();
+        for key in inv.keys {
+            eval.key(key);
+        }
+        for arg in &inv.args {
+            eval.arg(arg.as_slice());
+        }
+        Ok(eval.invoke_async(conn).await?)
     }
 
     /// Redis's clock in ms since the epoch, for the few reads that compare against
@@ -79,5 +120,21 @@ impl Shared {
         self.hub
             .get_or_try_init(|| EventHub::start(&self.connector, self.keys.events().to_owned()))
             .await
+    }
+}
+
+/// One script call being built: a transition, the queue's keys and the arguments.
+#[derive(Debug)]
+pub(crate) struct Invocation<'a> {
+    transition: &'static Transition,
+    keys: &'a [String],
+    args: Vec<Vec<u8>>,
+}
+
+impl Invocation<'_> {
+    /// Adds an argument (`ARGV[i]` in the script).
+    pub(crate) fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        scripts::push_arg(&mut self.args, arg);
+        self
     }
 }

@@ -168,7 +168,8 @@ async fn beat(
             for (id, h) in &held {
                 inv.arg(id.as_str()).arg(&h.token);
             }
-            let reply: Result<(Vec<String>, Vec<String>, i64), _> = inv.invoke_async(conn).await;
+            let reply: Result<(Vec<String>, Vec<String>, i64), _> =
+                queue.invoke_on(conn, &inv).await;
             match reply {
                 Ok((lost, cancel, due_in)) => {
                     if let Ok(ms) = u64::try_from(due_in) {

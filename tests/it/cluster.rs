@@ -70,6 +70,10 @@ async fn queues_on_a_cluster_run_jobs_across_slots() {
             "{name} is not on node {}: {keys:?}",
             owners[i]
         );
+        // The scripts run as functions: every master was given the library.
+        let libraries: Vec<redis::Value> =
+            redis::cmd("FUNCTION").arg("LIST").query(&mut conn).unwrap();
+        assert_eq!(libraries.len(), 1, "node {}: {libraries:?}", owners[i]);
     }
     let handler = handler_fn(|job: Echo, _ctx: JobContext| async move { Ok::<_, JobError>(job.n) });
     let mut builder = Worker::builder(queues[0].clone()).concurrency(4);

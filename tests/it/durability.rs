@@ -279,3 +279,66 @@ async fn mutual_tls_presents_the_client_certificate() {
         chain(&err)
     );
 }
+
+/// The libraries on a server, by name (`FUNCTION LIST`).
+async fn function_libraries(c: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    let list: Vec<Vec<redis::Value>> = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .query_async(c)
+        .await
+        .unwrap();
+    list.into_iter()
+        .filter_map(|fields| {
+            let at = fields.iter().position(|f| {
+                redis::from_redis_value_ref::<String>(f).ok().as_deref() == Some("library_name")
+            })?;
+            redis::from_redis_value_ref::<String>(fields.get(at + 1)?).ok()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_lost_its_functions_is_given_them_again() {
+    let server = RedisServer::start(&[]);
+    let q = Queue::<Echo>::builder("functions")
+        .url(server.url())
+        .connect()
+        .await
+        .unwrap();
+    let first = q.enqueue(Echo { n: 1 }).await.unwrap();
+    let mut c = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // The transitions run as the functions of one library, loaded on first use.
+    let libraries = function_libraries(&mut c).await;
+    assert_eq!(libraries.len(), 1, "{libraries:?}");
+    assert!(libraries[0].starts_with("voxqueue_"), "{libraries:?}");
+    // What a restart without persistence does to functions: the next call meets
+    // "Function not found", loads the library again and goes on.
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let second = q.enqueue(Echo { n: 2 }).await.unwrap();
+    assert_eq!(function_libraries(&mut c).await, libraries);
+    let (stop, signal) = shutdown();
+    let running = tokio::spawn(
+        Worker::builder(q.clone())
+            .build(handler_fn(|job: Echo, _ctx: JobContext| async move {
+                Ok::<_, JobError>(job.n)
+            }))
+            .run_until(signal),
+    );
+    for (job, n) in [(&first, 1u32), (&second, 2)] {
+        let got: u32 = q
+            .wait_result(&job.id, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(got, n);
+    }
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}

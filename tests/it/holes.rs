@@ -195,6 +195,15 @@ impl Proxied {
             state_is(&direct, &job, JobState::Active)
         })
         .await;
+        // Active in Redis is not yet in the handler: the claim's reply may still be on
+        // its way, and an outage that began now would drop it (the job would then wait
+        // out its lease, which is not what these tests are about).
+        let started = runs.clone();
+        eventually(WAIT, "in the handler", || {
+            let started = started.clone();
+            async move { (started.load(Ordering::SeqCst) == 1).then_some(()) }
+        })
+        .await;
         Proxied {
             _server: server,
             proxy,

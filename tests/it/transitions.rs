@@ -175,6 +175,18 @@ async fn no_lease_left(p: &Prefix, id: &JobId, ending: Ending) {
         .await
         .unwrap();
     assert_eq!(lease, None, "{ending:?} left the lease");
+    // The token lives in the record while the job is active.
+    let record: Option<String> = redis::cmd("HGET")
+        .arg(format!("{}:{{ends}}:jobs", p.name))
+        .arg(id.as_str())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let record = record.unwrap_or_default();
+    assert!(
+        !record.contains("\"lease\""),
+        "{ending:?} left the lease: {record}"
+    );
     let active: Option<f64> = redis::cmd("ZSCORE")
         .arg(format!("{}:{{ends}}:active", p.name))
         .arg(id.as_str())
@@ -365,4 +377,75 @@ async fn a_record_corrupted_while_scheduled_is_buried_when_due() {
     assert!(st.reason.unwrap().starts_with("corrupt job record"));
     assert_eq!(q.stats().await.unwrap().scheduled, 0);
     assert_eq!(q.dead_letter().count().await.unwrap(), 1);
+}
+
+/// A job claimed by a version that kept lease tokens in the `leases` hash (its record
+/// has no `lease` field) is still renewed and completed under that token, and the
+/// entry goes when the lease ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_held_in_the_old_leases_hash_still_counts() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("legacy").await;
+    let job = q.enqueue(Echo { n: 7 }).await.unwrap();
+    let (holding, go) = (Arc::new(AtomicBool::new(false)), Arc::new(Notify::new()));
+    let (h, g) = (holding.clone(), go.clone());
+    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
+        let (h, g) = (h.clone(), g.clone());
+        async move {
+            h.store(true, Ordering::SeqCst);
+            g.notified().await;
+            Ok::<_, JobError>(job.n)
+        }
+    });
+    let holder = spawn(
+        Worker::builder(q.clone())
+            .heartbeat(Duration::from_millis(20))
+            .shutdown_grace(Duration::from_millis(100))
+            .build(handler),
+    );
+    eventually(WAIT, "the job is held", || async {
+        holding.load(Ordering::SeqCst).then_some(())
+    })
+    .await;
+    // Move the token from the record to the `leases` hash, where an older version kept it.
+    let (jobs, leases) = (
+        format!("{}:{{legacy}}:jobs", p.name),
+        format!("{}:{{legacy}}:leases", p.name),
+    );
+    let mut c = conn().await;
+    let raw: String = redis::cmd("HGET")
+        .arg(&jobs)
+        .arg(job.id.as_str())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let mut record: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    let token = record
+        .as_object_mut()
+        .unwrap()
+        .remove("lease")
+        .expect("an active record holds its lease token");
+    let token = token.as_str().unwrap().to_owned();
+    let _: () = redis::pipe()
+        .hset(&jobs, job.id.as_str(), record.to_string())
+        .ignore()
+        .hset(&leases, job.id.as_str(), &token)
+        .ignore()
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    // Heartbeats renew it meanwhile (20 ms apart): none may call it lost.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    go.notify_one();
+    let got: u32 = q.wait_result(&job.id, WAIT).await.unwrap();
+    assert_eq!(got, 7);
+    assert_eq!(q.status(&job.id).await.unwrap().attempts, 1);
+    let left: Option<String> = redis::cmd("HGET")
+        .arg(&leases)
+        .arg(job.id.as_str())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(left, None, "the old lease entry outlived the lease");
+    stop(holder).await;
 }

@@ -1,4 +1,4 @@
--- Shared prelude, prepended to every transition script at compile time.
+-- Shared prelude of every transition script: the library they are functions of.
 --
 -- Every script receives the same KEYS, all under one hash tag, so every call touches
 -- one slot and no key is ever built inside a script (managed clusters and Dragonfly
@@ -6,7 +6,8 @@
 --   KEYS[1]  jobs       hash   id -> job record (JSON)
 --   KEYS[2]  payloads   hash   id -> payload bytes (never decoded here)
 --   KEYS[3]  results    hash   id -> result bytes
---   KEYS[4]  leases     hash   id -> lease token of the claim that owns it
+--   KEYS[4]  leases     hash   id -> lease token, only for jobs claimed before the token
+--                               moved into the record (`lease`); read and dropped, never written
 --   KEYS[5]  ready      zset   score = priority rank * 1e13 + sequence
 --   KEYS[6]  scheduled  zset   score = run-at ms
 --   KEYS[7]  active     zset   score = lease deadline ms
@@ -28,29 +29,50 @@
 --         events of ordinary steps (see STEP_EVENTS)
 -- ARGV[3..] script specific (see each script's header)
 
-local K_JOBS, K_PAYLOADS, K_RESULTS, K_LEASES = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_READY, K_SCHEDULED, K_ACTIVE, K_DEAD = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local K_FINISHED, K_EVENTS, K_WAKE, K_WORKERS = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
-local K_SEQ, K_STATS = KEYS[13], KEYS[14]
-local K_DEDUP, K_DEDUP_EXP, K_LIMITS, K_LIMITS_EXP = KEYS[15], KEYS[16], KEYS[17], KEYS[18]
-local K_BREAKERS = KEYS[19]
+-- The prelude is written as a library: it defines functions and constants only, and
+-- `begin` binds one call's keys, clock and stream cap. Redis runs it once per FUNCTION
+-- LOAD (each transition is then a function of the library, called by FCALL), or at
+-- the top of every call where a server only takes EVALSHA, with `begin(KEYS, ARGV)`
+-- prepended to the script's own lines (see scripts.rs). No per-call work happens at
+-- the top level, and every value a call sets is set again by the next call's `begin`.
 
--- One clock: Redis's. A caller's clock may run ahead or behind, and a call may wait
--- behind a stalled server; the time the script runs is when the transition happens
--- (a lease starts when Redis hands the job over).
-local NOW
-if ARGV[1] ~= nil and ARGV[1] ~= '' then
-  NOW = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local K_JOBS, K_PAYLOADS, K_RESULTS, K_LEASES
+local K_READY, K_SCHEDULED, K_ACTIVE, K_DEAD
+local K_FINISHED, K_EVENTS, K_WAKE, K_WORKERS
+local K_SEQ, K_STATS
+local K_DEDUP, K_DEDUP_EXP, K_LIMITS, K_LIMITS_EXP
+local K_BREAKERS
+local NOW, EVENTS_MAX, STEP_EVENTS
+-- Counters a batch script adds up in Lua and writes once at its end (see
+-- `flush_counts`), instead of one HINCRBY per job; nil: written at once.
+local deferred = nil
+
+local function begin(keys, args)
+  K_JOBS, K_PAYLOADS, K_RESULTS, K_LEASES = keys[1], keys[2], keys[3], keys[4]
+  K_READY, K_SCHEDULED, K_ACTIVE, K_DEAD = keys[5], keys[6], keys[7], keys[8]
+  K_FINISHED, K_EVENTS, K_WAKE, K_WORKERS = keys[9], keys[10], keys[11], keys[12]
+  K_SEQ, K_STATS = keys[13], keys[14]
+  K_DEDUP, K_DEDUP_EXP, K_LIMITS, K_LIMITS_EXP = keys[15], keys[16], keys[17], keys[18]
+  K_BREAKERS = keys[19]
+  -- One clock: Redis's. A caller's clock may run ahead or behind, and a call may wait
+  -- behind a stalled server; the time the script runs is when the transition happens
+  -- (a lease starts when Redis hands the job over).
+  if args[1] ~= nil and args[1] ~= '' then
+    NOW = tonumber(args[1])
+  else
+    local t = redis.call('TIME')
+    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  -- A negative cap says the queue keeps only the events that matter to waiters and
+  -- operators (outcomes, retries, stalls, ...), not the steps of every job's life
+  -- (queued, scheduled, active): two stream writes fewer per job on the hot path.
+  EVENTS_MAX = tonumber(args[2])
+  STEP_EVENTS = EVENTS_MAX > 0
+  EVENTS_MAX = math.abs(EVENTS_MAX)
+  -- A library's state outlives a call: a call that failed half-way left nothing here.
+  deferred = nil
 end
--- A negative cap says the queue keeps only the events that matter to waiters and
--- operators (outcomes, retries, stalls, ...), not the steps of every job's life
--- (queued, scheduled, active): two stream writes fewer per job on the hot path.
-local EVENTS_MAX = tonumber(ARGV[2])
-local STEP_EVENTS = EVENTS_MAX > 0
-EVENTS_MAX = math.abs(EVENTS_MAX)
+
 local PRI_SPAN = 10000000000000 -- 1e13 sequence numbers per priority level
 local WAKE_MAX = 1000           -- more tokens than this wake nobody new
 local ERRORS_MAX = 10           -- attempt errors kept per job (the latest)
@@ -69,16 +91,22 @@ local STATES = {
   queued = true, scheduled = true, active = true,
   completed = true, dead = true, cancelled = true, expired = true,
 }
-local NUMBER_FIELDS = {
-  'pri', 'seq', 'attempts', 'max_attempts', 'timeout_ms', 'created_at', 'run_at',
-  'expires_at', 'started_at', 'finished_at', 'result_ttl_ms', 'dedup_ttl_ms', 'progress',
+-- The type every field a script does arithmetic on, indexes by or stores must have.
+local FIELD_TYPES = {
+  pri = 'number', seq = 'number', attempts = 'number', max_attempts = 'number',
+  timeout_ms = 'number', created_at = 'number', run_at = 'number',
+  expires_at = 'number', started_at = 'number', finished_at = 'number',
+  result_ttl_ms = 'number', dedup_ttl_ms = 'number', progress = 'number',
+  worker = 'string', reason = 'string', dedup = 'string', lease = 'string',
+  errors = 'table',
 }
-local STRING_FIELDS = { 'worker', 'reason', 'dedup' }
+local TYPE_NAMES = { number = 'a number', string = 'a string', table = 'a list' }
 
 -- Why a decoded record cannot be used (nil when it can): every field a script does
 -- arithmetic on, indexes by or stores must have its type, checked before any script
 -- moves the job, so a wrong-shaped record is buried instead of failing a script
--- half-way (which would leave the job in no index at all).
+-- half-way (which would leave the job in no index at all). One pass over the fields
+-- the record has (a handful), not over every field it might have.
 local function shape_error(id, job)
   -- The id is the hash field; a record does not repeat it (it did before), but one
   -- that names another job is not this job's.
@@ -88,20 +116,11 @@ local function shape_error(id, job)
   if not STATES[job.state] then
     return 'unknown state ' .. tostring(job.state)
   end
-  for _, field in ipairs(NUMBER_FIELDS) do
-    local v = job[field]
-    if v ~= nil and type(v) ~= 'number' then
-      return field .. ' is a ' .. type(v) .. ', not a number'
+  for field, v in pairs(job) do
+    local want = FIELD_TYPES[field]
+    if want and type(v) ~= want then
+      return field .. ' is a ' .. type(v) .. ', not ' .. TYPE_NAMES[want]
     end
-  end
-  for _, field in ipairs(STRING_FIELDS) do
-    local v = job[field]
-    if v ~= nil and type(v) ~= 'string' then
-      return field .. ' is a ' .. type(v) .. ', not a string'
-    end
-  end
-  if job.errors ~= nil and type(job.errors) ~= 'table' then
-    return 'errors is a ' .. type(job.errors) .. ', not a list'
   end
   return nil
 end
@@ -152,10 +171,6 @@ local function emit_step(kind, id, data)
     emit(kind, id, data)
   end
 end
-
--- Counters a batch script adds up in Lua and writes once at its end (see
--- `flush_counts`), instead of one HINCRBY per job; nil: written at once.
-local deferred = nil
 
 local function count(field, n)
   if deferred then
@@ -227,6 +242,31 @@ local function wake(n)
   end
 end
 
+-- Tables a batch fills and writes with one call each (enqueue's records, payloads
+-- and ready entries), with explicit lengths so that stale entries never count. As
+-- functions of a library they are made once, not per call: a call's garbage is what
+-- makes Lua's collector walk the whole library again.
+local BATCH_A, BATCH_B, BATCH_C = {}, {}, {}
+
+-- Writes the first nr entries of BATCH_A (records) and BATCH_B (payloads) and the
+-- first nq of BATCH_C (ready) and lets go of them. Returns 0, 0 (the new lengths).
+local function write_batch(nr, nq)
+  if nr > 0 then
+    redis.call('HSET', K_JOBS, unpack(BATCH_A, 1, nr))
+    redis.call('HSET', K_PAYLOADS, unpack(BATCH_B, 1, nr))
+  end
+  if nq > 0 then
+    redis.call('ZADD', K_READY, unpack(BATCH_C, 1, nq))
+  end
+  for i = 1, nr do
+    BATCH_A[i], BATCH_B[i] = nil, nil
+  end
+  for i = 1, nq do
+    BATCH_C[i] = nil
+  end
+  return 0, 0
+end
+
 -- Puts a job in the ready set. A job keeps its sequence number when it comes back
 -- from a dead worker or a shutdown, so it does not lose its place in line.
 local function push_ready(job, fresh_seq)
@@ -237,9 +277,23 @@ local function push_ready(job, fresh_seq)
   redis.call('ZADD', K_READY, int((job.pri or 1) * PRI_SPAN + job.seq), job.id)
 end
 
-local function release_lease(id)
-  redis.call('HDEL', K_LEASES, id)
-  redis.call('ZREM', K_ACTIVE, id)
+-- The lease token lives in the record (`lease`), written with the claim's one HSET of
+-- the record, so a claim and a report need no call of their own for it. A record
+-- without one may still hold a lease in the `leases` hash (claimed by an older
+-- version): that entry is dropped too. Takes the job, or the id of a job without a
+-- record.
+local function release_lease(job)
+  if type(job) ~= 'table' then
+    redis.call('HDEL', K_LEASES, job)
+    redis.call('ZREM', K_ACTIVE, job)
+    return
+  end
+  if job.lease then
+    job.lease = nil
+  else
+    redis.call('HDEL', K_LEASES, job.id)
+  end
+  redis.call('ZREM', K_ACTIVE, job.id)
 end
 
 -- A finished job's dedup entry: a completed job answers duplicates for its dedup
@@ -260,7 +314,7 @@ local function finish(job, state)
   job.finished_at = NOW
   job.cancel = nil
   settle_dedup(job)
-  release_lease(job.id)
+  release_lease(job)
   redis.call('ZADD', K_FINISHED, int(NOW + (job.result_ttl_ms or 86400000)), job.id)
   save(job)
   count(state)
@@ -303,7 +357,7 @@ local function bury(job, reason)
   job.reason = reason
   job.cancel = nil
   settle_dedup(job)
-  release_lease(job.id)
+  release_lease(job)
   redis.call('ZADD', K_DEAD, int(NOW), job.id)
   save(job)
   count('dead')
@@ -389,7 +443,7 @@ local function recover(limit)
       elseif (job.attempts or 0) >= (job.max_attempts or 1) then
         bury(job, message)
       else
-        release_lease(id)
+        release_lease(job)
         push_ready(job, false)
         save(job)
         emit('stalled', id, message)
@@ -453,22 +507,31 @@ local function claim(worker, n, lease_ms, default_attempts)
   local swept = false
   -- Lease tokens come from the sequence, reserved for the whole claim in one call.
   local next_token, last_token = 1, 0
+  -- Ids popped from ready (id, score, id, score, ...) and not yet looked at: one
+  -- ZPOPMIN for as many as the claim still wants. Every popped id is claimed, buried
+  -- or ended before the loop stops (the pop never takes more than the loop will look
+  -- at: `n - claimed` and the guard both bound it).
+  local popped, at = {}, 1
   while claimed < n and guard < n + 1000 do
-    guard = guard + 1
-    local popped = redis.call('ZPOPMIN', K_READY, 1)
-    if #popped == 0 then
-      if swept then
-        break
-      end
-      -- Short: maybe a scheduled job came due or a lease ran out since the last look.
-      maintain(true)
-      swept = true
-      popped = redis.call('ZPOPMIN', K_READY, 1)
+    if at > #popped then
+      local want = math.min(n - claimed, n + 1000 - guard)
+      popped, at = redis.call('ZPOPMIN', K_READY, want), 1
       if #popped == 0 then
-        break
+        if swept then
+          break
+        end
+        -- Short: maybe a scheduled job came due or a lease ran out since the last look.
+        maintain(true)
+        swept = true
+        popped = redis.call('ZPOPMIN', K_READY, want)
+        if #popped == 0 then
+          break
+        end
       end
     end
-    local id = popped[1]
+    guard = guard + 1
+    local id = popped[at]
+    at = at + 2
     local job = load(id)
     if job and job.corrupt then
       bury(job, 'corrupt job record: ' .. job.corrupt)
@@ -490,7 +553,7 @@ local function claim(worker, n, lease_ms, default_attempts)
         end
         local token = int(next_token)
         next_token = next_token + 1
-        redis.call('HSET', K_LEASES, id, token)
+        job.lease = token
         redis.call('ZADD', K_ACTIVE, int(NOW + lease_ms), id)
         local raw = encode(job)
         redis.call('HSET', K_JOBS, id, raw)
@@ -531,20 +594,30 @@ local function claim(worker, n, lease_ms, default_attempts)
   return out
 end
 
--- The lease check every transition of an active job starts with.
-local function owned(id, token)
-  return redis.call('HGET', K_LEASES, id) == token
+-- The lease check every transition of an active job starts with, on its loaded
+-- record (nil: no record). A record claimed by an older version keeps its token in
+-- the `leases` hash; one that does not decode is owned by the token its raw bytes
+-- still name, if any.
+local function owned(job, token)
+  if not job then
+    return false
+  elseif job.lease then
+    return job.lease == token
+  elseif job.corrupt and string.find(job.raw, '"lease":"' .. token .. '"', 1, true) then
+    return true
+  end
+  return redis.call('HGET', K_LEASES, job.id) == token
 end
 
 -- The opening every report of an active job shares (complete, fail, release): the
--- lease check, then the record, then (with `cancel_ends`) a requested cancellation.
+-- record, the lease check, then (with `cancel_ends`) a requested cancellation.
 -- Returns the job when this worker still owns it, or nil and the outcome when the
--- report ends here ('lost': nothing was changed beyond dropping a lease that had no
--- record; 'dead': the record was unusable and is buried; 'cancelled').
+-- report ends here ('lost': nothing was changed beyond dropping the lease of a job
+-- that has no record; 'dead': the record was unusable and is buried; 'cancelled').
+-- A job without a record, or with one that cannot be used, has no token left to
+-- check: the report does at once what recovery would do when the lease ran out
+-- (drop the lease; bury the job with the reason), whoever sends it.
 local function reported(id, token, cancel_ends)
-  if not owned(id, token) then
-    return nil, 'lost'
-  end
   local job = load(id)
   if not job then
     release_lease(id)
@@ -553,6 +626,9 @@ local function reported(id, token, cancel_ends)
   if job.corrupt then
     bury(job, 'corrupt job record: ' .. job.corrupt)
     return nil, 'dead'
+  end
+  if not owned(job, token) then
+    return nil, 'lost'
   end
   if cancel_ends and job.cancel then
     finish(job, 'cancelled')
@@ -594,7 +670,7 @@ local function fail_one(id, token, kind, message, retry_in)
     return 'cancelled'
   elseif delay then
     local retry_at = NOW + math.max(delay, 1)
-    release_lease(id)
+    release_lease(job)
     job.state = 'scheduled'
     job.run_at = retry_at
     redis.call('ZADD', K_SCHEDULED, int(retry_at), id)

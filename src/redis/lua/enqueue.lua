@@ -11,6 +11,8 @@
 local n = tonumber(ARGV[6])
 local out = {}
 local fresh = {}
+-- Counters are added up and written once for the whole batch.
+defer_counts()
 
 -- Pass 1: which jobs exist already (same caller id, or same request in flight or
 -- completed within its dedup TTL). Those are answered, not created.
@@ -46,6 +48,7 @@ if limit_key ~= '' and #fresh > 0 then
   local new_tat = tat + interval * #fresh
   if new_tat - NOW > period then
     count('rate_limited')
+    flush_counts()
     return { 'limited', int(math.ceil(new_tat - NOW - period)) }
   end
   redis.call('HSET', K_LIMITS, limit_key, int(new_tat))
@@ -53,8 +56,19 @@ if limit_key ~= '' and #fresh > 0 then
 end
 
 -- Pass 2: create the new jobs. Two identical requests in one batch make one job.
+-- Records, payloads and ready entries are written with one HSET / ZADD per batch
+-- (in slices, so no call gets more arguments than Lua can unpack), and the sequence
+-- numbers of the whole batch come from one INCRBY (a twin or a delayed job leaves a
+-- gap, which orders nothing differently).
 local created_here = {}
 local created_ids = {}
+-- (BATCH_A/B/C: the library's reusable tables, see common.lua; nr/nq: entries used)
+local records, payloads, ready = BATCH_A, BATCH_B, BATCH_C
+local nr, nq = 0, 0
+local next_seq = 0
+if #fresh > 0 then
+  next_seq = redis.call('INCRBY', K_SEQ, #fresh) - #fresh + 1
+end
 for _, i in ipairs(fresh) do
   local base = 7 + i * 4
   local id, dedup = ARGV[base], ARGV[base + 3]
@@ -76,26 +90,40 @@ for _, i in ipairs(fresh) do
       job.run_at = NOW + job.delay_ms
     end
     job.delay_ms = nil
-    redis.call('HSET', K_PAYLOADS, id, ARGV[base + 2])
     if job.run_at and job.run_at > NOW then
       job.state = 'scheduled'
       redis.call('ZADD', K_SCHEDULED, int(job.run_at), id)
     else
-      push_ready(job, true)
+      -- push_ready, its ZADD joining the batch's.
+      job.seq = next_seq
+      job.state = 'queued'
+      ready[nq + 1] = int((job.pri or 1) * PRI_SPAN + next_seq)
+      ready[nq + 2] = id
+      nq = nq + 2
     end
+    next_seq = next_seq + 1
     if dedup ~= '' then
       job.dedup = dedup
       redis.call('HSET', K_DEDUP, dedup, id)
       redis.call('ZREM', K_DEDUP_EXP, dedup)
       created_here[dedup] = { id, job.state }
     end
-    save(job)
+    records[nr + 1] = id
+    records[nr + 2] = encode(job)
+    payloads[nr + 1] = id
+    payloads[nr + 2] = ARGV[base + 2]
+    nr = nr + 2
     count('enqueued')
     emit_step(job.state, id)
     created_ids[id] = { id, job.state }
     out[i + 1] = { id, 1, job.state }
+    if nr >= 400 or nq >= 400 then
+      nr, nq = write_batch(nr, nq)
+    end
   end
 end
+write_batch(nr, nq)
+flush_counts()
 -- Delayed jobs wake a worker too, so it recomputes how long to sleep.
 -- No sweeping here: claims and heartbeats sweep when a retention comes due.
 wake(#fresh)

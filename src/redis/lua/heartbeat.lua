@@ -11,10 +11,10 @@ redis.call('ZADD', K_WORKERS, int(NOW), ARGV[3])
 local lost, cancel = {}, {}
 for i = 5, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
-  if owned(id, token) then
+  local job = load(id)
+  if owned(job, token) then
     redis.call('ZADD', K_ACTIVE, 'XX', int(NOW + lease_ms), id)
-    local job = load(id)
-    if job and job.cancel then
+    if job.cancel then
       table.insert(cancel, id)
     end
   else

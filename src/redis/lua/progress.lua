@@ -4,11 +4,11 @@
 -- ARGV[3] id, ARGV[4] lease token, ARGV[5] progress (0 to 100)
 -- Returns: 1, or 0 when the lease is lost
 local id, token = ARGV[3], ARGV[4]
-if not owned(id, token) then
+local job = load(id)
+if not owned(job, token) then
   return 0
 end
-local job = load(id)
-if not job or job.corrupt then
+if job.corrupt then
   return 0
 end
 job.progress = tonumber(ARGV[5])

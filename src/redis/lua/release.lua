@@ -9,7 +9,7 @@ local job, outcome = reported(id, ARGV[4], true)
 if not job then
   return outcome
 end
-release_lease(id)
+release_lease(job)
 job.attempts = math.max((job.attempts or 1) - 1, 0)
 push_ready(job, false)
 save(job)
