@@ -135,7 +135,7 @@ impl<J: Serialize> Queue<J> {
         }
         let ((status, reply), acked): ((String, redis::Value), u32) = match replicas {
             None => (self.shared.invoke(&inv).await?, 0),
-            Some((n, timeout)) => self.shared.conn.invoke_and_wait(&inv, n, timeout).await?,
+            Some((n, timeout)) => self.shared.invoke_and_wait(&inv, n, timeout).await?,
         };
         if status == "limited" {
             let ms: u64 = redis::from_redis_value(reply)

@@ -8,26 +8,27 @@
 
 use std::time::Duration;
 
-use redis::{ErrorKind, FromRedisValue, ScriptInvocation, ServerErrorKind};
+use redis::{ErrorKind, FromRedisValue, ServerErrorKind};
 
-use super::Conn;
+use super::shared::{Invocation, Shared};
+use super::{Conn, scripts};
 use crate::error::Error;
 
 /// The longest replica wait: the shared connection gives up on a reply after 5 s, and
 /// the script before the `WAIT` needs some of that.
 const MAX_REPLICA_WAIT: Duration = Duration::from_secs(4);
 
-impl Conn {
+impl Shared {
     /// Runs `inv`, then `WAIT replicas timeout`; returns the script's reply and how
     /// many replicas acknowledged. Fewer than asked is not an error here: the write is
     /// done either way, and the caller says what that means.
     pub(crate) async fn invoke_and_wait<T: FromRedisValue>(
         &self,
-        inv: &ScriptInvocation<'_>,
+        inv: &Invocation<'_>,
         replicas: u32,
         timeout: Duration,
     ) -> Result<(T, u32), Error> {
-        if matches!(self, Conn::Cluster(_)) {
+        if matches!(self.conn, Conn::Cluster(_)) {
             // redis-rs sends WAIT to every primary of a cluster, not down the
             // connection that wrote, so the count would not be about this write.
             return Err(Error::InvalidConfig(
@@ -42,18 +43,75 @@ impl Conn {
             )));
         }
         let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        let mut pipe = redis::pipe();
-        pipe.invoke_script(inv).cmd("WAIT").arg(replicas).arg(ms);
-        let mut conn = self.clone();
-        let reply: Result<(T, u32), redis::RedisError> = pipe.query_async(&mut conn).await;
-        match reply {
-            // A pipeline does not load a missing script (a restarted or promoted
-            // server has none): load it and send both again. Nothing ran the first time.
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                inv.load_async(&mut conn).await?;
-                Ok(pipe.query_async(&mut conn).await?)
+        let mut conn = self.conn.clone();
+        // At most three tries: the first may find no library (or no script) on a
+        // restarted or promoted server, or learn that functions are refused here.
+        for _ in 0..3 {
+            let mut pipe = redis::pipe();
+            pipe.add_command(self.script_command(inv))
+                .cmd("WAIT")
+                .arg(replicas)
+                .arg(ms);
+            let failed = match pipe.query_async::<(T, u32)>(&mut conn).await {
+                Ok(v) => return Ok(v),
+                Err(e) => first_server_error(e),
+            };
+            // A pipeline loads nothing by itself; nothing ran when these come back.
+            if self.scripts.functions() && scripts::is_function_missing(&failed) {
+                match scripts::load_library().query_async::<()>(&mut conn).await {
+                    Ok(()) => {}
+                    Err(e) if scripts::is_functions_unavailable(&e) => {
+                        self.scripts.functions_unavailable(&e)
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            } else if self.scripts.functions() && scripts::is_functions_unavailable(&failed) {
+                self.scripts.functions_unavailable(&failed);
+            } else if failed.kind() == ErrorKind::Server(ServerErrorKind::NoScript) {
+                inv.transition
+                    .script()
+                    .prepare_invoke()
+                    .load_async(&mut conn)
+                    .await?;
+            } else {
+                return Err(failed.into());
             }
-            other => Ok(other?),
         }
+        Err(Error::Protocol(
+            "enqueue with replica wait: the script could not be loaded".into(),
+        ))
+    }
+}
+
+/// A pipeline's failure as the error of its first failing command: redis-rs wraps
+/// server errors of a pipeline so that only their kind shows, not their text, and
+/// "Function not found" is told apart by its text.
+fn first_server_error(e: redis::RedisError) -> redis::RedisError {
+    match e.clone().into_server_errors() {
+        Some(items) => match items.first() {
+            Some((_, first)) => first.clone().into(),
+            None => e,
+        },
+        None => e,
+    }
+}
+
+impl Shared {
+    /// The one command that runs `inv`: `FCALL` while functions are to be had, else
+    /// `EVALSHA` (which a pipeline cannot turn into a load on NOSCRIPT by itself).
+    fn script_command(&self, inv: &Invocation<'_>) -> redis::Cmd {
+        if self.scripts.functions() {
+            return inv.transition.fcall(inv.keys, &inv.args);
+        }
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(inv.transition.script().get_hash())
+            .arg(inv.keys.len());
+        for key in inv.keys {
+            cmd.arg(key);
+        }
+        for arg in &inv.args {
+            cmd.arg(arg.as_slice());
+        }
+        cmd
     }
 }

@@ -126,9 +126,9 @@ impl Shared {
 /// One script call being built: a transition, the queue's keys and the arguments.
 #[derive(Debug)]
 pub(crate) struct Invocation<'a> {
-    transition: &'static Transition,
-    keys: &'a [String],
-    args: Vec<Vec<u8>>,
+    pub(super) transition: &'static Transition,
+    pub(super) keys: &'a [String],
+    pub(super) args: Vec<Vec<u8>>,
 }
 
 impl Invocation<'_> {
