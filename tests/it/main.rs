@@ -11,9 +11,10 @@ mod dead_letter;
 mod dedup;
 mod durability;
 mod holes;
+#[cfg(feature = "candle")]
+mod kokoro;
 mod memory;
 mod metrics;
-#[cfg(feature = "candle")]
 mod piper;
 mod profile;
 mod props;

@@ -1,10 +1,10 @@
 //! Loading failures every Candle model family shares, precisely enough to fix them.
 //!
-//! Parler and Piper both read files into named tensors on a device, so they fail in the
+//! Parler, Piper and Kokoro all read files into named tensors on a device, so they fail in the
 //! same ways: a file is missing or unreadable, a tensor is missing or has another shape or
 //! type, the device is not there, an option is out of range. [`LoadError`] says those once;
 //! each family's own error ([`ModelError`](super::ModelError),
-//! [`PiperError`](super::PiperError)) wraps it beside
+//! [`PiperError`](super::PiperError), [`KokoroError`](super::KokoroError)) wraps it beside
 //! the failures only that family has (a config that does not parse, a tokenizer, ...), and
 //! adds the hint that tells an operator which files to fetch.
 

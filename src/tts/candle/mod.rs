@@ -4,6 +4,7 @@
 //!
 //! - [Parler-TTS](parler) — a voice described in words ([`ParlerSynthesizer`]).
 //! - [Piper](piper) — VITS voices from their ONNX files ([`PiperSynthesizer`]).
+//! - [Kokoro](kokoro) — Kokoro-82M from its int8 ONNX export ([`KokoroSynthesizer`]).
 //!
 //! Shared by all of them:
 //!
@@ -14,7 +15,7 @@
 //! - `batched` — the request-by-request preparation and model batching every backend shares.
 //! - `sample` — a seeded random source and top-k / top-p sampling.
 //! - `hub` — download from the Hugging Face hub (feature `hub`).
-//! - `onnx` — the ONNX messages a weight reader needs (Piper ships ONNX files).
+//! - `onnx` — the ONNX messages a weight reader needs (Piper and Kokoro ship ONNX files).
 //!
 //! The public items of every family are re-exported here, so
 //! `voxqueue::tts::candle::ParlerSynthesizer` and `voxqueue::tts::candle::PiperSynthesizer`
@@ -39,6 +40,7 @@ mod device;
 mod error;
 #[cfg(feature = "hub")]
 mod hub;
+pub mod kokoro;
 mod onnx;
 pub mod parler;
 pub mod piper;
@@ -48,6 +50,10 @@ pub use device::{DeviceChoice, Precision};
 pub use error::LoadError;
 #[cfg(feature = "hub")]
 pub use hub::download_from_hub;
+pub use kokoro::{
+    KOKORO_MODEL_FILE, KOKORO_SAMPLE_RATE, KokoroError, KokoroOptions, KokoroSynthesizer,
+    KokoroTrace,
+};
 pub use parler::{
     DEFAULT_DESCRIPTION, ModelError, ParlerOptions, ParlerSynthesizer, TINY_HOP_LENGTH,
     TINY_NUM_CODEBOOKS, TINY_SAMPLE_RATE, default_voices, write_tiny_model,

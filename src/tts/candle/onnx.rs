@@ -1,5 +1,5 @@
 //! The part of the ONNX format a weight reader needs, for every family published as ONNX
-//! (Piper).
+//! (Piper, Kokoro).
 //!
 //! The messages are declared by hand with their field numbers from `onnx.proto` (prost skips
 //! every other field): the graph's initializers (the weights) and its nodes (to name the
@@ -67,7 +67,7 @@ pub(crate) struct TensorProto {
     pub(crate) name: String,
     #[prost(bytes = "vec", tag = "9")]
     pub(crate) raw_data: Vec<u8>,
-    /// 1 = EXTERNAL: the data lives in another file, which a Piper voice never does.
+    /// 1 = EXTERNAL: the data lives in another file, which neither Piper nor Kokoro does.
     #[prost(int32, tag = "14")]
     pub(crate) data_location: i32,
 }
@@ -84,9 +84,23 @@ pub(crate) struct ConvAttrs {
 
 /// ONNX `TensorProto.DataType` values.
 const ONNX_FLOAT: i32 = 1;
+const ONNX_UINT8: i32 = 2;
+const ONNX_INT8: i32 = 3;
 const ONNX_FLOAT16: i32 = 10;
 const ONNX_DOUBLE: i32 = 11;
 const ONNX_BFLOAT16: i32 = 16;
+
+/// Reads and decodes an ONNX file's graph; the error is the reason, for the family's own
+/// "invalid model" variant (the caller maps I/O errors itself).
+pub(crate) fn decode_graph(bytes: &[u8]) -> Result<GraphProto, String> {
+    let model = <ModelProto as prost::Message>::decode(bytes)
+        .map_err(|e| format!("not an ONNX protobuf: {e}"))?;
+    let graph = model.graph.ok_or("the model has no graph")?;
+    if graph.initializer.is_empty() {
+        return Err("the graph has no weights".into());
+    }
+    Ok(graph)
+}
 
 /// `/flow/flows.0/enc/in_layers.0/Conv` → `flow.flows.0.enc.in_layers.0`: the module a node
 /// belongs to, from PyTorch's exported node names (the last segment is the op).
@@ -139,6 +153,48 @@ pub(crate) fn to_tensor(
         .and_then(|t| t.to_device(device))
         .map(Some)
         .map_err(|e| e.to_string())
+}
+
+/// An 8-bit tensor's shape and values (as f32).
+pub(crate) type Int8Values = (Vec<usize>, Vec<f32>);
+
+/// An 8-bit integer initializer (int8 or uint8, the quantised weights and their zero points)
+/// as f32 values on the host, with its shape; `None` for other types.
+pub(crate) fn int8_values(init: &TensorProto) -> Result<Option<Int8Values>, String> {
+    let signed = match init.data_type {
+        ONNX_INT8 => true,
+        ONNX_UINT8 => false,
+        _ => return Ok(None),
+    };
+    let dims = dims_of(init)?;
+    let count: usize = dims.iter().product();
+    let values: Vec<f32> = if !init.raw_data.is_empty() {
+        if init.raw_data.len() != count {
+            return Err(format!(
+                "{} bytes for shape {dims:?} of 8-bit integers",
+                init.raw_data.len()
+            ));
+        }
+        init.raw_data
+            .iter()
+            .map(|&b| {
+                if signed {
+                    f32::from(i8::from_ne_bytes([b]))
+                } else {
+                    f32::from(b)
+                }
+            })
+            .collect()
+    } else if init.int32_data.len() == count {
+        // Small 8-bit tensors may be stored widened in `int32_data` (values fit in i16).
+        init.int32_data
+            .iter()
+            .map(|&v| f32::from(i16::try_from(v).unwrap_or(0)))
+            .collect()
+    } else {
+        return Err(format!("no data for shape {dims:?}"));
+    };
+    Ok(Some((dims, values)))
 }
 
 /// A convolution node's attributes (ConvInteger has Conv's).
