@@ -135,16 +135,33 @@ impl AdainResBlock {
         }
         let mut r = leaky_relu(&self.norm1.forward(x, style_rounded)?, SLOPE)?;
         if let Some((weight, bias)) = &self.pool {
-            let channels = weight.dim(0)?;
-            r = r
-                .conv_transpose1d(weight, 1, 1, 2, 1, channels)?
-                .broadcast_add(&bias.reshape((1, (), 1))?)?;
+            r = depthwise_upsample(&r, weight, bias)?;
         }
         let r = self.conv1.forward(&r, None)?;
         let r = leaky_relu(&self.norm2.forward(&r, style_rounded)?, SLOPE)?;
         let r = self.conv2.forward(&r, None)?;
         (r + shortcut)? / std::f64::consts::SQRT_2
     }
+}
+
+/// The `pool` of an upsampling block: a depthwise transposed convolution (kernel 3, stride
+/// 2, padding 1, output padding 1) written out, since Candle would run it as one convolution
+/// per channel: output `2t` is `w₁·x[t]`, output `2t + 1` is `w₂·x[t] + w₀·x[t + 1]`.
+fn depthwise_upsample(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (batch, channels, frames) = x.dims3()?;
+    let tap = |k: usize| weight.narrow(2, k, 1)?.reshape((1, channels, 1));
+    let next = Tensor::cat(
+        &[
+            x.narrow(2, 1, frames - 1)?,
+            x.narrow(2, 0, 1)?.zeros_like()?,
+        ],
+        2,
+    )?;
+    let even = x.broadcast_mul(&tap(1)?)?;
+    let odd = (x.broadcast_mul(&tap(2)?)? + next.broadcast_mul(&tap(0)?)?)?;
+    Tensor::stack(&[even, odd], 3)?
+        .reshape((batch, channels, 2 * frames))?
+        .broadcast_add(&bias.reshape((1, (), 1))?)
 }
 
 /// Pitch and energy (`encoder.predictor.shared`, `F0`, `N`, `F0_proj`, `N_proj`).
