@@ -18,6 +18,8 @@
 //!
 //! Backends: `--voice-backend espeak` (the offline espeak-ng voice) or
 //! `--voice-backend piper --piper-voice <voice.onnx> [--batch 4]` (a Piper voice on Candle) or
+//! `--voice-backend kokoro [--kokoro-model <kokoro-v1.0.int8.onnx>] [--kokoro-voices <dir>]`
+//! (Kokoro-82M on Candle; default: where `.ci/fetch-voices` puts it) or
 //! `--voice-backend parler --model-dir <dir> [--device cuda] [--batch 8]` (Parler-TTS on
 //! Candle; with `--batch B` the worker runs B jobs at once and they share one batched
 //! generation). Everything below the choice of synthesiser (queue, leases, retries,
@@ -88,6 +90,13 @@ struct Args {
     /// A Piper voice's `.onnx` file, its `.onnx.json` beside it (`.ci/fetch-voices`).
     #[arg(long)]
     piper_voice: Option<PathBuf>,
+    /// Kokoro's `kokoro-v1.0.int8.onnx` (default: where `.ci/fetch-voices` puts it).
+    #[arg(long)]
+    kokoro_model: Option<PathBuf>,
+    /// The directory of Kokoro voice packs (`af_heart.bin`, ...; default: `voices/` beside
+    /// the model).
+    #[arg(long)]
+    kokoro_voices: Option<PathBuf>,
     /// Device for the Candle backends: auto, cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "auto")]
     device: String,
@@ -131,6 +140,8 @@ enum Backend {
     Parler,
     /// A Piper (VITS) voice on Candle, from `--piper-voice`.
     Piper,
+    /// Kokoro-82M on Candle, from `--kokoro-model` and `--kokoro-voices`.
+    Kokoro,
 }
 
 impl Backend {
@@ -140,6 +151,7 @@ impl Backend {
             Backend::Espeak => "espeak",
             Backend::Parler => "parler",
             Backend::Piper => "piper",
+            Backend::Kokoro => "kokoro",
         }
     }
 }
@@ -183,7 +195,12 @@ impl Handler<Cleanup> for CleanupHandler {
 
 /// Loads the chosen Candle backend once for this worker.
 fn neural(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
+    let kokoro = args
+        .kokoro_model
+        .clone()
+        .unwrap_or_else(common::fetched_kokoro_model);
     let which = match args.voice_backend {
+        Backend::Kokoro => Neural::Kokoro(&kokoro, args.kokoro_voices.as_deref()),
         Backend::Piper => Neural::Piper(
             args.piper_voice
                 .as_deref()
@@ -217,7 +234,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Backend::Espeak => {
             Arc::new(EspeakSynthesizer::new().map_err(|e| format!("the espeak-ng voice: {e}"))?)
         }
-        Backend::Parler | Backend::Piper => neural(&args)?,
+        Backend::Parler | Backend::Piper | Backend::Kokoro => neural(&args)?,
     };
     let mut args = args;
     if args.batch > 1 {

@@ -125,6 +125,16 @@ pub(crate) fn fetched_piper_voice() -> PathBuf {
     dir.join("en_US-joe-medium.onnx")
 }
 
+/// Where `.ci/fetch-voices` puts Kokoro: `$VOXQUEUE_VOICES/kokoro` (else
+/// `~/.cache/voxqueue/voices/kokoro`), then `kokoro-v1.0.int8.onnx`; its voice packs are in
+/// `voices/` beside it.
+#[allow(dead_code)] // Not every program that includes this module offers Kokoro.
+pub(crate) fn fetched_kokoro_model() -> PathBuf {
+    fetched_piper_voice()
+        .with_file_name("kokoro")
+        .join("kokoro-v1.0.int8.onnx")
+}
+
 /// A Candle backend and where its weights are.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Neural<'a> {
@@ -132,6 +142,9 @@ pub(crate) enum Neural<'a> {
     Parler(&'a std::path::Path),
     /// A Piper voice's `.onnx` file.
     Piper(&'a std::path::Path),
+    /// Kokoro's `kokoro-v1.0.int8.onnx` and, if not `voices/` beside it, the voice packs'
+    /// directory.
+    Kokoro(&'a std::path::Path, Option<&'a std::path::Path>),
 }
 
 /// Loads a Candle backend on `device` in `precision`, batched when `batch` > 1.
@@ -146,8 +159,8 @@ pub(crate) fn load_neural(
     {
         use voxqueue::tts::BatchingSynthesizer;
         use voxqueue::tts::candle::{
-            DeviceChoice, ParlerOptions, ParlerSynthesizer, PiperOptions, PiperSynthesizer,
-            Precision,
+            DeviceChoice, KokoroOptions, KokoroSynthesizer, ParlerOptions, ParlerSynthesizer,
+            PiperOptions, PiperSynthesizer, Precision,
         };
         let device = device.parse::<DeviceChoice>()?;
         let precision = precision.parse::<Precision>()?;
@@ -170,6 +183,19 @@ pub(crate) fn load_neural(
                 Arc::new(
                     PiperSynthesizer::load(path, options)
                         .map_err(|e| format!("Piper voice {}: {e}", path.display()))?,
+                )
+            }
+            Neural::Kokoro(path, voices) => {
+                let mut options = KokoroOptions::new()
+                    .with_device(device)
+                    .with_precision(precision)
+                    .with_max_batch(batch.max(1));
+                if let Some(voices) = voices {
+                    options = options.with_voices_dir(voices);
+                }
+                Arc::new(
+                    KokoroSynthesizer::load(path, options)
+                        .map_err(|e| format!("Kokoro {}: {e}", path.display()))?,
                 )
             }
         };

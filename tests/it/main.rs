@@ -12,6 +12,8 @@ mod dead_letter;
 mod dedup;
 mod durability;
 mod holes;
+#[cfg(feature = "candle")]
+mod kokoro;
 mod memory;
 mod metrics;
 mod partition;

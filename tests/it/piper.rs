@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use voxqueue::Worker;
 use voxqueue::tts::candle::{
-    DeviceChoice, PiperError, PiperOptions, PiperScales, PiperSynthesizer,
+    DeviceChoice, LoadError, PiperError, PiperOptions, PiperScales, PiperSynthesizer,
 };
 use voxqueue::tts::{
     BatchingSynthesizer, RedisStore, ResultStore, SpeechResult, SynthesisRequest, Synthesizer,
@@ -259,7 +259,9 @@ fn loading_errors_name_what_is_wrong() {
     // The model without its config.
     let alone = link("alone.onnx");
     match PiperSynthesizer::load(&alone, cpu()).unwrap_err() {
-        PiperError::MissingFile { path } => assert!(path.ends_with("alone.onnx.json")),
+        PiperError::Load(LoadError::MissingFile { path }) => {
+            assert!(path.ends_with("alone.onnx.json"))
+        }
         other => panic!("{other}"),
     }
 
@@ -279,7 +281,9 @@ fn loading_errors_name_what_is_wrong() {
     assert_ne!(text, config);
     std::fs::write(dir.path().join("big.onnx.json"), text).unwrap();
     match PiperSynthesizer::load(&big, cpu()).unwrap_err() {
-        PiperError::ShapeMismatch { tensor, .. } => assert_eq!(tensor, "enc_p.emb.weight"),
+        PiperError::Load(LoadError::ShapeMismatch { tensor, .. }) => {
+            assert_eq!(tensor, "enc_p.emb.weight")
+        }
         other => panic!("{other}"),
     }
 
@@ -299,7 +303,9 @@ fn loading_errors_name_what_is_wrong() {
     std::fs::write(&wrong, model).unwrap();
     std::fs::write(dir.path().join("wrong.onnx.json"), &config).unwrap();
     match PiperSynthesizer::load(&wrong, cpu()).unwrap_err() {
-        PiperError::MissingTensor { tensor } => assert_eq!(tensor, "enc_p.emb.weight"),
+        PiperError::Load(LoadError::MissingTensor { tensor }) => {
+            assert_eq!(tensor, "enc_p.emb.weight")
+        }
         other => panic!("{other}"),
     }
 }

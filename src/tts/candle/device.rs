@@ -8,7 +8,7 @@ use std::fmt;
 
 use candle_core::{DType, Device};
 
-use super::error::ModelError;
+use super::error::LoadError;
 
 /// Which device a model is loaded on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -41,10 +41,10 @@ impl fmt::Display for DeviceChoice {
 /// Parses what a command line or a config file says: `auto`, `cpu`, `cuda`, `cuda:1`,
 /// `metal`, `metal:0`.
 impl std::str::FromStr for DeviceChoice {
-    type Err = ModelError;
+    type Err = LoadError;
 
-    fn from_str(s: &str) -> Result<Self, ModelError> {
-        let bad = || ModelError::InvalidOption {
+    fn from_str(s: &str) -> Result<Self, LoadError> {
+        let bad = || LoadError::InvalidOption {
             option: "device",
             reason: format!("{s:?} is not one of auto, cpu, cuda[:N], metal[:N]"),
         };
@@ -64,7 +64,7 @@ impl std::str::FromStr for DeviceChoice {
 
 impl DeviceChoice {
     /// Opens the device, or says precisely why it cannot be used.
-    pub(crate) fn open(self) -> Result<Device, ModelError> {
+    pub(crate) fn open(self) -> Result<Device, LoadError> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
             Self::Cuda(ordinal) => open_cuda(ordinal),
@@ -126,15 +126,15 @@ impl fmt::Display for Precision {
 
 /// Parses what a command line or a config file says: `auto`, `f32`, `f16`, `bf16`.
 impl std::str::FromStr for Precision {
-    type Err = ModelError;
+    type Err = LoadError;
 
-    fn from_str(s: &str) -> Result<Self, ModelError> {
+    fn from_str(s: &str) -> Result<Self, LoadError> {
         match s.trim().to_ascii_lowercase().as_str() {
             "auto" => Ok(Self::Auto),
             "f32" => Ok(Self::F32),
             "f16" => Ok(Self::F16),
             "bf16" => Ok(Self::BF16),
-            _ => Err(ModelError::InvalidOption {
+            _ => Err(LoadError::InvalidOption {
                 option: "precision",
                 reason: format!("{s:?} is not one of auto, f32, f16, bf16"),
             }),
@@ -193,27 +193,27 @@ pub(crate) fn describe(device: &Device) -> &'static str {
     }
 }
 
-fn open_cuda(ordinal: usize) -> Result<Device, ModelError> {
+fn open_cuda(ordinal: usize) -> Result<Device, LoadError> {
     if !candle_core::utils::cuda_is_available() {
-        return Err(ModelError::DeviceUnavailable {
+        return Err(LoadError::DeviceUnavailable {
             device: DeviceChoice::Cuda(ordinal).to_string(),
             reason: "CUDA support is not compiled in; rebuild with `--features cuda`".into(),
         });
     }
-    Device::new_cuda(ordinal).map_err(|e| ModelError::DeviceUnavailable {
+    Device::new_cuda(ordinal).map_err(|e| LoadError::DeviceUnavailable {
         device: DeviceChoice::Cuda(ordinal).to_string(),
         reason: e.to_string(),
     })
 }
 
-fn open_metal(ordinal: usize) -> Result<Device, ModelError> {
+fn open_metal(ordinal: usize) -> Result<Device, LoadError> {
     if !candle_core::utils::metal_is_available() {
-        return Err(ModelError::DeviceUnavailable {
+        return Err(LoadError::DeviceUnavailable {
             device: DeviceChoice::Metal(ordinal).to_string(),
             reason: "Metal support is not compiled in; rebuild with `--features metal`".into(),
         });
     }
-    Device::new_metal(ordinal).map_err(|e| ModelError::DeviceUnavailable {
+    Device::new_metal(ordinal).map_err(|e| LoadError::DeviceUnavailable {
         device: DeviceChoice::Metal(ordinal).to_string(),
         reason: e.to_string(),
     })
@@ -284,7 +284,7 @@ mod tests {
             assert!(
                 matches!(
                     &err,
-                    ModelError::InvalidOption {
+                    LoadError::InvalidOption {
                         option: "precision",
                         ..
                     }
@@ -299,7 +299,7 @@ mod tests {
         if !candle_core::utils::cuda_is_available() {
             let err = DeviceChoice::Cuda(0).open().unwrap_err();
             assert!(
-                matches!(&err, ModelError::DeviceUnavailable { device, reason }
+                matches!(&err, LoadError::DeviceUnavailable { device, reason }
                     if device == "cuda:0" && reason.contains("--features cuda")),
                 "{err}"
             );
@@ -307,7 +307,7 @@ mod tests {
         if !candle_core::utils::metal_is_available() {
             let err = DeviceChoice::Metal(1).open().unwrap_err();
             assert!(
-                matches!(&err, ModelError::DeviceUnavailable { device, .. } if device == "metal:1"),
+                matches!(&err, LoadError::DeviceUnavailable { device, .. } if device == "metal:1"),
                 "{err}"
             );
         }

@@ -1,20 +1,20 @@
-//! What can go wrong while loading a Parler-TTS model, precisely enough to fix it.
+//! Loading failures every Candle model family shares, precisely enough to fix them.
 //!
-//! Loading fails for reasons an operator fixes by hand (a file not downloaded, a config from
-//! another checkpoint, a GPU feature not compiled in), so each variant names the file or the
-//! tensor at fault. The queue only needs the coarse class, which [`From<ModelError> for
-//! TtsError`](TtsError) gives: every load failure is [`TtsError::BackendUnavailable`], never
-//! retried on the same worker.
+//! Parler, Piper and Kokoro all read files into named tensors on a device, so they fail in the
+//! same ways: a file is missing or unreadable, a tensor is missing or has another shape or
+//! type, the device is not there, an option is out of range. [`LoadError`] says those once;
+//! each family's own error ([`ModelError`](super::ModelError),
+//! [`PiperError`](super::PiperError), [`KokoroError`](super::KokoroError)) wraps it beside
+//! the failures only that family has (a config that does not parse, a tokenizer, ...), and
+//! adds the hint that tells an operator which files to fetch.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::tts::TtsError;
-
-/// Why a model directory could not be turned into a working synthesiser.
+/// Why files could not be turned into tensors on a device, whatever the model.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ModelError {
-    /// A file the model needs is not in the directory.
+pub enum LoadError {
+    /// A file the model needs does not exist.
     #[error("missing model file {}", path.display())]
     MissingFile {
         /// The path that was looked for.
@@ -30,63 +30,31 @@ pub enum ModelError {
         reason: String,
     },
 
-    /// `config.json` (or another JSON file) does not parse or describes a model this backend
-    /// cannot run.
-    #[error("invalid model config {}: {reason}", path.display())]
-    InvalidConfig {
-        /// The file at fault.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
-
-    /// A weights file is not valid safetensors (truncated download, wrong format).
-    #[error("invalid weights file {}: {reason}", path.display())]
-    InvalidWeights {
-        /// The file at fault.
-        path: PathBuf,
-        /// What the safetensors reader said.
-        reason: String,
-    },
-
-    /// The config asks for a tensor the weights do not contain: config and weights come from
-    /// different checkpoints, or a shard is missing.
-    #[error("tensor `{tensor}` is not in the weights (does config.json match the checkpoint?)")]
+    /// The weights lack a tensor the model needs: they belong to another model or checkpoint.
+    #[error("tensor `{tensor}` is not in the weights")]
     MissingTensor {
-        /// The full tensor name, e.g. `decoder.model.decoder.layers.0.fc1.weight`.
+        /// The full tensor name, e.g. `dec.conv_pre.weight`.
         tensor: String,
     },
 
-    /// A tensor has another shape than the config implies: config and weights do not match.
-    #[error(
-        "tensor `{tensor}` has shape {found:?} but config.json implies {expected:?} \
-         (does config.json match the checkpoint?)"
-    )]
+    /// A tensor has another shape than the config or the other weights imply.
+    #[error("tensor `{tensor}` has shape {found:?} but the model implies {expected:?}")]
     ShapeMismatch {
         /// The full tensor name.
         tensor: String,
-        /// The shape the config implies.
+        /// The shape the config or the other weights imply.
         expected: Vec<usize>,
         /// The shape stored in the weights.
         found: Vec<usize>,
     },
 
-    /// A weight is stored in a type that cannot be a model weight (integers, booleans).
-    #[error("tensor `{tensor}` is stored as {found}, expected a float type (f32, f16, bf16)")]
+    /// A weight is stored in a type that cannot be a model weight (booleans, strings).
+    #[error("tensor `{tensor}` is stored as {found}, expected a float type")]
     WrongDtype {
         /// The full tensor name.
         tensor: String,
-        /// The stored type.
+        /// The stored type, as the file names it.
         found: String,
-    },
-
-    /// `tokenizer.json` does not load, or does not fit the model's embeddings.
-    #[error("invalid tokenizer {}: {reason}", path.display())]
-    InvalidTokenizer {
-        /// The tokenizer file.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
     },
 
     /// The requested device is not compiled in or not present on this host.
@@ -98,16 +66,7 @@ pub enum ModelError {
         reason: String,
     },
 
-    /// Downloading from the Hugging Face hub failed.
-    #[error("download of {repo} failed: {reason}")]
-    Download {
-        /// The hub repository id.
-        repo: String,
-        /// What went wrong.
-        reason: String,
-    },
-
-    /// A [`ParlerOptions`](super::ParlerOptions) value is out of range.
+    /// An option passed to a loader is out of range.
     #[error("invalid option {option}: {reason}")]
     InvalidOption {
         /// The option's field name.
@@ -115,40 +74,35 @@ pub enum ModelError {
         /// What values are accepted.
         reason: String,
     },
-
-    /// Candle failed while building the model for a reason not covered above.
-    #[error("building the model failed: {0}")]
-    Build(String),
 }
 
-impl ModelError {
-    /// How an operator fixes this error, for [`TtsError::BackendUnavailable`]'s hint.
-    fn hint(&self) -> &'static str {
+impl LoadError {
+    /// A failed read of `path`: [`MissingFile`](Self::MissingFile) when it is not there,
+    /// [`Io`](Self::Io) otherwise.
+    pub(crate) fn read(path: &Path, err: &std::io::Error) -> Self {
+        match err.kind() {
+            std::io::ErrorKind::NotFound => Self::MissingFile {
+                path: path.to_owned(),
+            },
+            _ => Self::Io {
+                path: path.to_owned(),
+                reason: err.to_string(),
+            },
+        }
+    }
+
+    /// The general fix for this error; each family's error replaces the file-related ones
+    /// with its own (which files, fetched how).
+    pub(crate) fn hint(&self) -> &'static str {
         match self {
-            Self::MissingFile { .. } | Self::Io { .. } | Self::Download { .. } => {
-                "download the complete Parler-TTS checkpoint (config.json, *.safetensors, \
-                 tokenizer.json) into the model directory"
-            }
-            Self::InvalidConfig { .. }
-            | Self::MissingTensor { .. }
-            | Self::ShapeMismatch { .. }
-            | Self::WrongDtype { .. }
-            | Self::InvalidWeights { .. }
-            | Self::InvalidTokenizer { .. } => {
-                "use config.json, tokenizer.json and weights from the same Parler-TTS checkpoint"
+            Self::MissingFile { .. } | Self::Io { .. } => "fetch the model's files completely",
+            Self::MissingTensor { .. } | Self::ShapeMismatch { .. } | Self::WrongDtype { .. } => {
+                "use weights and config published together for this model family"
             }
             Self::DeviceUnavailable { .. } => {
                 "build with `--features cuda` or `--features metal`, or choose DeviceChoice::Cpu"
             }
-            Self::InvalidOption { .. } => "fix the ParlerOptions passed to ParlerSynthesizer::load",
-            Self::Build(_) => "check that the checkpoint is a Parler-TTS model",
+            Self::InvalidOption { .. } => "fix the options passed to the loader",
         }
-    }
-}
-
-impl From<ModelError> for TtsError {
-    fn from(err: ModelError) -> Self {
-        let hint = err.hint();
-        TtsError::backend_unavailable(err.to_string(), hint)
     }
 }

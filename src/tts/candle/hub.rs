@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Repo, RepoType};
 
-use super::error::ModelError;
-use super::load::{
+use super::parler::ModelError;
+use super::parler::load::{
     CONFIG_FILE, DESCRIPTION_TOKENIZER_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
     WEIGHTS_INDEX_FILE,
 };

@@ -1,11 +1,25 @@
-//! The Candle backend: Parler-TTS, a voice described in words, on CPU, CUDA or Metal.
+//! The Candle backends: neural voices that run natively on the CPU, CUDA or Metal.
 //!
-//! [Parler-TTS] turns a transcript and a free-text speaker description ("Laura's voice is
-//! calm and clear ...") into DAC codec tokens with a T5 text encoder and a transformer
-//! decoder over several delayed codebooks, then into 44.1 kHz audio with the DAC decoder.
-//! Here it becomes a [`Synthesizer`](crate::tts::Synthesizer): a voice id picks a stored
-//! description, a request's `style` replaces it, and a worker batches queued requests into
-//! one generation.
+//! Each model family lives in its own folder over what they all share:
+//!
+//! - [Parler-TTS](parler) — a voice described in words ([`ParlerSynthesizer`]).
+//! - [Piper](piper) — VITS voices from their ONNX files ([`PiperSynthesizer`]).
+//! - [Kokoro](kokoro) — Kokoro-82M from its int8 ONNX export ([`KokoroSynthesizer`]).
+//!
+//! Shared by all of them:
+//!
+//! - `device` — [`DeviceChoice`] and [`Precision`]: the only module that knows devices.
+//! - `error` — [`LoadError`], the loading failures every family has (missing file, missing
+//!   or mis-shaped tensor, unusable device, option out of range); each family's own error
+//!   wraps it.
+//! - `batched` — the request-by-request preparation and model batching every backend shares.
+//! - `sample` — a seeded random source and top-k / top-p sampling.
+//! - `hub` — download from the Hugging Face hub (feature `hub`).
+//! - `onnx` — the ONNX messages a weight reader needs (Piper and Kokoro ship ONNX files).
+//!
+//! The public items of every family are re-exported here, so
+//! `voxqueue::tts::candle::ParlerSynthesizer` and `voxqueue::tts::candle::PiperSynthesizer`
+//! keep working.
 //!
 //! ```no_run
 //! use voxqueue::tts::candle::{DeviceChoice, ParlerOptions, ParlerSynthesizer};
@@ -20,59 +34,28 @@
 //! assert_eq!(audio.sample_rate, tts.sample_rate());
 //! # Ok(()) }
 //! ```
-//!
-//! Candle supplies the T5 encoder, the DAC blocks and the tensor ops. Loading (typed errors
-//! naming the file or tensor), the decoder (batched, per-sequence positions, cached
-//! cross-attention), the generation loop (delay pattern, sampling, stopping) and the codec
-//! assembly are ours, because candle's Parler decoder cannot run a batch, its `generate`
-//! neither seeds per request nor stops codebooks in order, and its DAC has one fixed size.
-//!
-//! [`Precision::Auto`] runs f32 on the CPU and half precision on CUDA, where memory and
-//! tensor cores make it pay; parts whose numerics half precision would hurt stay in f32
-//! (attention softmax, logits before sampling, the T5 encoder under f16, the samples out).
-//!
-//! # Layout
-//!
-//! - `device` — [`DeviceChoice`] and [`Precision`]: the only module that knows devices.
-//! - `config` — `config.json` and `generation_config.json`.
-//! - `load` — weights (single or sharded safetensors) and tokenizers into a model.
-//! - `decoder` — the audio-token decoder, batched with per-sequence positions.
-//! - `codec` — the DAC quantizer and decoder, sized from the config.
-//! - `sample` — temperature / top-k / top-p sampling with a per-request seed.
-//! - `generate` — the delayed-codebook generation loop, batched.
-//! - `synthesizer` — [`ParlerSynthesizer`], [`ParlerOptions`], the voice table.
-//! - `error` — [`ModelError`].
-//! - `tiny` — [`write_tiny_model`], a random miniature for tests and benches.
-//! - `hub` — download from the Hugging Face hub (feature `hub`).
-//! - `piper` — [`PiperSynthesizer`]: Piper (VITS) voices from their ONNX files.
-//! - `batched` — the request-by-request preparation and model batching both backends share.
-//!
-//! [Parler-TTS]: https://github.com/huggingface/parler-tts
 
 mod batched;
-mod codec;
-mod config;
-mod decoder;
 mod device;
 mod error;
-mod generate;
 #[cfg(feature = "hub")]
 mod hub;
-mod load;
-mod piper;
+pub mod kokoro;
+mod onnx;
+pub mod parler;
+pub mod piper;
 mod sample;
-mod synthesizer;
-mod tiny;
-
-#[cfg(test)]
-mod parity;
-#[cfg(test)]
-mod tests;
 
 pub use device::{DeviceChoice, Precision};
-pub use error::ModelError;
+pub use error::LoadError;
 #[cfg(feature = "hub")]
 pub use hub::download_from_hub;
+pub use kokoro::{
+    KOKORO_MODEL_FILE, KOKORO_SAMPLE_RATE, KokoroError, KokoroOptions, KokoroSynthesizer,
+    KokoroTrace,
+};
+pub use parler::{
+    DEFAULT_DESCRIPTION, ModelError, ParlerOptions, ParlerSynthesizer, TINY_HOP_LENGTH,
+    TINY_NUM_CODEBOOKS, TINY_SAMPLE_RATE, default_voices, write_tiny_model,
+};
 pub use piper::{PiperError, PiperOptions, PiperScales, PiperSynthesizer, PiperTrace};
-pub use synthesizer::{DEFAULT_DESCRIPTION, ParlerOptions, ParlerSynthesizer, default_voices};
-pub use tiny::{TINY_HOP_LENGTH, TINY_NUM_CODEBOOKS, TINY_SAMPLE_RATE, write_tiny_model};

@@ -1,6 +1,7 @@
 //! The voice's `.onnx.json`: sample rate, phoneme alphabet, eSpeak NG voice and the
 //! synthesis defaults its authors chose.
 
+use crate::tts::candle::error::LoadError;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -101,7 +102,7 @@ struct RawLanguage {
 impl VoiceConfig {
     /// Reads and checks a voice config.
     pub(crate) fn read(path: &Path) -> Result<Self, PiperError> {
-        let text = std::fs::read_to_string(path).map_err(|e| PiperError::read(path, &e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| LoadError::read(path, &e))?;
         Self::parse(path, &text)
     }
 

@@ -1,6 +1,7 @@
 //! The HiFi-GAN generator: upsamples the latent frames to samples with transposed
 //! convolutions, each followed by a bank of residual blocks of different kernels.
 
+use crate::tts::candle::error::LoadError;
 use candle_core::{Result, Tensor};
 
 use super::error::PiperError;
@@ -37,9 +38,10 @@ impl ResBlock {
             convs.push(conv(format!("{module}.convs.{}", convs.len()))?);
         }
         if convs.is_empty() {
-            return Err(PiperError::MissingTensor {
+            return Err(LoadError::MissingTensor {
                 tensor: format!("{module}.convs.0.weight"),
-            });
+            }
+            .into());
         }
         Ok(Self::Two(convs))
     }
@@ -102,13 +104,14 @@ impl Decoder {
             count += 1;
         }
         if ups.is_empty() || count == 0 || count % ups.len() != 0 {
-            return Err(PiperError::MissingTensor {
+            return Err(LoadError::MissingTensor {
                 tensor: if ups.is_empty() {
                     "dec.ups.0.weight".into()
                 } else {
                     format!("dec.resblocks.{count}.convs.0.weight")
                 },
-            });
+            }
+            .into());
         }
         let per_up = count / ups.len();
         let mut resblocks = Vec::new();

@@ -1,6 +1,7 @@
 //! The stochastic duration predictor, run in reverse: noise through inverted flows
 //! (conditioned on the text encoding) becomes each phoneme's log-duration.
 
+use crate::tts::candle::error::LoadError;
 use candle_core::{Result, Tensor};
 
 use super::error::PiperError;
@@ -40,9 +41,10 @@ impl DdsConv {
             ));
         }
         if layers.is_empty() {
-            return Err(PiperError::MissingTensor {
+            return Err(LoadError::MissingTensor {
                 tensor: format!("{module}.convs_sep.0.weight"),
-            });
+            }
+            .into());
         }
         Ok(Self { layers })
     }
@@ -80,11 +82,12 @@ impl ConvFlow {
         let proj = Conv::load(w, &format!("{module}.proj"), filter, None)?;
         let out = proj.out_channels();
         if out % 3 != 2 {
-            return Err(PiperError::ShapeMismatch {
+            return Err(LoadError::ShapeMismatch {
                 tensor: format!("{module}.proj.weight"),
                 expected: vec![29, filter, 1],
                 found: vec![out, filter, 1],
-            });
+            }
+            .into());
         }
         Ok(Self {
             pre,
@@ -161,9 +164,10 @@ impl DurationPredictor {
             flows.push(ConvFlow::load(w, &format!("dp.flows.{i}"), filter)?);
         }
         if flows.is_empty() {
-            return Err(PiperError::MissingTensor {
+            return Err(LoadError::MissingTensor {
                 tensor: "dp.flows.3.pre.weight".into(),
-            });
+            }
+            .into());
         }
         let affine_m = w.shaped("dp.flows.0.m", &[2, 1])?.reshape((1, 2, 1))?;
         let affine_scale = if w.contains("dp.flows.0.logs") {

@@ -6,6 +6,7 @@
 //! with pad-and-reshape tricks; here the offsets are gathered directly: a `[T, T]` index
 //! picks each score's offset column, and a band mask zeroes offsets outside the window.
 
+use crate::tts::candle::error::LoadError;
 use candle_core::{D, Device, Result, Tensor};
 
 use super::error::PiperError;
@@ -63,11 +64,12 @@ impl TextEncoder {
     pub(crate) fn load(w: &Weights) -> std::result::Result<Self, PiperError> {
         let embedding = w.get("enc_p.emb.weight")?;
         let &[_, hidden] = embedding.dims() else {
-            return Err(PiperError::ShapeMismatch {
+            return Err(LoadError::ShapeMismatch {
                 tensor: "enc_p.emb.weight".into(),
                 expected: vec![256, 192],
                 found: embedding.dims().to_vec(),
-            });
+            }
+            .into());
         };
         let mut layers = Vec::new();
         while w.contains(&format!(
@@ -80,11 +82,12 @@ impl TextEncoder {
             let (heads, window, head_dim) = match rel_k.dims() {
                 &[1, r, d] if d > 0 && hidden % d == 0 && r % 2 == 1 => (hidden / d, r / 2, d),
                 found => {
-                    return Err(PiperError::ShapeMismatch {
+                    return Err(LoadError::ShapeMismatch {
                         tensor: format!("{attn}.emb_rel_k"),
                         expected: vec![1, 9, hidden / 2],
                         found: found.to_vec(),
-                    });
+                    }
+                    .into());
                 }
             };
             let rel_v = w.shaped(&format!("{attn}.emb_rel_v"), &[1, 2 * window + 1, head_dim])?;
@@ -115,9 +118,10 @@ impl TextEncoder {
             });
         }
         if layers.is_empty() {
-            return Err(PiperError::MissingTensor {
+            return Err(LoadError::MissingTensor {
                 tensor: "enc_p.encoder.attn_layers.0.conv_q.weight".into(),
-            });
+            }
+            .into());
         }
         let proj = Conv::load(w, "enc_p.proj", hidden, None)?;
         Ok(Self {

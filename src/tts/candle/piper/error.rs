@@ -8,26 +8,17 @@
 use std::path::PathBuf;
 
 use crate::tts::TtsError;
+use crate::tts::candle::error::LoadError;
 
 /// Why a Piper voice could not be turned into a working synthesiser.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PiperError {
-    /// A file the voice needs does not exist (most often the `.onnx.json` beside the model).
-    #[error("missing voice file {}", path.display())]
-    MissingFile {
-        /// The path that was looked for.
-        path: PathBuf,
-    },
-
-    /// A file exists but could not be read.
-    #[error("cannot read {}: {reason}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The operating system's reason.
-        reason: String,
-    },
+    /// A failure every Candle model family shares: a missing or unreadable file (most often
+    /// the `.onnx.json` beside the model), a missing or mis-shaped tensor, an unusable device,
+    /// an option out of range.
+    #[error(transparent)]
+    Load(#[from] LoadError),
 
     /// The `.onnx.json` does not parse or describes a voice this backend cannot run.
     #[error("invalid voice config {}: {reason}", path.display())]
@@ -59,86 +50,35 @@ pub enum PiperError {
         reason: String,
     },
 
-    /// The model lacks a weight a Piper (VITS) voice has: it is another kind of model.
-    #[error("tensor `{tensor}` is not in the model (is it a Piper voice?)")]
-    MissingTensor {
-        /// The tensor name, e.g. `dec.conv_pre.weight`.
-        tensor: String,
-    },
-
-    /// A weight has another shape than the rest of the model implies.
-    #[error("tensor `{tensor}` has shape {found:?} but the model implies {expected:?}")]
-    ShapeMismatch {
-        /// The tensor name.
-        tensor: String,
-        /// The shape the other weights (or the config) imply.
-        expected: Vec<usize>,
-        /// The shape stored in the model.
-        found: Vec<usize>,
-    },
-
-    /// A weight is stored in a type that cannot be a model weight (integers, strings).
-    #[error("tensor `{tensor}` is stored as ONNX type {found}, expected a float type")]
-    WrongDtype {
-        /// The tensor name.
-        tensor: String,
-        /// The ONNX data type number.
-        found: i32,
-    },
-
-    /// The requested device is not compiled in or not present on this host.
-    #[error("device unavailable: {0}")]
-    Device(String),
-
-    /// A [`PiperOptions`](super::PiperOptions) value is out of range.
-    #[error("invalid option {option}: {reason}")]
-    InvalidOption {
-        /// The option's field name.
-        option: &'static str,
-        /// What values are accepted.
-        reason: String,
-    },
-
     /// Candle failed while building the model for a reason not covered above.
     #[error("building the voice failed: {0}")]
     Build(String),
 }
 
 impl PiperError {
-    /// A failed read of `path`: [`MissingFile`](Self::MissingFile) when it is not there.
-    pub(crate) fn read(path: &std::path::Path, err: &std::io::Error) -> Self {
-        match err.kind() {
-            std::io::ErrorKind::NotFound => Self::MissingFile {
-                path: path.to_owned(),
-            },
-            _ => Self::Io {
-                path: path.to_owned(),
-                reason: err.to_string(),
-            },
-        }
-    }
-
     /// How an operator fixes this error, for [`TtsError::BackendUnavailable`]'s hint.
     fn hint(&self) -> &'static str {
         match self {
-            Self::MissingFile { .. } | Self::Io { .. } => {
+            Self::Load(LoadError::MissingFile { .. } | LoadError::Io { .. }) => {
                 "put the voice's .onnx and .onnx.json side by side (`.ci/fetch-voices` fetches \
                  en_US-joe-medium)"
             }
             Self::InvalidConfig { .. } | Self::SampleRate { .. } => {
                 "use the .onnx.json that was published with the voice"
             }
-            Self::InvalidModel { .. }
-            | Self::MissingTensor { .. }
-            | Self::ShapeMismatch { .. }
-            | Self::WrongDtype { .. }
+            Self::Load(
+                LoadError::MissingTensor { .. }
+                | LoadError::ShapeMismatch { .. }
+                | LoadError::WrongDtype { .. },
+            )
+            | Self::InvalidModel { .. }
             | Self::Build(_) => {
                 "use a Piper (VITS) voice exported to ONNX, e.g. from rhasspy/piper"
             }
-            Self::Device(_) => {
-                "build with `--features cuda` or `--features metal`, or choose DeviceChoice::Cpu"
+            Self::Load(LoadError::InvalidOption { .. }) => {
+                "fix the PiperOptions passed to PiperSynthesizer::load"
             }
-            Self::InvalidOption { .. } => "fix the PiperOptions passed to PiperSynthesizer::load",
+            Self::Load(other) => other.hint(),
         }
     }
 }

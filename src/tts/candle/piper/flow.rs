@@ -1,6 +1,7 @@
 //! The normalizing flow, run in reverse: residual coupling layers (mean-only) built on
 //! WaveNet-style gated convolutions turn the prior sample into the decoder's latent.
 
+use crate::tts::candle::error::LoadError;
 use candle_core::{Result, Tensor};
 
 use super::error::PiperError;
@@ -41,9 +42,10 @@ impl WaveNet {
             )?);
         }
         if in_layers.is_empty() {
-            return Err(PiperError::MissingTensor {
+            return Err(LoadError::MissingTensor {
                 tensor: format!("{module}.in_layers.0.weight"),
-            });
+            }
+            .into());
         }
         let cond = match speaker_channels {
             Some(g) => Some(Conv::load(
@@ -145,9 +147,10 @@ impl Flow {
             i += 2;
         }
         if layers.is_empty() {
-            return Err(PiperError::MissingTensor {
+            return Err(LoadError::MissingTensor {
                 tensor: "flow.flows.0.pre.weight".into(),
-            });
+            }
+            .into());
         }
         layers.reverse();
         Ok(Self { layers })

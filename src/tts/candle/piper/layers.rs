@@ -1,6 +1,7 @@
 //! Building blocks shared by the VITS parts: convolutions with the graph's own attributes,
 //! channel-wise layer norm and length masks.
 
+use crate::tts::candle::error::LoadError;
 use candle_core::{D, DType, Device, Result, Tensor};
 
 use super::error::PiperError;
@@ -49,10 +50,13 @@ impl Conv {
         let name = format!("{module}.weight");
         let weight = w.get(&name)?;
         let attrs = w.conv(module);
-        let mismatch = |expected: Vec<usize>| PiperError::ShapeMismatch {
-            tensor: name.clone(),
-            expected,
-            found: weight.dims().to_vec(),
+        let mismatch = |expected: Vec<usize>| -> PiperError {
+            LoadError::ShapeMismatch {
+                tensor: name.clone(),
+                expected,
+                found: weight.dims().to_vec(),
+            }
+            .into()
         };
         let &[a, b, k] = weight.dims() else {
             return Err(mismatch(vec![out_channels.unwrap_or(0), in_channels, 1]));

@@ -48,7 +48,7 @@ mod flow;
 mod layers;
 mod model;
 mod onnx;
-mod phonemize;
+pub(crate) mod phonemize;
 mod spline;
 mod synthesizer;
 

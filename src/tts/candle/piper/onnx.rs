@@ -19,81 +19,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::tts::candle::error::LoadError;
+pub(crate) use crate::tts::candle::onnx::ConvAttrs;
+use crate::tts::candle::onnx::{ModelProto, conv_attrs, module_name, to_tensor};
+
 use super::error::PiperError;
-
-/// `ModelProto`: only the graph.
-#[derive(Clone, PartialEq, prost::Message)]
-struct ModelProto {
-    #[prost(message, optional, tag = "7")]
-    graph: Option<GraphProto>,
-}
-
-/// `GraphProto`: nodes and initializers.
-#[derive(Clone, PartialEq, prost::Message)]
-struct GraphProto {
-    #[prost(message, repeated, tag = "1")]
-    node: Vec<NodeProto>,
-    #[prost(message, repeated, tag = "5")]
-    initializer: Vec<TensorProto>,
-}
-
-/// `NodeProto`: what a node reads, what it is called and its integer attributes.
-#[derive(Clone, PartialEq, prost::Message)]
-struct NodeProto {
-    #[prost(string, repeated, tag = "1")]
-    input: Vec<String>,
-    #[prost(string, tag = "3")]
-    name: String,
-    #[prost(string, tag = "4")]
-    op_type: String,
-    #[prost(message, repeated, tag = "5")]
-    attribute: Vec<AttributeProto>,
-}
-
-/// `AttributeProto`: integer and integer-list attributes only.
-#[derive(Clone, PartialEq, prost::Message)]
-struct AttributeProto {
-    #[prost(string, tag = "1")]
-    name: String,
-    #[prost(int64, tag = "3")]
-    i: i64,
-    #[prost(int64, repeated, tag = "8")]
-    ints: Vec<i64>,
-}
-
-/// `TensorProto`: a stored tensor.
-#[derive(Clone, PartialEq, prost::Message)]
-struct TensorProto {
-    #[prost(int64, repeated, tag = "1")]
-    dims: Vec<i64>,
-    #[prost(int32, tag = "2")]
-    data_type: i32,
-    #[prost(float, repeated, tag = "4")]
-    float_data: Vec<f32>,
-    #[prost(string, tag = "8")]
-    name: String,
-    #[prost(bytes = "vec", tag = "9")]
-    raw_data: Vec<u8>,
-    /// 1 = EXTERNAL: the data lives in another file, which a Piper voice never does.
-    #[prost(int32, tag = "14")]
-    data_location: i32,
-}
-
-/// ONNX `TensorProto.DataType` values for the float types.
-const ONNX_FLOAT: i32 = 1;
-const ONNX_FLOAT16: i32 = 10;
-const ONNX_DOUBLE: i32 = 11;
-const ONNX_BFLOAT16: i32 = 16;
-
-/// How a convolution node slides over its input, read from the graph so that every voice
-/// quality (their kernels, dilations and strides differ) runs with its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ConvAttrs {
-    pub(crate) padding: usize,
-    pub(crate) stride: usize,
-    pub(crate) dilation: usize,
-    pub(crate) groups: usize,
-}
 
 /// The voice's weights as Candle tensors under their PyTorch names, and each convolution's
 /// attributes under its module name (`dec.resblocks.0.convs.1`).
@@ -109,7 +39,7 @@ pub(crate) struct Weights {
 impl Weights {
     /// Reads `path` and puts every float initializer on `device` as `dtype`.
     pub(crate) fn read(path: &Path, device: &Device, dtype: DType) -> Result<Self, PiperError> {
-        let bytes = std::fs::read(path).map_err(|e| PiperError::read(path, &e))?;
+        let bytes = std::fs::read(path).map_err(|e| LoadError::read(path, &e))?;
         let invalid = |reason: String| PiperError::InvalidModel {
             path: path.to_owned(),
             reason,
@@ -197,14 +127,15 @@ impl Weights {
         match self.tensors.get(name) {
             Some(t) => Ok(t.clone()),
             None => Err(match self.non_float.get(name) {
-                Some(&found) => PiperError::WrongDtype {
+                Some(&found) => LoadError::WrongDtype {
                     tensor: name.to_owned(),
-                    found,
+                    found: format!("ONNX type {found}"),
                 },
-                None => PiperError::MissingTensor {
+                None => LoadError::MissingTensor {
                     tensor: name.to_owned(),
                 },
-            }),
+            }
+            .into()),
         }
     }
 
@@ -212,11 +143,12 @@ impl Weights {
     pub(crate) fn shaped(&self, name: &str, expected: &[usize]) -> Result<Tensor, PiperError> {
         let t = self.get(name)?;
         if t.dims() != expected {
-            return Err(PiperError::ShapeMismatch {
+            return Err(LoadError::ShapeMismatch {
                 tensor: name.to_owned(),
                 expected: expected.to_vec(),
                 found: t.dims().to_vec(),
-            });
+            }
+            .into());
         }
         Ok(t)
     }
@@ -233,14 +165,6 @@ impl Weights {
     }
 }
 
-/// `/flow/flows.0/enc/in_layers.0/Conv` → `flow.flows.0.enc.in_layers.0`: the module a node
-/// belongs to, from PyTorch's exported node names (the last segment is the op).
-fn module_name(node: &str) -> Option<String> {
-    let path = node.strip_prefix('/')?;
-    let (module, _op) = path.rsplit_once('/')?;
-    Some(module.replace('/', "."))
-}
-
 /// Makes the weight `input` also available as `name`, unless `name` already exists.
 fn alias(tensors: &mut HashMap<String, Tensor>, input: Option<&String>, name: String) {
     let Some(input) = input else { return };
@@ -252,77 +176,10 @@ fn alias(tensors: &mut HashMap<String, Tensor>, input: Option<&String>, name: St
     }
 }
 
-fn conv_attrs(node: &NodeProto) -> Result<ConvAttrs, String> {
-    let one = |name: &str| -> Result<usize, String> {
-        let Some(attr) = node.attribute.iter().find(|a| a.name == name) else {
-            return Ok(1);
-        };
-        let value = if name == "group" {
-            attr.i
-        } else {
-            match attr.ints.as_slice() {
-                [v] => *v,
-                other => return Err(format!("{name} {other:?} is not one-dimensional")),
-            }
-        };
-        usize::try_from(value).map_err(|_| format!("{name} {value} is negative"))
-    };
-    let padding = match node.attribute.iter().find(|a| a.name == "pads") {
-        None => 0,
-        Some(attr) => match attr.ints.as_slice() {
-            [l, r] if l == r => usize::try_from(*l).map_err(|_| format!("pads {l} is negative"))?,
-            other => return Err(format!("pads {other:?} are not symmetric 1-D pads")),
-        },
-    };
-    Ok(ConvAttrs {
-        padding,
-        stride: one("strides")?,
-        dilation: one("dilations")?,
-        groups: one("group")?,
-    })
-}
-
-/// A float initializer as a tensor; `None` for the integer constants of the graph.
-fn to_tensor(init: &TensorProto, device: &Device, dtype: DType) -> Result<Option<Tensor>, String> {
-    let stored = match init.data_type {
-        ONNX_FLOAT => DType::F32,
-        ONNX_FLOAT16 => DType::F16,
-        ONNX_BFLOAT16 => DType::BF16,
-        ONNX_DOUBLE => DType::F64,
-        _ => return Ok(None),
-    };
-    if init.data_location == 1 {
-        return Err("its data is in an external file".into());
-    }
-    let dims = init
-        .dims
-        .iter()
-        .map(|&d| usize::try_from(d).map_err(|_| format!("dimension {d} is negative")))
-        .collect::<Result<Vec<_>, _>>()?;
-    let count: usize = dims.iter().product();
-    let tensor = if !init.raw_data.is_empty() {
-        if init.raw_data.len() != count * stored.size_in_bytes() {
-            return Err(format!(
-                "{} bytes for shape {dims:?} of {stored:?}",
-                init.raw_data.len()
-            ));
-        }
-        Tensor::from_raw_buffer(&init.raw_data, stored, &dims, &Device::Cpu)
-    } else if stored == DType::F32 && init.float_data.len() == count {
-        Tensor::from_slice(&init.float_data, dims.as_slice(), &Device::Cpu)
-    } else {
-        return Err(format!("no data for shape {dims:?}"));
-    };
-    tensor
-        .and_then(|t| t.to_dtype(dtype))
-        .and_then(|t| t.to_device(device))
-        .map(Some)
-        .map_err(|e| e.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tts::candle::onnx::{AttributeProto, NodeProto};
 
     #[test]
     fn node_names_become_module_names() {
@@ -336,27 +193,21 @@ mod tests {
 
     #[test]
     fn conv_attributes_come_from_the_node() {
+        let attr = |name: &str, i: i64, ints: Vec<i64>| AttributeProto {
+            name: name.into(),
+            i,
+            ints,
+            ..Default::default()
+        };
         let node = NodeProto {
-            input: vec![],
             name: "/dec/resblocks.1/convs.1/Conv".into(),
             op_type: "Conv".into(),
             attribute: vec![
-                AttributeProto {
-                    name: "dilations".into(),
-                    i: 0,
-                    ints: vec![6],
-                },
-                AttributeProto {
-                    name: "pads".into(),
-                    i: 0,
-                    ints: vec![12, 12],
-                },
-                AttributeProto {
-                    name: "group".into(),
-                    i: 1,
-                    ints: vec![],
-                },
+                attr("dilations", 0, vec![6]),
+                attr("pads", 0, vec![12, 12]),
+                attr("group", 1, vec![]),
             ],
+            ..Default::default()
         };
         assert_eq!(
             conv_attrs(&node),

@@ -55,6 +55,9 @@ pub(crate) fn clauses(text: &str) -> Vec<(String, Option<char>)> {
 pub(crate) struct Phonemizer {
     binary: PathBuf,
     voice: String,
+    /// The character eSpeak writes inside multi-letter phonemes (`--tie`), if any: Kokoro's
+    /// mapping needs to see `a^ɪ` as one diphthong.
+    tie: Option<char>,
 }
 
 impl Phonemizer {
@@ -62,7 +65,14 @@ impl Phonemizer {
         Self {
             binary: binary.to_owned(),
             voice: voice.to_owned(),
+            tie: None,
         }
+    }
+
+    /// The same phonemizer, with eSpeak marking multi-letter phonemes with `tie`.
+    pub(crate) fn with_tie(mut self, tie: char) -> Self {
+        self.tie = Some(tie);
+        self
     }
 
     /// Piper's phoneme string for `text`, punctuation included.
@@ -97,9 +107,13 @@ impl Phonemizer {
 
     /// One clause through `espeak-ng --ipa`: its lines (eSpeak may still split a clause, at
     /// brackets for instance) joined by spaces, language-switch marks like `(fr)` removed.
-    fn ipa(&self, clause: &str) -> Result<String, TtsError> {
-        let mut child = Command::new(&self.binary)
-            .args(["-q", "--ipa", "--stdin", "-b", "1", "-v", &self.voice])
+    pub(crate) fn ipa(&self, clause: &str) -> Result<String, TtsError> {
+        let mut command = Command::new(&self.binary);
+        command.args(["-q", "--ipa", "--stdin", "-b", "1", "-v", &self.voice]);
+        if let Some(tie) = self.tie {
+            command.arg(format!("--tie={tie}"));
+        }
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

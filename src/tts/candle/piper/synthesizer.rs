@@ -1,5 +1,6 @@
 //! [`PiperSynthesizer`]: a Piper voice as the [`Synthesizer`] the queue's workers hold.
 
+use crate::tts::candle::error::LoadError;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -207,20 +208,18 @@ impl PiperSynthesizer {
         let config_path = PathBuf::from(config_path);
         check_options(&options)?;
         let config = VoiceConfig::read(&config_path)?;
-        let device = options
-            .device
-            .open()
-            .map_err(|e| PiperError::Device(e.to_string()))?;
+        let device = options.device.open()?;
         let dtype = dtype_for(&device, options.precision);
         let weights = Weights::read(model_path, &device, dtype)?;
         let model = Vits::load(&weights, &device, dtype)?;
         let vocab = model.vocab();
         if config.max_id() as usize >= vocab {
-            return Err(PiperError::ShapeMismatch {
+            return Err(LoadError::ShapeMismatch {
                 tensor: "enc_p.emb.weight".into(),
                 expected: vec![config.max_id() as usize + 1, 0],
                 found: vec![vocab, 0],
-            });
+            }
+            .into());
         }
         if config.num_speakers != model.speakers() {
             return Err(PiperError::InvalidConfig {
@@ -236,7 +235,7 @@ impl PiperSynthesizer {
             Some(path) => EspeakSynthesizer::with_binary(path),
             None => EspeakSynthesizer::new(),
         }
-        .map_err(|e| PiperError::InvalidOption {
+        .map_err(|e| LoadError::InvalidOption {
             option: "espeak",
             reason: e.to_string(),
         })?;
@@ -401,26 +400,29 @@ fn check_options(options: &PiperOptions) -> Result<(), PiperError> {
         ("noise_w", options.noise_w),
     ] {
         if let Some(v) = value.filter(|v| !(v.is_finite() && *v >= 0.0)) {
-            return Err(PiperError::InvalidOption {
+            return Err(LoadError::InvalidOption {
                 option,
                 reason: format!("{v} is not a finite number >= 0"),
-            });
+            }
+            .into());
         }
     }
     if let Some(v) = options
         .length_scale
         .filter(|v| !(v.is_finite() && *v > 0.0))
     {
-        return Err(PiperError::InvalidOption {
+        return Err(LoadError::InvalidOption {
             option: "length_scale",
             reason: format!("{v} is not a finite number > 0"),
-        });
+        }
+        .into());
     }
     if options.max_batch == 0 {
-        return Err(PiperError::InvalidOption {
+        return Err(LoadError::InvalidOption {
             option: "max_batch",
             reason: "must be at least 1".into(),
-        });
+        }
+        .into());
     }
     Ok(())
 }

@@ -10,6 +10,7 @@
 //!
 //! [`ParlerSynthesizer::load`]: super::ParlerSynthesizer::load
 
+use crate::tts::candle::error::LoadError;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,7 +23,7 @@ use serde_json::{Value, json};
 use super::config::ParlerConfig;
 use super::error::ModelError;
 use super::load::{CONFIG_FILE, ParlerModel, TOKENIZER_FILE, WEIGHTS_FILE};
-use super::sample::Rng;
+use crate::tts::candle::sample::Rng;
 
 /// The words the tiny tokenizer knows; anything else is `<unk>`.
 const WORDS: &[&str] = &[
@@ -91,7 +92,7 @@ pub const TINY_NUM_CODEBOOKS: usize = 3;
 /// The model speaks noise, not words, but has every part and every special token of a
 /// real checkpoint, with sizes chosen so a synthesis takes milliseconds.
 pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), ModelError> {
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::Io {
+    std::fs::create_dir_all(dir).map_err(|e| LoadError::Io {
         path: dir.to_owned(),
         reason: e.to_string(),
     })?;
@@ -101,9 +102,12 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), ModelError> {
     let config = ParlerConfig::load(&dir.join(CONFIG_FILE))?;
     let tensors = random_weights(&config, seed)?;
     let path = dir.join(WEIGHTS_FILE);
-    candle_core::safetensors::save(&tensors, &path).map_err(|e| ModelError::Io {
-        path,
-        reason: e.to_string(),
+    candle_core::safetensors::save(&tensors, &path).map_err(|e| {
+        LoadError::Io {
+            path,
+            reason: e.to_string(),
+        }
+        .into()
     })
 }
 
@@ -211,13 +215,16 @@ fn tiny_tokenizer() -> Value {
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<(), ModelError> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| ModelError::Io {
+    let text = serde_json::to_string_pretty(value).map_err(|e| LoadError::Io {
         path: path.to_owned(),
         reason: e.to_string(),
     })?;
-    std::fs::write(path, text).map_err(|e| ModelError::Io {
-        path: path.to_owned(),
-        reason: e.to_string(),
+    std::fs::write(path, text).map_err(|e| {
+        LoadError::Io {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }
+        .into()
     })
 }
 

@@ -19,8 +19,8 @@ use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use super::decoder::{StepInputs, additive_mask};
 use super::generate::{GenItem, Special, generate};
 use super::load::{WEIGHTS_FILE, load_dir};
-use super::sample::{Rng, SamplingParams};
 use super::write_tiny_model;
+use crate::tts::candle::sample::{Rng, SamplingParams};
 
 const SEED: u64 = 7;
 

@@ -27,7 +27,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use super::config::ParlerConfig;
 use super::decoder::{StepInputs, additive_mask};
 use super::load::ParlerModel;
-use super::sample::{Rng, SamplingParams, sample};
+use crate::tts::candle::sample::{Rng, SamplingParams, sample};
 
 /// One sequence to generate.
 #[derive(Debug, Clone)]

@@ -12,6 +12,7 @@ use super::load::{
     WEIGHTS_INDEX_FILE,
 };
 use super::*;
+use crate::tts::candle::*;
 use crate::tts::{
     Audio, LongTextOptions, SynthesisRequest, Synthesizer, TtsError, synthesize_long,
 };
@@ -473,7 +474,7 @@ fn a_missing_shard_is_named() {
     let files = shard(dir.path());
     std::fs::remove_file(&files[1]).unwrap();
     match load_err(dir.path()) {
-        ModelError::MissingFile { path } => assert_eq!(path, files[1]),
+        ModelError::Load(LoadError::MissingFile { path }) => assert_eq!(path, files[1]),
         other => panic!("{other:?}"),
     }
 }
@@ -485,7 +486,9 @@ fn missing_files_are_named_and_unavailable() {
         std::fs::remove_file(dir.path().join(file)).unwrap();
         let err = load_err(dir.path());
         match &err {
-            ModelError::MissingFile { path } => assert_eq!(path, &dir.path().join(file)),
+            ModelError::Load(LoadError::MissingFile { path }) => {
+                assert_eq!(path, &dir.path().join(file))
+            }
             other => panic!("{file}: {other:?}"),
         }
         let tts_err = TtsError::from(err);
@@ -533,11 +536,11 @@ fn a_config_from_another_checkpoint_names_the_mismatched_tensor() {
         c["decoder"]["hidden_size"] = Value::from(32)
     });
     match load_err(dir.path()) {
-        ModelError::ShapeMismatch {
+        ModelError::Load(LoadError::ShapeMismatch {
             tensor,
             expected,
             found,
-        } => {
+        }) => {
             assert!(tensor.starts_with("decoder."), "{tensor}");
             assert_eq!(expected.last(), Some(&32));
             assert_eq!(found.last(), Some(&16));
@@ -564,7 +567,7 @@ fn a_missing_tensor_is_named() {
     });
     assert!(matches!(
         load_err(dir.path()),
-        ModelError::MissingTensor { tensor } if tensor == "decoder.lm_heads.1.weight"
+        ModelError::Load(LoadError::MissingTensor { tensor }) if tensor == "decoder.lm_heads.1.weight"
     ));
 }
 
@@ -576,7 +579,7 @@ fn an_integer_weight_is_a_wrong_dtype() {
         t.insert("embed_prompts.weight".into(), w);
     });
     match load_err(dir.path()) {
-        ModelError::WrongDtype { tensor, found } => {
+        ModelError::Load(LoadError::WrongDtype { tensor, found }) => {
             assert_eq!(tensor, "embed_prompts.weight");
             assert_eq!(found, "U32");
         }
@@ -611,10 +614,10 @@ fn out_of_range_options_are_rejected() {
     assert!(
         matches!(
             err,
-            ModelError::InvalidOption {
+            ModelError::Load(LoadError::InvalidOption {
                 option: "top_p",
                 ..
-            }
+            })
         ),
         "{err:?}"
     );
@@ -622,10 +625,10 @@ fn out_of_range_options_are_rejected() {
     assert!(
         matches!(
             err,
-            ModelError::InvalidOption {
+            ModelError::Load(LoadError::InvalidOption {
                 option: "max_batch",
                 ..
-            }
+            })
         ),
         "{err:?}"
     );

@@ -7,6 +7,7 @@
 //! optional extra fields (`codebook_dim`, `decoder_dim`, `decoder_rates`) so that tests can
 //! build a small codec of the same architecture.
 
+use crate::tts::candle::error::LoadError;
 use std::path::Path;
 
 use candle_nn::Activation;
@@ -254,16 +255,8 @@ pub(crate) fn read_text(path: &Path) -> Result<String, ModelError> {
     std::fs::read_to_string(path).map_err(|e| io_error(path, &e))
 }
 
-/// A missing file is [`ModelError::MissingFile`]; anything else is [`ModelError::Io`].
+/// A failed read: [`LoadError::MissingFile`] when the file is not there, [`LoadError::Io`]
+/// otherwise.
 pub(crate) fn io_error(path: &Path, err: &std::io::Error) -> ModelError {
-    if err.kind() == std::io::ErrorKind::NotFound {
-        ModelError::MissingFile {
-            path: path.to_owned(),
-        }
-    } else {
-        ModelError::Io {
-            path: path.to_owned(),
-            reason: err.to_string(),
-        }
-    }
+    LoadError::read(path, err).into()
 }

@@ -1,5 +1,6 @@
 //! [`ParlerSynthesizer`]: the [`Synthesizer`] the queue's workers hold.
 
+use crate::tts::candle::error::LoadError;
 use std::fmt;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
@@ -7,12 +8,12 @@ use std::sync::{Mutex, PoisonError};
 use candle_core::{DType, Device};
 use tokenizers::Tokenizer;
 
-use super::batched::run_batched;
-use super::device::{DeviceChoice, Precision, describe, dtype_for};
 use super::error::ModelError;
 use super::generate::{GenItem, Special, generate, undelay};
 use super::load::{ParlerModel, load_dir};
-use super::sample::SamplingParams;
+use crate::tts::candle::batched::run_batched;
+use crate::tts::candle::device::{DeviceChoice, Precision, describe, dtype_for};
+use crate::tts::candle::sample::SamplingParams;
 use crate::tts::{Audio, SynthesisRequest, Synthesizer, TtsError, Voice};
 
 /// The description used for a voice that has none (and no request style).
@@ -320,7 +321,7 @@ impl ParlerSynthesizer {
     /// downloading it into the local hub cache first.
     #[cfg(feature = "hub")]
     pub fn from_hub(repo_id: &str, options: ParlerOptions) -> Result<Self, ModelError> {
-        let dir = super::hub::download_from_hub(repo_id, None)?;
+        let dir = crate::tts::candle::hub::download_from_hub(repo_id, None)?;
         Self::load(dir, options)
     }
 
@@ -508,28 +509,32 @@ impl ParlerSynthesizer {
 fn check_settings(settings: &Settings) -> Result<(), ModelError> {
     let s = &settings.sampling;
     if !(s.temperature.is_finite() && s.temperature >= 0.0) {
-        return Err(ModelError::InvalidOption {
+        return Err(LoadError::InvalidOption {
             option: "temperature",
             reason: format!("{} is not a finite number >= 0", s.temperature),
-        });
+        }
+        .into());
     }
     if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-        return Err(ModelError::InvalidOption {
+        return Err(LoadError::InvalidOption {
             option: "top_p",
             reason: format!("{} is outside (0, 1]", s.top_p),
-        });
+        }
+        .into());
     }
     if !(settings.max_seconds_per_char.is_finite() && settings.max_seconds_per_char > 0.0) {
-        return Err(ModelError::InvalidOption {
+        return Err(LoadError::InvalidOption {
             option: "max_seconds_per_char",
             reason: format!("{} is not a positive number", settings.max_seconds_per_char),
-        });
+        }
+        .into());
     }
     if settings.max_batch == 0 {
-        return Err(ModelError::InvalidOption {
+        return Err(LoadError::InvalidOption {
             option: "max_batch",
             reason: "must be at least 1".into(),
-        });
+        }
+        .into());
     }
     Ok(())
 }

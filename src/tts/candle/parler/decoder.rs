@@ -11,7 +11,7 @@
 //!   reference, whose batched positions count the padding);
 //! - the description's keys and values computed once per generation;
 //! - masks built in the model's dtype, and attention probabilities computed in f32, so the
-//!   decoder runs in f16 or bf16 ([`Precision`](super::Precision)).
+//!   decoder runs in f16 or bf16 ([`Precision`](crate::tts::candle::Precision)).
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};

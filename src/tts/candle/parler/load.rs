@@ -10,6 +10,7 @@
 //! [`ModelError`] naming the tensor (candle's errors are strings), and it reads files into
 //! memory rather than memory-mapping them, which needs `unsafe` that this crate forbids.
 
+use crate::tts::candle::error::LoadError;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -157,9 +158,10 @@ pub(crate) fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Load
 
 fn load_tokenizer(path: &Path, embed_rows: usize, user: &str) -> Result<Tokenizer, ModelError> {
     if !path.exists() {
-        return Err(ModelError::MissingFile {
+        return Err(LoadError::MissingFile {
             path: path.to_owned(),
-        });
+        }
+        .into());
     }
     let tokenizer = Tokenizer::from_file(path).map_err(|e| ModelError::InvalidTokenizer {
         path: path.to_owned(),
@@ -194,7 +196,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     if !index_path.exists() {
         let single = dir.join(WEIGHTS_FILE);
         if !single.exists() {
-            return Err(ModelError::MissingFile { path: single });
+            return Err(LoadError::MissingFile { path: single }.into());
         }
         return Ok(vec![single]);
     }
@@ -219,9 +221,10 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     }
     let files: Vec<PathBuf> = names.into_iter().map(|n| dir.join(n)).collect();
     if let Some(missing) = files.iter().find(|f| !f.exists()) {
-        return Err(ModelError::MissingFile {
+        return Err(LoadError::MissingFile {
             path: missing.clone(),
-        });
+        }
+        .into());
     }
     Ok(files)
 }
@@ -284,24 +287,33 @@ impl SimpleBackend for Weights {
         device: &Device,
     ) -> candle_core::Result<Tensor> {
         let Some(shard) = self.shard(name) else {
-            return Err(self.fail(ModelError::MissingTensor {
-                tensor: name.to_owned(),
-            }));
+            return Err(self.fail(
+                LoadError::MissingTensor {
+                    tensor: name.to_owned(),
+                }
+                .into(),
+            ));
         };
         let view = shard.get(name)?;
         let stored = view.dtype();
         if !DType::try_from(stored).is_ok_and(|d| d.is_float()) {
-            return Err(self.fail(ModelError::WrongDtype {
-                tensor: name.to_owned(),
-                found: format!("{stored:?}"),
-            }));
+            return Err(self.fail(
+                LoadError::WrongDtype {
+                    tensor: name.to_owned(),
+                    found: format!("{stored:?}"),
+                }
+                .into(),
+            ));
         }
         if view.shape() != shape.dims() {
-            return Err(self.fail(ModelError::ShapeMismatch {
-                tensor: name.to_owned(),
-                expected: shape.dims().to_vec(),
-                found: view.shape().to_vec(),
-            }));
+            return Err(self.fail(
+                LoadError::ShapeMismatch {
+                    tensor: name.to_owned(),
+                    expected: shape.dims().to_vec(),
+                    found: view.shape().to_vec(),
+                }
+                .into(),
+            ));
         }
         shard.load(name, device)?.to_dtype(dtype)
     }
@@ -314,9 +326,12 @@ impl SimpleBackend for Weights {
     ) -> candle_core::Result<Tensor> {
         match self.shard(name) {
             Some(shard) => shard.load(name, device)?.to_dtype(dtype),
-            None => Err(self.fail(ModelError::MissingTensor {
-                tensor: name.to_owned(),
-            })),
+            None => Err(self.fail(
+                LoadError::MissingTensor {
+                    tensor: name.to_owned(),
+                }
+                .into(),
+            )),
         }
     }
 

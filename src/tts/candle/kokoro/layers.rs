@@ -1,0 +1,238 @@
+//! The building blocks Kokoro's stages share: linear layers that round their input through
+//! 8 bits as the int8 export does, convolutions likewise, and the norms and activations.
+//!
+//! The export quantises every activation that enters a quantised linear layer or convolution
+//! to uint8 at run time, one scale and zero point per tensor (ONNX `DynamicQuantizeLinear`),
+//! and multiplies in integers. Running the dequantised weights in f32 on unrounded inputs
+//! gives a slightly different (not worse) model; rounding the inputs the same way
+//! ([`fake_quant`]) reproduces ONNX Runtime's numbers to float rounding, which is what lets
+//! the parity test hold the durations (rounded to whole frames) exactly. Each batch item gets
+//! its own scale over its own valid positions, as if it ran alone.
+
+use candle_core::{D, DType, Result, Tensor};
+
+use super::error::KokoroError;
+use super::weights::Weights;
+
+/// Rounds `x` (`[batch, ...]`) through uint8 per batch item, as `DynamicQuantizeLinear` then
+/// dequantisation would: range `[min(0, min x), max(0, max x)]` over the item's valid
+/// positions (`valid` broadcasts to `x`, 1 valid, 0 padding), 255 steps, zero point rounded.
+pub(crate) fn fake_quant(x: &Tensor, valid: Option<&Tensor>) -> Result<Tensor> {
+    Ok(fake_quant_scaled(x, valid)?.0)
+}
+
+/// [`fake_quant`], also giving each item's scale (`[batch]`), which a quantised convolution
+/// needs to round its bias as the export does.
+pub(crate) fn fake_quant_scaled(x: &Tensor, valid: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    let batch = x.dim(0)?;
+    let masked = match valid {
+        Some(v) => x.broadcast_mul(v)?,
+        None => x.clone(),
+    };
+    let flat = masked.flatten_from(1)?;
+    let lo = flat.min_keepdim(1)?.clamp(f32::MIN, 0f32)?;
+    let hi = flat.max_keepdim(1)?.clamp(0f32, f32::MAX)?;
+    let scale = ((hi - &lo)? / 255.0)?;
+    // An all-zero item: any scale works; 1 avoids dividing by zero.
+    let scale = (&scale + scale.eq(0f32)?.to_dtype(DType::F32)?)?;
+    let zero = lo
+        .neg()?
+        .broadcast_div(&scale)?
+        .round()?
+        .clamp(0f32, 255f32)?;
+    let mut shape = vec![batch];
+    shape.extend(std::iter::repeat_n(1, x.rank() - 1));
+    let scale = scale.reshape(shape.as_slice())?;
+    let zero = zero.reshape(shape.as_slice())?;
+    let q = x
+        .broadcast_div(&scale)?
+        .round()?
+        .broadcast_add(&zero)?
+        .clamp(0f32, 255f32)?;
+    let out = q.broadcast_sub(&zero)?.broadcast_mul(&scale)?;
+    Ok((out, scale.flatten_all()?))
+}
+
+/// A linear layer over the last dimension, with the export's input rounding or without.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    /// `[in, out]`, ready for `x @ w`.
+    weight_t: Tensor,
+    bias: Option<Tensor>,
+    quantised: bool,
+}
+
+impl Linear {
+    /// `{prefix}.weight` (`[out, in]`) and `{prefix}.bias` when the model has one.
+    pub(crate) fn load(
+        weights: &Weights,
+        prefix: &str,
+        input: usize,
+        output: usize,
+        quantised: bool,
+    ) -> std::result::Result<Self, KokoroError> {
+        let weight = weights.shaped(&format!("{prefix}.weight"), &[output, input])?;
+        let bias = weights.shaped(&format!("{prefix}.bias"), &[output]).ok();
+        Ok(Self {
+            weight_t: weight.t()?.contiguous()?,
+            bias,
+            quantised,
+        })
+    }
+
+    /// `x` (`[batch, len, in]`) through the layer; `valid` (`[batch, len, 1]`) bounds the
+    /// rounding range to real positions.
+    pub(crate) fn forward(&self, x: &Tensor, valid: Option<&Tensor>) -> Result<Tensor> {
+        let x = if self.quantised {
+            fake_quant(x, valid)?
+        } else {
+            x.clone()
+        };
+        self.forward_rounded(&x)
+    }
+
+    /// The layer on an input already rounded (several layers reading one rounded input).
+    pub(crate) fn forward_rounded(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&self.weight_t)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// Whether the input is rounded through 8 bits first.
+    pub(crate) fn quantised(&self) -> bool {
+        self.quantised
+    }
+}
+
+/// Layer norm over the last dimension.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub(crate) fn load(
+        weights: &Weights,
+        prefix: &str,
+        size: usize,
+        eps: f32,
+    ) -> std::result::Result<Self, KokoroError> {
+        Ok(Self {
+            weight: weights.shaped(&format!("{prefix}.weight"), &[size])?,
+            bias: weights.shaped(&format!("{prefix}.bias"), &[size])?,
+            eps,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + f64::from(self.eps))?.sqrt()?)?;
+        normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// A 1-D convolution of the export, optionally rounding its input through 8 bits and its
+/// bias to a multiple of `input scale × weight scale` (rounded down), as `ConvInteger` with
+/// its integer bias computes.
+#[derive(Debug, Clone)]
+pub(crate) struct Conv {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    /// The weight's per-tensor scale when the convolution is quantised.
+    weight_scale: Option<f64>,
+    padding: usize,
+    dilation: usize,
+    stride: usize,
+    groups: usize,
+}
+
+impl Conv {
+    /// `weight` and `bias` by their names; the attributes from the graph's node `module`
+    /// (padding `(k - 1) / 2` when the graph has none).
+    pub(crate) fn load(
+        weights: &Weights,
+        module: &str,
+        bias: &str,
+        quantised: bool,
+    ) -> std::result::Result<Self, KokoroError> {
+        let weight = weights.get(&format!("{module}.weight"))?;
+        let kernel = weight.dim(2)?;
+        let attrs = weights.conv(module);
+        let weight_scale = if quantised {
+            weights.scale(&format!("{module}.weight"))
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias: weights.get(bias).ok(),
+            weight_scale,
+            padding: attrs.map_or((kernel - 1) / 2, |a| a.padding),
+            dilation: attrs.map_or(1, |a| a.dilation),
+            stride: attrs.map_or(1, |a| a.stride),
+            groups: attrs.map_or(1, |a| a.groups),
+        })
+    }
+
+    /// `x` (`[batch, channels, len]`); `valid` (`[batch, 1, len]`) bounds the rounding range.
+    pub(crate) fn forward(&self, x: &Tensor, valid: Option<&Tensor>) -> Result<Tensor> {
+        let (x, bias) = match self.weight_scale {
+            Some(ws) => {
+                let (xq, scale) = fake_quant_scaled(x, valid)?;
+                let bias = match &self.bias {
+                    // floor(b / s) * s with s = input scale × weight scale, per item.
+                    Some(b) => {
+                        let s = (scale * ws)?.reshape(((), 1, 1))?;
+                        let b = b.reshape((1, (), 1))?;
+                        Some(b.broadcast_div(&s)?.floor()?.broadcast_mul(&s)?)
+                    }
+                    None => None,
+                };
+                (xq, bias)
+            }
+            None => (
+                x.clone(),
+                match &self.bias {
+                    Some(b) => Some(b.reshape((1, (), 1))?),
+                    None => None,
+                },
+            ),
+        };
+        let y = x.conv1d(
+            &self.weight,
+            self.padding,
+            self.stride,
+            self.dilation,
+            self.groups,
+        )?;
+        match bias {
+            Some(b) => y.broadcast_add(&b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Layer norm over the channels of `[batch, channels, len]` (StyleTTS 2's `LayerNorm`).
+pub(crate) fn channel_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed
+        .broadcast_mul(&gamma.reshape((1, (), 1))?)?
+        .broadcast_add(&beta.reshape((1, (), 1))?)
+}
+
+/// Leaky ReLU with the given negative slope.
+pub(crate) fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    let negative = x.clamp(f32::MIN, 0f32)?;
+    x.relu()? + (negative * slope)?
+}
