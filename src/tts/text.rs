@@ -545,6 +545,12 @@ mod tests {
     }
 
     #[test]
+    fn only_a_full_stop_can_belong_to_a_title() {
+        assert_eq!(split("Is it Dr? Yes."), ["Is it Dr?", "Yes."]);
+        assert_eq!(split("Ask Dr! Now."), ["Ask Dr!", "Now."]);
+    }
+
+    #[test]
     fn opening_brackets_are_skipped_around_a_full_stop() {
         // The word after the stop is lowercase once its bracket is skipped: no boundary.
         assert_eq!(
