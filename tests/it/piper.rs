@@ -135,8 +135,10 @@ fn the_voice_matches_onnx_runtime() {
     let start = fx["window_start"].as_u64().unwrap() as usize;
     let window = floats(&fx["window"]);
     let ours = &trace.samples[start..start + window.len()];
-    // Observed 1.6e-6 on samples up to 0.6; the RMS of the whole waveform 4e-7 relative.
-    assert!(max_diff(ours, &window) < 5e-6, "waveform window");
+    // Observed 1.6e-6 on samples up to 0.6 on one machine and 5.15e-6 on another (the
+    // matrix kernels sum in an order that depends on the CPU's vector width); the RMS of
+    // the whole waveform 4e-7 relative. 1e-5 is still under a third of a 16-bit step.
+    assert!(max_diff(ours, &window) < 1e-5, "waveform window");
     let reference_rms = fx["audio_rms"].as_f64().unwrap();
     assert!((rms(&trace.samples) / reference_rms - 1.0).abs() < 2e-6);
 }
