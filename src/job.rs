@@ -568,6 +568,177 @@ mod tests {
     }
 
     #[test]
+    fn ids_show_as_their_text() {
+        let id = JobId::new("tts:42").unwrap();
+        assert_eq!(id.to_string(), "tts:42");
+        assert_eq!(AsRef::<str>::as_ref(&id), "tts:42");
+        assert_eq!("tts:42".parse::<JobId>().unwrap(), id);
+    }
+
+    #[test]
+    fn states_have_fixed_names_and_exactly_four_are_terminal() {
+        let all = [
+            (JobState::Scheduled, "scheduled", false),
+            (JobState::Queued, "queued", false),
+            (JobState::Active, "active", false),
+            (JobState::Completed, "completed", true),
+            (JobState::Dead, "dead", true),
+            (JobState::Cancelled, "cancelled", true),
+            (JobState::Expired, "expired", true),
+        ];
+        for (state, name, terminal) in all {
+            assert_eq!(state.as_str(), name);
+            assert_eq!(state.to_string(), name);
+            assert_eq!(JobState::parse(name), Some(state), "{name}");
+            assert_eq!(state.is_terminal(), terminal, "{name}");
+        }
+        assert_eq!(JobState::parse("Queued"), None);
+        assert_eq!(JobState::parse(""), None);
+    }
+
+    #[test]
+    fn priorities_rank_high_first_and_unknown_ranks_read_as_normal() {
+        assert_eq!(Priority::High.rank(), 0);
+        assert_eq!(Priority::Normal.rank(), 1);
+        assert_eq!(Priority::Low.rank(), 2);
+        for p in Priority::ALL {
+            assert_eq!(Priority::from_rank(p.rank()), p);
+        }
+        assert_eq!(Priority::from_rank(7), Priority::Normal);
+    }
+
+    #[test]
+    fn every_option_setter_sets_its_option() {
+        let id = JobId::new("x").unwrap();
+        let policy = RetryPolicy::fixed(Duration::from_secs(2));
+        let o = JobOptions::new()
+            .id(id.clone())
+            .priority(Priority::Low)
+            .max_attempts(4)
+            .timeout(Duration::from_secs(3))
+            .retry(policy.clone())
+            .ttl(Duration::from_secs(5))
+            .result_ttl(Duration::from_secs(6));
+        assert_eq!(o.id, Some(id));
+        assert_eq!(o.priority, Priority::Low);
+        assert_eq!(o.max_attempts, Some(4));
+        assert_eq!(o.timeout, Some(Duration::from_secs(3)));
+        assert_eq!(o.retry, Some(policy));
+        assert_eq!(o.ttl, Some(Duration::from_secs(5)));
+        assert_eq!(o.result_ttl, Some(Duration::from_secs(6)));
+        assert_eq!(JobOptions::new().max_attempts(0).max_attempts, Some(1));
+
+        let before = SystemTime::now();
+        let delayed = JobOptions::new().delay(Duration::from_secs(3600));
+        assert_eq!(delayed.delay, Some(Duration::from_secs(3600)));
+        let at = delayed.run_at.unwrap();
+        assert!(at >= before + Duration::from_secs(3600));
+        assert!(at <= SystemTime::now() + Duration::from_secs(3600));
+        // `run_at` after `delay` wins, and the delay is forgotten.
+        let fixed = UNIX_EPOCH + Duration::from_secs(10);
+        let o = delayed.run_at(fixed);
+        assert_eq!((o.run_at, o.delay), (Some(fixed), None));
+    }
+
+    #[test]
+    fn clamping_keeps_small_numbers_and_caps_large_ones() {
+        assert_eq!(clamp_ms(0), 0);
+        assert_eq!(clamp_ms(5), 5);
+        assert_eq!(clamp_ms(MAX_MS), MAX_MS);
+        assert_eq!(clamp_ms(u64::MAX), MAX_MS);
+    }
+
+    #[test]
+    fn default_fields_are_left_out_of_the_record_and_read_back() {
+        let lean = JobRecord {
+            state: Some("queued".into()),
+            pri: Priority::Normal.rank(),
+            result_ttl_ms: DEFAULT_RESULT_TTL_MS,
+            ..JobRecord::default()
+        };
+        let json = serde_json::to_value(&lean).unwrap();
+        assert_eq!(json, serde_json::json!({"state": "queued"}));
+        let back = JobRecord::parse("a", br#"{"state":"queued"}"#).unwrap();
+        assert_eq!(back.pri, 1);
+        assert_eq!(back.result_ttl_ms, 86_400_000);
+        assert_eq!(
+            (back.attempts, back.max_attempts, back.created_at),
+            (0, 0, 0)
+        );
+
+        let full = JobRecord {
+            state: Some("active".into()),
+            pri: Priority::Low.rank(),
+            attempts: 2,
+            max_attempts: 3,
+            created_at: 5,
+            run_at: 6,
+            expires_at: 7,
+            started_at: 8,
+            finished_at: 9,
+            result_ttl_ms: 1000,
+            ..JobRecord::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&full).unwrap(),
+            serde_json::json!({
+                "state": "active", "pri": 2, "attempts": 2, "max_attempts": 3,
+                "created_at": 5, "run_at": 6, "expires_at": 7, "started_at": 8,
+                "finished_at": 9, "result_ttl_ms": 1000
+            })
+        );
+    }
+
+    #[test]
+    fn an_errors_field_that_is_a_non_empty_object_is_corrupt() {
+        let err = JobRecord::parse("a", br#"{"state":"queued","errors":{"x":1}}"#).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn status_reads_unset_numbers_as_absent() {
+        let unset = JobRecord::parse("a", br#"{"state":"queued","created_at":3}"#)
+            .unwrap()
+            .status()
+            .unwrap();
+        assert_eq!(unset.max_attempts, None);
+        assert_eq!(unset.priority, Priority::Normal);
+        assert_eq!(unset.created_at, UNIX_EPOCH + Duration::from_millis(3));
+        assert_eq!(
+            (
+                unset.run_at,
+                unset.started_at,
+                unset.finished_at,
+                unset.expires_at
+            ),
+            (None, None, None, None)
+        );
+        assert_eq!(unset.last_error(), None);
+
+        let raw = br#"{"state":"dead","pri":0,"max_attempts":1,"run_at":1,"started_at":2,
+            "finished_at":4,"expires_at":5,"errors":[
+            {"attempt":1,"at":2,"kind":"transient","message":"first"},
+            {"attempt":2,"at":3,"kind":"permanent","message":"second"}]}"#;
+        let set = JobRecord::parse("a", raw).unwrap().status().unwrap();
+        assert_eq!(set.max_attempts, Some(1));
+        assert_eq!(set.priority, Priority::High);
+        let t = |ms| Some(UNIX_EPOCH + Duration::from_millis(ms));
+        assert_eq!(
+            (set.run_at, set.started_at, set.finished_at, set.expires_at),
+            (t(1), t(2), t(4), t(5))
+        );
+        assert_eq!(set.last_error().unwrap().message, "second");
+    }
+
+    #[test]
+    fn now_is_the_wall_clock_in_ms() {
+        let before = time_to_ms(SystemTime::now());
+        let now = now_ms();
+        assert!(now >= before && now < before + 60_000);
+        assert!(before > 1_700_000_000_000, "after 2023");
+    }
+
+    #[test]
     fn generated_ids_sort_by_time() {
         let a = JobId::generate();
         let b = JobId::generate();
