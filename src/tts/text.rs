@@ -580,6 +580,16 @@ mod tests {
     }
 
     #[test]
+    fn a_letter_with_more_combining_marks_than_fit_is_cut_after_the_letter() {
+        // The hard cut walks back over the marks but never to zero, which would loop.
+        let text = format!("e{}", "\u{301}".repeat(8));
+        let chunks = split_sentences_max(&text, 3);
+        assert_eq!(chunks[0], "e");
+        assert_eq!(chunks.concat(), text);
+        assert!(chunks.iter().all(|c| c.chars().count() <= 3), "{chunks:?}");
+    }
+
+    #[test]
     fn a_latin_comma_inside_a_word_is_no_cut_point() {
         // "aaaa,bbbb" is one word: only the space may cut it (a CJK mark would not need one).
         assert_eq!(
