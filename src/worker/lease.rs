@@ -74,6 +74,17 @@ impl Registry {
     }
 }
 
+/// When the heartbeat beats and what it tells the script.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    /// Each renewal extends a lease this far.
+    pub(crate) lease: Duration,
+    /// Time between beats.
+    pub(crate) every: Duration,
+    /// Workers silent this long are forgotten.
+    pub(crate) forget_after: Duration,
+}
+
 /// The heartbeat thread.
 #[derive(Debug)]
 pub(crate) struct Heartbeat {
@@ -86,8 +97,7 @@ impl Heartbeat {
         queues: Vec<Arc<Shared>>,
         registry: Registry,
         worker_id: String,
-        lease: Duration,
-        every: Duration,
+        timing: Timing,
     ) -> std::io::Result<Self> {
         let stop = CancellationToken::new();
         let stop2 = stop.clone();
@@ -99,7 +109,7 @@ impl Heartbeat {
                     return;
                 }
             };
-            runtime.block_on(beat(queues, registry, worker_id, lease, every, stop2));
+            runtime.block_on(beat(queues, registry, worker_id, timing, stop2));
         })?;
         Ok(Heartbeat {
             stop,
@@ -126,10 +136,14 @@ async fn beat(
     queues: Vec<Arc<Shared>>,
     registry: Registry,
     worker_id: String,
-    lease: Duration,
-    every: Duration,
+    timing: Timing,
     stop: CancellationToken,
 ) {
+    let Timing {
+        lease,
+        every,
+        forget_after,
+    } = timing;
     // Connections of this thread's own runtime: the shared ones are driven by the
     // main runtime, which a busy handler may starve.
     let mut conns: Vec<Option<Conn>> = vec![None; queues.len()];
@@ -164,7 +178,9 @@ async fn beat(
                 Vec::new()
             };
             let mut inv = queue.invocation(queue.scripts.heartbeat);
-            inv.arg(&worker_id).arg(lease.as_millis() as u64);
+            inv.arg(&worker_id)
+                .arg(lease.as_millis() as u64)
+                .arg(forget_after.as_millis() as u64);
             for (id, h) in &held {
                 inv.arg(id.as_str()).arg(&h.token);
             }

@@ -40,6 +40,10 @@ use lease::{Heartbeat, Registry};
 use report::Reporter;
 use run::Runner;
 
+/// How long a silent worker is remembered by default (see
+/// [`WorkerBuilder::forget_silent_after`]).
+const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(300);
+
 /// The longest an idle worker blocks before looking again, whatever it was told.
 const MAX_IDLE_WAIT: Duration = Duration::from_secs(5);
 
@@ -64,6 +68,7 @@ pub(crate) struct WorkerConfig {
     pub(crate) concurrency: usize,
     pub(crate) lease: Duration,
     pub(crate) heartbeat: Duration,
+    pub(crate) forget_after: Duration,
     pub(crate) timeout: Option<Duration>,
     pub(crate) cancel_grace: Duration,
     pub(crate) shutdown_grace: Duration,
@@ -123,6 +128,17 @@ impl<J> WorkerBuilder<J> {
     /// leases recovered (default `lease / 3`, at most 1 s).
     pub fn heartbeat(mut self, every: Duration) -> Self {
         self.config.heartbeat = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How long another worker may stay silent (no heartbeat) before this worker's
+    /// heartbeat forgets it: its entry in the worker registry and its breaker state
+    /// (default 5 min). A killed worker never unregisters, so this bounds what dead
+    /// workers leave in Redis. Keep it well above every worker's heartbeat interval
+    /// and lease: a live worker forgotten only re-registers on its next beat, but its
+    /// breaker state is lost. At least three of this worker's heartbeats.
+    pub fn forget_silent_after(mut self, after: Duration) -> Self {
+        self.config.forget_after = after;
         self
     }
 
@@ -209,6 +225,7 @@ impl<J> Worker<J, ()> {
                 concurrency: 1,
                 lease: Duration::from_secs(30),
                 heartbeat: Duration::from_secs(1),
+                forget_after: DEFAULT_FORGET_AFTER,
                 timeout: None,
                 cancel_grace: Duration::from_secs(5),
                 shutdown_grace: Duration::from_secs(30),
@@ -250,8 +267,11 @@ where
             shared.clone(),
             registry.clone(),
             self.config.id.clone(),
-            self.config.lease,
-            self.config.heartbeat,
+            lease::Timing {
+                lease: self.config.lease,
+                every: self.config.heartbeat,
+                forget_after: self.config.forget_after.max(self.config.heartbeat * 3),
+            },
         )
         .map_err(|e| Error::InvalidConfig(format!("cannot start the heartbeat thread: {e}")))?;
         let args = ClaimArgs {

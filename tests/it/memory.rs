@@ -2,8 +2,9 @@
 //! cancelled, expired, deduplicated, rate-limited) with short retentions leave, once every
 //! retention has passed, only the capped dead letters and the capped event stream behind.
 //! (`used_memory` is not compared: the test Redis is shared with other tests.) A worker
-//! that stops unregisters; a killed one is forgotten by the others' heartbeats after
-//! `WORKER_STALE_MS` (300 s, fixed in `heartbeat.lua`), too long for this suite.
+//! that stops unregisters; a killed one is forgotten, with its breaker state, by the
+//! others' heartbeats once it has been silent for `forget_silent_after` (5 min by default;
+//! the last test shortens it).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -208,4 +209,96 @@ async fn every_ending_leaves_only_capped_traces_after_its_retention() {
     let keys: Vec<&str> = stopped.keys().map(String::as_str).collect();
     assert_eq!(keys, ["dead", "events", "jobs", "payloads", "seq", "stats"]);
     assert!(before.keys().all(|k| stopped.contains_key(k)), "{before:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_is_forgotten_with_its_breaker_after_its_silence() {
+    let p = Prefix::new();
+    let q: Queue<Task> = p.queue("forget").await;
+    let workers = format!("{}:{{forget}}:workers", p.name);
+    let breakers = format!("{}:{{forget}}:breakers", p.name);
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let probe = conn.clone();
+    let registered = |id: &'static str| {
+        let mut conn = probe.clone();
+        let workers = workers.clone();
+        async move {
+            let score: Option<f64> = redis::cmd("ZSCORE")
+                .arg(&workers)
+                .arg(id)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            score.is_some()
+        }
+    };
+
+    // A worker that is killed: its task is dropped, so it never unregisters.
+    let doomed = Worker::builder(q.clone())
+        .id("doomed")
+        .heartbeat(Duration::from_millis(100))
+        .build(handler_fn(
+            |t: Task, _ctx| async move { Ok::<_, JobError>(t.n) },
+        ));
+    let (_keep, never) = shutdown();
+    let killed = tokio::spawn(doomed.run_until(never));
+    eventually(
+        Duration::from_secs(10),
+        "the doomed worker registered",
+        || {
+            let check = registered("doomed");
+            async move { check.await.then_some(()) }
+        },
+    )
+    .await;
+    killed.abort();
+    let _ = killed.await;
+    // Its breaker state, as an open breaker would have left it.
+    let _: () = redis::cmd("HSET")
+        .arg(&breakers)
+        .arg("doomed")
+        .arg("open")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let survivor = Worker::builder(q.clone())
+        .id("survivor")
+        .heartbeat(Duration::from_millis(100))
+        .forget_silent_after(Duration::from_millis(800))
+        .build(handler_fn(
+            |t: Task, _ctx| async move { Ok::<_, JobError>(t.n) },
+        ));
+    let (stop, stopped) = shutdown();
+    let running = tokio::spawn(survivor.run_until(stopped));
+    eventually(
+        Duration::from_secs(10),
+        "the killed worker forgotten",
+        || {
+            let mut conn = conn.clone();
+            let breakers = breakers.clone();
+            let gone = registered("doomed");
+            async move {
+                let breaker: bool = redis::cmd("HEXISTS")
+                    .arg(&breakers)
+                    .arg("doomed")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                (!gone.await && !breaker).then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(registered("survivor").await, "the live worker stays");
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+    assert!(
+        !registered("survivor").await,
+        "a stopped worker unregisters"
+    );
 }

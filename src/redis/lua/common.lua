@@ -77,7 +77,6 @@ local PRI_SPAN = 10000000000000 -- 1e13 sequence numbers per priority level
 local WAKE_MAX = 1000           -- more tokens than this wake nobody new
 local ERRORS_MAX = 10           -- attempt errors kept per job (the latest)
 local DEAD_CAP_DEFAULT = 10000  -- dead letters kept when the queue sets no cap
-local WORKER_STALE_MS = 300000  -- a worker silent this long is forgotten (and its breaker)
 
 -- Integers as Redis wants them: tostring() of a large double gives 1e+13 notation.
 local function int(n)

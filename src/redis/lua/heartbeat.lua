@@ -3,13 +3,15 @@
 -- jobs come back within about one lease even while every live worker is busy.
 -- KEYS: the queue's keys (see common.lua)
 -- ARGV[1] '' (Redis's clock), ARGV[2] events max
--- ARGV[3] worker id, ARGV[4] lease ms, then pairs of (job id, lease token)
+-- ARGV[3] worker id, ARGV[4] lease ms, ARGV[5] ms of silence after which a worker is
+-- forgotten, then pairs of (job id, lease token)
 -- Returns: {ids whose lease is lost, ids whose cancellation was requested,
 --           ms until the queue next needs a look or -1}
 local lease_ms = tonumber(ARGV[4])
+local forget_ms = tonumber(ARGV[5])
 redis.call('ZADD', K_WORKERS, int(NOW), ARGV[3])
 local lost, cancel = {}, {}
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
   local job = load(id)
   if owned(job, token) then
@@ -22,8 +24,8 @@ for i = 5, #ARGV, 2 do
   end
 end
 -- Bounded memory: a worker that stopped without unregistering (killed) is forgotten,
--- with its breaker, once it has been silent for WORKER_STALE_MS.
-local stale = redis.call('ZRANGEBYSCORE', K_WORKERS, '-inf', int(NOW - WORKER_STALE_MS), 'LIMIT', 0, 100)
+-- with its breaker, once it has been silent for forget_ms.
+local stale = redis.call('ZRANGEBYSCORE', K_WORKERS, '-inf', int(NOW - forget_ms), 'LIMIT', 0, 100)
 for _, worker in ipairs(stale) do
   redis.call('ZREM', K_WORKERS, worker)
   redis.call('HDEL', K_BREAKERS, worker)
