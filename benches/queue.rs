@@ -170,15 +170,22 @@ fn job200() -> Job {
     }
 }
 
-const PREFILL: usize = 20_000;
+/// Jobs pre-filled for the throughput figures: 20 000, or `VOXQUEUE_FIGURES_JOBS` (a
+/// smaller run under `valgrind --tool=callgrind` on the server, which counts Redis's
+/// instructions per job whatever else the machine does).
+fn prefill() -> usize {
+    std::env::var("VOXQUEUE_FIGURES_JOBS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(20_000)
+}
 
 async fn bulk_enqueue_rate() -> f64 {
     let q = queue("fig-bulk").await;
     let start = Instant::now();
-    q.enqueue_bulk((0..PREFILL).map(|_| job200()))
-        .await
-        .unwrap();
-    PREFILL as f64 / start.elapsed().as_secs_f64()
+    let n = prefill();
+    q.enqueue_bulk((0..n).map(|_| job200())).await.unwrap();
+    n as f64 / start.elapsed().as_secs_f64()
 }
 
 async fn one_by_one_enqueue_rate() -> f64 {
@@ -201,9 +208,8 @@ async fn end_to_end_rate(concurrency: usize, step_events: bool) -> f64 {
         .connect()
         .await
         .expect("Redis for benches");
-    q.enqueue_bulk((0..PREFILL).map(|_| job200()))
-        .await
-        .unwrap();
+    let n = prefill();
+    q.enqueue_bulk((0..n).map(|_| job200())).await.unwrap();
     let handler =
         handler_fn(|j: Job, _ctx: JobContext| async move { Ok::<_, JobError>(j.text.len()) });
     let worker = Worker::builder(q.clone())
@@ -216,12 +222,12 @@ async fn end_to_end_rate(concurrency: usize, step_events: bool) -> f64 {
     }));
     loop {
         let stats = q.stats().await.unwrap();
-        if stats.totals.get("completed").copied().unwrap_or(0) >= PREFILL as u64 {
+        if stats.totals.get("completed").copied().unwrap_or(0) >= n as u64 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let rate = PREFILL as f64 / start.elapsed().as_secs_f64();
+    let rate = n as f64 / start.elapsed().as_secs_f64();
     let _ = stop.send(());
     running.await.unwrap().unwrap();
     rate

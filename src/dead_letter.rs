@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use crate::error::Error;
-use crate::job::{JobId, JobRecord, JobStatus, safe_ms};
+use crate::job::{JobId, JobRecord, JobStatus, safe_ms, split_entry};
 use crate::queue::Queue;
 use crate::redis::{Conn, Keys};
 
@@ -148,7 +148,11 @@ impl<J> DeadLetter<J> {
             return Ok(None);
         };
         let status = JobRecord::parse(id.as_str(), &record)?.status()?;
-        let payload = payload.unwrap_or_default();
+        // The payload is in the entry; an older entry's is in the payloads hash.
+        let payload = match split_entry(&record) {
+            (_, Some(inline)) => inline.to_vec(),
+            (_, None) => payload.unwrap_or_default(),
+        };
         let job = if payload.is_empty() {
             Err("payload missing".to_owned())
         } else {

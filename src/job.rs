@@ -8,7 +8,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::error::Error;
 use crate::retry::RetryPolicy;
 
-/// A job's id: generated (UUID v7, so ids sort by creation time) or chosen by the caller.
+/// A job's id: generated (a UUID v7 written in 22 characters, so ids sort by creation
+/// time) or chosen by the caller.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct JobId(String);
@@ -16,7 +17,7 @@ pub struct JobId(String);
 impl JobId {
     /// A fresh, time-ordered id.
     pub fn generate() -> Self {
-        JobId(uuid::Uuid::now_v7().to_string())
+        JobId(compact_uuid())
     }
 
     /// A caller-chosen id: 1 to 256 characters, no control characters.
@@ -56,6 +57,26 @@ impl std::str::FromStr for JobId {
     fn from_str(s: &str) -> Result<Self, Error> {
         JobId::new(s)
     }
+}
+
+/// The 64 digits of [`compact_uuid`], in ASCII order so that text order is number order.
+const DIGITS: &[u8; 64] = b"-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz";
+
+/// A fresh UUID v7 in 22 URL-safe characters instead of 36: every stored copy of an id
+/// (the job's entry, its place in line, its lease) is 14 bytes shorter, and ids still
+/// sort by creation time.
+pub(crate) fn compact_uuid() -> String {
+    compact(uuid::Uuid::now_v7().as_u128())
+}
+
+fn compact(n: u128) -> String {
+    // 128 bits: the top two, then 21 digits of six bits each.
+    (0..22)
+        .map(|i| {
+            let digit = if i == 0 { n >> 126 } else { (n >> (126 - 6 * i)) & 63 };
+            char::from(DIGITS[digit as usize])
+        })
+        .collect()
 }
 
 /// Where a job is in its life.
@@ -424,8 +445,20 @@ fn list_or_empty_object<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<AttemptEr
     }
 }
 
+/// Splits a job's stored entry into its record and payload: the record (JSON, which
+/// never holds a raw newline), a newline, then the payload. An entry written before
+/// the payload moved into it is the record alone (`None`: the payload is kept apart).
+pub(crate) fn split_entry(raw: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match raw.iter().position(|&b| b == b'\n') {
+        Some(at) => (&raw[..at], Some(&raw[at + 1..])),
+        None => (raw, None),
+    }
+}
+
 impl JobRecord {
+    /// Reads a job's stored entry (see [`split_entry`]); the payload is not decoded.
     pub(crate) fn parse(id: &str, raw: &[u8]) -> Result<Self, Error> {
+        let (raw, _) = split_entry(raw);
         let mut record: Self = serde_json::from_slice(raw).map_err(|e| Error::Corrupt {
             id: JobId::from_stored(id.to_owned()),
             reason: e.to_string(),
@@ -715,11 +748,15 @@ mod tests {
         );
         assert_eq!(unset.last_error(), None);
 
-        let raw = br#"{"state":"dead","pri":0,"max_attempts":1,"run_at":1,"started_at":2,
-            "finished_at":4,"expires_at":5,"errors":[
-            {"attempt":1,"at":2,"kind":"transient","message":"first"},
-            {"attempt":2,"at":3,"kind":"permanent","message":"second"}]}"#;
-        let set = JobRecord::parse("a", raw).unwrap().status().unwrap();
+        // One line, as cjson writes it: a newline ends the record (the payload follows).
+        let raw = concat!(
+            r#"{"state":"dead","pri":0,"max_attempts":1,"run_at":1,"started_at":2,"#,
+            r#""finished_at":4,"expires_at":5,"errors":["#,
+            r#"{"attempt":1,"at":2,"kind":"transient","message":"first"},"#,
+            r#"{"attempt":2,"at":3,"kind":"permanent","message":"second"}]}"#,
+            "\npayload"
+        );
+        let set = JobRecord::parse("a", raw.as_bytes()).unwrap().status().unwrap();
         assert_eq!(set.max_attempts, Some(1));
         assert_eq!(set.priority, Priority::High);
         let t = |ms| Some(UNIX_EPOCH + Duration::from_millis(ms));
@@ -743,5 +780,31 @@ mod tests {
         let a = JobId::generate();
         let b = JobId::generate();
         assert!(a < b);
+        assert_eq!(a.as_str().len(), 22);
+    }
+
+    #[test]
+    fn compact_ids_keep_number_order_in_22_url_safe_characters() {
+        assert_eq!(compact(0), "-".repeat(22));
+        assert_eq!(compact(u128::MAX), format!("2{}", "z".repeat(21)));
+        assert_eq!(compact(1), format!("{}0", "-".repeat(21)));
+        assert_eq!(compact(64), format!("{}0-", "-".repeat(20)));
+        let mut x: u128 = 0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C834;
+        let mut prev = (0u128, compact(0));
+        for _ in 0..1000 {
+            x = x.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(0x1405_7B7E_F767_814F);
+            let text = compact(x);
+            assert_eq!(text.len(), 22);
+            assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+            assert_eq!(x.cmp(&prev.0), text.cmp(&prev.1), "{x} vs {}", prev.0);
+            prev = (x, text);
+        }
+    }
+
+    #[test]
+    fn an_entry_is_split_at_its_first_newline() {
+        assert_eq!(split_entry(b"{\"a\":1}\npay\nload"), (&b"{\"a\":1}"[..], Some(&b"pay\nload"[..])));
+        assert_eq!(split_entry(b"{}\n"), (&b"{}"[..], Some(&b""[..])));
+        assert_eq!(split_entry(b"{}"), (&b"{}"[..], None));
     }
 }

@@ -102,7 +102,7 @@ pub(crate) fn home(id: &str, count: u32) -> u32 {
 
 /// A fresh id that names its partition.
 pub(crate) fn generate_id(partition: u32) -> String {
-    format!("{}{ID_MARK}{partition}", uuid::Uuid::now_v7())
+    format!("{}{ID_MARK}{partition}", crate::job::compact_uuid())
 }
 
 #[cfg(test)]

@@ -89,13 +89,13 @@ impl<J> Queue<J> {
     pub async fn stats(&self) -> Result<QueueStats, Error> {
         let k = &self.shared.keys;
         let mut pipe = redis::pipe();
-        pipe.zcard(k.ready())
-            .zcard(k.scheduled())
-            .zcard(k.active())
-            .zcard(k.dead());
+        pipe.zcard(k.scheduled()).zcard(k.active()).zcard(k.dead());
+        // Each priority's lane, and its part of the sorted set older versions queued in
+        // (claims drain it; the score's leading digit is the priority rank).
         for p in Priority::ALL {
             let lo = u64::from(p.rank()) * 10_000_000_000_000;
-            pipe.zcount(k.ready(), lo, format!("({}", lo + 10_000_000_000_000));
+            pipe.llen(k.lane(p))
+                .zcount(k.ready(), lo, format!("({}", lo + 10_000_000_000_000));
         }
         let now = self.shared.redis_now().await?;
         let live_since = now.saturating_sub(LIVE_WINDOW.as_millis() as u64);
@@ -110,12 +110,16 @@ impl<J> Queue<J> {
             u64,
             u64,
             u64,
+            u64,
+            u64,
             Vec<String>,
             Vec<String>,
             HashMap<String, String>,
         );
-        let (queued, scheduled, active, dead, high, normal, low, live, breakers, fields): Reply =
+        let (scheduled, active, dead, h, old_h, n, old_n, l, old_l, live, breakers, fields): Reply =
             pipe.query_async(&mut self.shared.conn.clone()).await?;
+        let (high, normal, low) = (h + old_h, n + old_n, l + old_l);
+        let queued = high + normal + low;
         let workers = live.len() as u64;
         // Only live workers' breakers count: a killed worker's entry lingers until the
         // heartbeat of another forgets it.

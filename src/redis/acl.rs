@@ -50,6 +50,9 @@ const COMMANDS: &[&str] = &[
     "llen",
     "ltrim",
     "rpush",
+    "lpush",
+    "lpop",
+    "lrem",
     // Connection setup by redis-rs.
     "ping",
 ];

@@ -4,15 +4,16 @@
 //! so each script touches one slot and the same code runs on Redis Cluster.
 
 use crate::error::Error;
+use crate::job::Priority;
 
 /// The keys of one queue, in the order every script receives them (see `lua/common.lua`).
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
     base: String,
-    all: [String; 19],
+    all: [String; 22],
 }
 
-const NAMES: [&str; 19] = [
+const NAMES: [&str; 22] = [
     "jobs",
     "payloads",
     "results",
@@ -32,6 +33,11 @@ const NAMES: [&str; 19] = [
     "limits",
     "limits_exp",
     "breakers",
+    // The ready lanes, one list per priority (high, normal, low). `ready` above is the
+    // sorted set that held ready jobs before the lanes; claims still drain it.
+    "ready:high",
+    "ready:normal",
+    "ready:low",
 ];
 
 impl Keys {
@@ -51,7 +57,7 @@ impl Keys {
     }
 
     /// All keys, for a script invocation.
-    pub(crate) fn all(&self) -> &[String; 19] {
+    pub(crate) fn all(&self) -> &[String; 22] {
         &self.all
     }
 
@@ -68,8 +74,13 @@ impl Keys {
     pub(crate) fn results(&self) -> &str {
         &self.all[2]
     }
+    /// The sorted set of ready jobs from before the lanes (read, drained, never filled).
     pub(crate) fn ready(&self) -> &str {
         &self.all[4]
+    }
+    /// The ready list of one priority.
+    pub(crate) fn lane(&self, priority: Priority) -> &str {
+        &self.all[19 + usize::from(priority.rank())]
     }
     pub(crate) fn scheduled(&self) -> &str {
         &self.all[5]

@@ -59,6 +59,9 @@ const COMMANDS: &[&str] = &[
     "llen",
     "ltrim",
     "rpush",
+    "lpush",
+    "lpop",
+    "lrem",
     // Connection setup by redis-rs.
     "ping",
 ];
@@ -218,7 +221,7 @@ async fn a_missing_command_is_refused_naming_the_command() {
 #[tokio::test]
 async fn a_command_missing_inside_a_script_is_refused_with_the_rules_it_needs() {
     let p = Prefix::new();
-    let without: Vec<&str> = COMMANDS.iter().copied().filter(|c| *c != "zadd").collect();
+    let without: Vec<&str> = COMMANDS.iter().copied().filter(|c| *c != "rpush").collect();
     let user = AclUser::create(&p.name, &without);
     let q = connect(&p, &user.url(&user.password)).await.unwrap();
     let err = q.enqueue(Greet { name: "x".into() }).await.unwrap_err();
@@ -244,7 +247,7 @@ async fn a_command_missing_inside_a_script_is_refused_with_the_rules_it_needs() 
         )),
         "{text}"
     );
-    assert!(text.contains(" +zadd "), "{text}");
+    assert!(text.contains(" +rpush "), "{text}");
 }
 
 #[tokio::test]

@@ -51,7 +51,7 @@ async fn queues_on_a_cluster_run_jobs_across_slots() {
             .unwrap()
             .get_connection()
             .unwrap();
-        for key in ["jobs", "payloads", "ready", "events", "stats", "dedup"] {
+        for key in ["jobs", "ready:normal", "events", "stats", "dedup"] {
             let slot: u16 = redis::cmd("CLUSTER")
                 .arg("KEYSLOT")
                 .arg(format!("vq:{{{name}}}:{key}"))

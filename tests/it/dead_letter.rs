@@ -176,11 +176,19 @@ async fn get_returns_the_payload_and_reports_a_corrupt_one() {
     let fine = q.enqueue(Echo { n: 2 }).await.unwrap();
     let broken = q.enqueue(Echo { n: 3 }).await.unwrap();
     // Corrupted before any worker sees it: the worker cannot decode it and buries it.
+    // The payload follows the record and a newline in the job's entry.
     let mut conn = raw_conn().await;
-    let _: () = redis::cmd("HSET")
-        .arg(key(&p, "payloads", "payloads"))
+    let entry: Vec<u8> = redis::cmd("HGET")
+        .arg(key(&p, "payloads", "jobs"))
         .arg(broken.id.as_str())
-        .arg(&b"\xffnot json"[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let at = entry.iter().position(|&b| b == b'\n').unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(key(&p, "payloads", "jobs"))
+        .arg(broken.id.as_str())
+        .arg([&entry[..=at], &b"\xffnot json"[..]].concat())
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -327,12 +335,12 @@ async fn purge_deletes_one_all_or_the_older_ones_and_never_a_live_job() {
         2
     );
     assert_eq!(ids(&dl.list(0, 10).await.unwrap()), ["p3"]);
-    let payloads: u64 = redis::cmd("HLEN")
-        .arg(key(&p, "purge", "payloads"))
+    let entries: u64 = redis::cmd("HLEN")
+        .arg(key(&p, "purge", "jobs"))
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(payloads, 1, "purged payloads are deleted");
+    assert_eq!(entries, 1, "purged jobs and their payloads are deleted");
 
     let live = q.enqueue(Echo { n: 9 }).await.unwrap();
     assert!(!dl.purge(&live.id).await.unwrap());

@@ -288,8 +288,9 @@ impl Hostile {
 }
 
 const INDEXES: [&str; 5] = ["ready", "scheduled", "active", "dead", "finished"];
+const LANES: [&str; 3] = ["ready:high", "ready:normal", "ready:low"];
 
-/// The indexes (zsets) that hold `id`.
+/// The indexes (sorted sets, and the ready lanes) that hold `id`.
 async fn indexes_of(
     conn: &mut redis::aio::MultiplexedConnection,
     base: &str,
@@ -304,6 +305,17 @@ async fn indexes_of(
             .await
             .unwrap();
         if score.is_some() {
+            found.push(name);
+        }
+    }
+    for name in LANES {
+        let at: Option<u64> = redis::cmd("LPOS")
+            .arg(format!("{base}:{name}"))
+            .arg(id.as_str())
+            .query_async(conn)
+            .await
+            .unwrap();
+        if at.is_some() {
             found.push(name);
         }
     }
@@ -397,17 +409,18 @@ impl Bench {
         }
     }
 
-    /// Enqueues one job per item, overwrites its field in the queue's `hash` with
-    /// `hostile(what was there, item)`, then runs a worker until a valid job queued behind
-    /// them completes and every one of them has ended. Returns their ids.
+    /// Enqueues one job per item, overwrites one `part` of its entry (record, newline,
+    /// payload) with `hostile(what was there, item)`, then runs a worker until a valid
+    /// job queued behind them completes and every one of them has ended. Returns their
+    /// ids.
     fn corrupt_and_drain<T>(
         &self,
-        hash: &str,
+        part: Part,
         items: &[T],
         hostile: impl Fn(&[u8], &T) -> Vec<u8>,
     ) -> Vec<JobId> {
         let mut conn = self.conn.clone();
-        let key = format!("{}:{hash}", self.base);
+        let key = format!("{}:jobs", self.base);
         self.rt.block_on(async {
             let mut ids = Vec::new();
             for item in items {
@@ -418,7 +431,16 @@ impl Bench {
                     .query_async(&mut conn)
                     .await
                     .unwrap();
-                hset(&mut conn, &key, &job.id, &hostile(&stored, item)).await;
+                let at = stored
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .expect("an entry: record, newline, payload");
+                let (record, payload) = (&stored[..at], &stored[at + 1..]);
+                let entry = match part {
+                    Part::Record => [&hostile(record, item)[..], b"\n", payload].concat(),
+                    Part::Payload => [record, b"\n", &hostile(payload, item)[..]].concat(),
+                };
+                hset(&mut conn, &key, &job.id, &entry).await;
                 ids.push(job.id);
             }
             let last = self
@@ -454,6 +476,13 @@ impl Bench {
     }
 }
 
+/// The part of a job's entry a case overwrites.
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    Record,
+    Payload,
+}
+
 /// `cases` cases, and no regression file (the runner has no source file to put it by).
 fn runner_config(cases: u32) -> Config {
     Config {
@@ -470,7 +499,7 @@ fn undecodable_payloads_are_dead_lettered_and_the_worker_goes_on() {
     let strategy = prop::collection::vec(payload(), 1..5);
     TestRunner::new(runner_config(12))
         .run(&strategy, |payloads| {
-            let ids = bench.corrupt_and_drain("payloads", &payloads, |_, bytes| bytes.clone());
+            let ids = bench.corrupt_and_drain(Part::Payload, &payloads, |_, bytes| bytes.clone());
             for (id, bytes) in ids.iter().zip(&payloads) {
                 let where_ = bench.ending(id);
                 let status = bench.rt.block_on(q.status(id)).unwrap();
@@ -500,7 +529,7 @@ fn hostile_records_end_dead_lettered_or_valid_never_in_no_index() {
     let strategy = prop::collection::vec(hostile(), 1..5);
     TestRunner::new(runner_config(16))
         .run(&strategy, |records| {
-            let ids = bench.corrupt_and_drain("jobs", &records, |record, h| h.apply(record));
+            let ids = bench.corrupt_and_drain(Part::Record, &records, |record, h| h.apply(record));
             for (id, hostile) in ids.iter().zip(&records) {
                 let where_ = bench.ending(id);
                 assert!(

@@ -103,8 +103,8 @@ async fn bulk_enqueue_stores_every_job_in_order() {
     // In line in the order given, each with its own payload.
     let client = redis::Client::open(crate::common::redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let ready: Vec<String> = redis::cmd("ZRANGE")
-        .arg(format!("{}:{{bulk}}:ready", p.name))
+    let ready: Vec<String> = redis::cmd("LRANGE")
+        .arg(format!("{}:{{bulk}}:ready:normal", p.name))
         .arg(0)
         .arg(-1)
         .query_async(&mut conn)
@@ -112,16 +112,27 @@ async fn bulk_enqueue_stores_every_job_in_order() {
         .unwrap();
     let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
     assert_eq!(ready, ids);
-    let payloads: Vec<Vec<u8>> = redis::cmd("HMGET")
-        .arg(format!("{}:{{bulk}}:payloads", p.name))
+    // One entry per job: the record, a newline, the payload (no payloads hash).
+    let entries: Vec<Vec<u8>> = redis::cmd("HMGET")
+        .arg(format!("{}:{{bulk}}:jobs", p.name))
         .arg(&ids)
         .query_async(&mut conn)
         .await
         .unwrap();
-    for (n, payload) in payloads.iter().enumerate() {
-        let echo: Echo = serde_json::from_slice(payload).unwrap();
+    for (n, entry) in entries.iter().enumerate() {
+        let at = entry.iter().position(|&b| b == b'\n').unwrap();
+        let record: serde_json::Value = serde_json::from_slice(&entry[..at]).unwrap();
+        assert_eq!(record["state"], "queued");
+        let echo: Echo = serde_json::from_slice(&entry[at + 1..]).unwrap();
         assert_eq!(echo.n, n as u32);
     }
+    let exists: u32 = redis::cmd("EXISTS")
+        .arg(format!("{}:{{bulk}}:payloads", p.name))
+        .arg(format!("{}:{{bulk}}:ready", p.name))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
 
     let mixed = q
         .enqueue_bulk_with(vec![

@@ -419,7 +419,8 @@ async fn a_lease_held_in_the_old_leases_hash_still_counts() {
         .query_async(&mut c)
         .await
         .unwrap();
-    let mut record: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    let (raw, payload) = raw.split_once('\n').expect("an entry holds record and payload");
+    let mut record: serde_json::Value = serde_json::from_str(raw).unwrap();
     let token = record
         .as_object_mut()
         .unwrap()
@@ -427,7 +428,7 @@ async fn a_lease_held_in_the_old_leases_hash_still_counts() {
         .expect("an active record holds its lease token");
     let token = token.as_str().unwrap().to_owned();
     let _: () = redis::pipe()
-        .hset(&jobs, job.id.as_str(), record.to_string())
+        .hset(&jobs, job.id.as_str(), format!("{record}\n{payload}"))
         .ignore()
         .hset(&leases, job.id.as_str(), &token)
         .ignore()
@@ -448,4 +449,76 @@ async fn a_lease_held_in_the_old_leases_hash_still_counts() {
         .unwrap();
     assert_eq!(left, None, "the old lease entry outlived the lease");
     stop(holder).await;
+}
+
+/// Jobs an earlier version queued (record alone in `jobs`, payload in the `payloads`
+/// hash, id in the `ready` sorted set) still count as queued, run once each in their
+/// priority order, and their dead letters still show the payload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_queued_in_the_old_layout_still_run() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("oldlayout").await;
+    let key = |name: &str| format!("{}:{{oldlayout}}:{name}", p.name);
+    let mut c = conn().await;
+    // Three old jobs (low, high, normal by score), and one new job.
+    let mut pipe = redis::pipe();
+    for (id, rank, seq, n) in [("old-low", 2u64, 1u64, 3u32), ("old-high", 0, 2, 1), ("old-normal", 1, 3, 2)] {
+        pipe.hset(key("jobs"), id, format!(r#"{{"state":"queued","seq":{seq},"pri":{rank},"created_at":1}}"#))
+            .ignore()
+            .hset(key("payloads"), id, format!(r#"{{"n":{n}}}"#))
+            .ignore()
+            .zadd(key("ready"), id, rank * 10_000_000_000_000 + seq)
+            .ignore();
+    }
+    let _: () = pipe.query_async(&mut c).await.unwrap();
+    let stats = q.stats().await.unwrap();
+    assert_eq!(stats.queued, 3);
+    assert_eq!(
+        stats.queued_by_priority,
+        vec![(Priority::High, 1), (Priority::Normal, 1), (Priority::Low, 1)]
+    );
+    let new = q.enqueue(Echo { n: 4 }).await.unwrap();
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = log.clone();
+    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
+        let l = l.clone();
+        async move {
+            l.lock().unwrap().push(job.n);
+            Ok::<_, JobError>(job.n * 10)
+        }
+    });
+    let worker = spawn(Worker::builder(q.clone()).concurrency(1).build(handler));
+    for (id, n) in [("old-high", 1u32), ("old-normal", 2), ("old-low", 3)] {
+        let got: u32 = q.wait_result(&JobId::new(id).unwrap(), WAIT).await.unwrap();
+        assert_eq!(got, n * 10, "{id}");
+    }
+    assert_eq!(q.wait_result::<u32>(&new.id, WAIT).await.unwrap(), 40);
+    stop(worker).await;
+    // The lanes first (the new job), then the old set in its order.
+    assert_eq!(*log.lock().unwrap(), vec![4, 1, 2, 3]);
+    let left: u32 = redis::cmd("EXISTS")
+        .arg(key("ready"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the old ready set is drained");
+
+    // An old dead letter: its payload comes from the payloads hash.
+    let _: () = redis::pipe()
+        .hset(key("jobs"), "old-dead", r#"{"state":"dead","reason":"r","finished_at":5}"#)
+        .ignore()
+        .hset(key("payloads"), "old-dead", r#"{"n":9}"#)
+        .ignore()
+        .zadd(key("dead"), "old-dead", 5)
+        .ignore()
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let dead = q
+        .dead_letter()
+        .get(&JobId::new("old-dead").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(dead.job.unwrap().n, 9);
 }

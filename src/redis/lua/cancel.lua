@@ -10,7 +10,11 @@ if not job then
   return 'missing'
 end
 if job.state == 'queued' then
-  redis.call('ZREM', K_READY, id)
+  -- O(position in the lane): cancelling a waiting job is rare; a list entry costs a
+  -- tenth of a sorted-set member on every job.
+  if redis.call('LREM', LANES[lane_of(job.pri)], 1, id) == 0 then
+    redis.call('ZREM', K_READY, id)
+  end
   finish(job, 'cancelled')
   return 'cancelled'
 elseif job.state == 'scheduled' then

@@ -3,12 +3,15 @@
 -- Every script receives the same KEYS, all under one hash tag, so every call touches
 -- one slot and no key is ever built inside a script (managed clusters and Dragonfly
 -- refuse undeclared keys):
---   KEYS[1]  jobs       hash   id -> job record (JSON)
---   KEYS[2]  payloads   hash   id -> payload bytes (never decoded here)
+--   KEYS[1]  jobs       hash   id -> job record (JSON), a newline, the payload bytes
+--                               (never decoded here); one entry per job, not two
+--   KEYS[2]  payloads   hash   id -> payload bytes of records written before the
+--                               payload moved into the record; read and dropped only
 --   KEYS[3]  results    hash   id -> result bytes
 --   KEYS[4]  leases     hash   id -> lease token, only for jobs claimed before the token
 --                               moved into the record (`lease`); read and dropped, never written
---   KEYS[5]  ready      zset   score = priority rank * 1e13 + sequence
+--   KEYS[5]  ready      zset   ready jobs from before the lanes (KEYS[20..22]);
+--                               score = priority rank * 1e13 + sequence; drained only
 --   KEYS[6]  scheduled  zset   score = run-at ms
 --   KEYS[7]  active     zset   score = lease deadline ms
 --   KEYS[8]  dead       zset   score = time of death ms
@@ -23,6 +26,12 @@
 --   KEYS[17] limits     hash   rate-limit key -> theoretical arrival time (GCRA) ms
 --   KEYS[18] limits_exp zset   rate-limit key -> ms after which the entry is idle
 --   KEYS[19] breakers   hash   worker id -> circuit-breaker state, while not closed
+--   KEYS[20] ready:high   list ready ids of high priority, oldest first
+--   KEYS[21] ready:normal list ready ids of normal priority
+--   KEYS[22] ready:low    list ready ids of low priority
+--   (Lists, not one sorted set: a list entry costs a tenth of a sorted-set member,
+--   and FIFO within a priority is all the order a queue needs. A job that comes back
+--   from a dead worker or a shutdown goes to the head of its lane: it keeps its place.)
 -- ARGV[1] '' to run on Redis's clock (`TIME`), the only clock of the queue; a test
 --          harness may pass a fixed time in ms instead (the client never does)
 -- ARGV[2] maximum length of the events stream; negative: the same, without the
@@ -42,6 +51,7 @@ local K_FINISHED, K_EVENTS, K_WAKE, K_WORKERS
 local K_SEQ, K_STATS
 local K_DEDUP, K_DEDUP_EXP, K_LIMITS, K_LIMITS_EXP
 local K_BREAKERS
+local LANES = {}
 local NOW, EVENTS_MAX, STEP_EVENTS
 -- Counters a batch script adds up in Lua and writes once at its end (see
 -- `flush_counts`), instead of one HINCRBY per job; nil: written at once.
@@ -54,6 +64,7 @@ local function begin(keys, args)
   K_SEQ, K_STATS = keys[13], keys[14]
   K_DEDUP, K_DEDUP_EXP, K_LIMITS, K_LIMITS_EXP = keys[15], keys[16], keys[17], keys[18]
   K_BREAKERS = keys[19]
+  LANES[1], LANES[2], LANES[3] = keys[20], keys[21], keys[22]
   -- One clock: Redis's. A caller's clock may run ahead or behind, and a call may wait
   -- behind a stalled server; the time the script runs is when the transition happens
   -- (a lease starts when Redis hands the job over).
@@ -73,7 +84,6 @@ local function begin(keys, args)
   deferred = nil
 end
 
-local PRI_SPAN = 10000000000000 -- 1e13 sequence numbers per priority level
 local WAKE_MAX = 1000           -- more tokens than this wake nobody new
 local ERRORS_MAX = 10           -- attempt errors kept per job (the latest)
 local DEAD_CAP_DEFAULT = 10000  -- dead letters kept when the queue sets no cap
@@ -124,34 +134,60 @@ local function shape_error(id, job)
   return nil
 end
 
+-- A job's entry holds the record (cjson never writes a raw newline), a newline, and
+-- the payload: one hash entry per job. The payload rides along as `job.body`, never
+-- decoded; an entry without the newline was written before the payload moved in,
+-- and its payload is in the payloads hash (`body` stays nil, and the entry keeps its
+-- old form when saved).
 local function load(id)
   local raw = redis.call('HGET', K_JOBS, id)
   if not raw then
     return nil
   end
+  local body
+  local nl = string.find(raw, '\n', 1, true)
+  if nl then
+    body = string.sub(raw, nl + 1)
+    raw = string.sub(raw, 1, nl - 1)
+  end
   local ok, job = pcall(cjson.decode, raw)
   if not ok or type(job) ~= 'table' then
-    return { id = id, state = 'corrupt', corrupt = tostring(job), raw = raw }
+    return { id = id, state = 'corrupt', corrupt = tostring(job), raw = raw, body = body }
   end
   local wrong = shape_error(id, job)
   if wrong then
-    return { id = id, state = 'corrupt', corrupt = 'wrong shape: ' .. wrong, raw = raw }
+    return { id = id, state = 'corrupt', corrupt = 'wrong shape: ' .. wrong, raw = raw, body = body }
   end
   job.id = id
+  job.body = body
   return job
 end
 
--- A record as stored: without its id (the hash field holds it) — memory per job.
+-- A record as stored: without its id (the hash field holds it) — memory per job —
+-- and without the payload.
 local function encode(job)
-  local id = job.id
-  job.id = nil
+  local id, body = job.id, job.body
+  job.id, job.body = nil, nil
   local raw = cjson.encode(job)
-  job.id = id
+  job.id, job.body = id, body
+  return raw
+end
+
+-- The entry of a job whose record is `raw` (its encoded form).
+local function entry(job, raw)
+  if job.body then
+    return raw .. '\n' .. job.body
+  end
   return raw
 end
 
 local function save(job)
-  redis.call('HSET', K_JOBS, job.id, encode(job))
+  redis.call('HSET', K_JOBS, job.id, entry(job, encode(job)))
+end
+
+-- The payload of a loaded job (an old entry's from the payloads hash).
+local function payload_of(job)
+  return job.body or redis.call('HGET', K_PAYLOADS, job.id) or ''
 end
 
 local function emit(kind, id, data)
@@ -241,39 +277,56 @@ local function wake(n)
   end
 end
 
--- Tables a batch fills and writes with one call each (enqueue's records, payloads
--- and ready entries), with explicit lengths so that stale entries never count. As
+-- Tables a batch fills and writes with one call each (enqueue's entries, and each
+-- lane's ready ids), with explicit lengths so that stale entries never count. As
 -- functions of a library they are made once, not per call: a call's garbage is what
 -- makes Lua's collector walk the whole library again.
-local BATCH_A, BATCH_B, BATCH_C = {}, {}, {}
+local BATCH = {}
+local BATCH_LANES = { {}, {}, {} }
+local BATCH_N = { 0, 0, 0 }
 
--- Writes the first nr entries of BATCH_A (records) and BATCH_B (payloads) and the
--- first nq of BATCH_C (ready) and lets go of them. Returns 0, 0 (the new lengths).
-local function write_batch(nr, nq)
-  if nr > 0 then
-    redis.call('HSET', K_JOBS, unpack(BATCH_A, 1, nr))
-    redis.call('HSET', K_PAYLOADS, unpack(BATCH_B, 1, nr))
+-- The lane (1 high, 2 normal, 3 low) of a priority rank.
+local function lane_of(pri)
+  if pri == 0 or pri == 2 then
+    return pri + 1
   end
-  if nq > 0 then
-    redis.call('ZADD', K_READY, unpack(BATCH_C, 1, nq))
-  end
-  for i = 1, nr do
-    BATCH_A[i], BATCH_B[i] = nil, nil
-  end
-  for i = 1, nq do
-    BATCH_C[i] = nil
-  end
-  return 0, 0
+  return 2
 end
 
--- Puts a job in the ready set. A job keeps its sequence number when it comes back
--- from a dead worker or a shutdown, so it does not lose its place in line.
-local function push_ready(job, fresh_seq)
-  if fresh_seq or not job.seq then
-    job.seq = redis.call('INCR', K_SEQ)
+-- Writes the first nr entries of BATCH (id, entry, ...) and every lane's batched ids,
+-- and lets go of them. Returns 0 (the new length of BATCH).
+local function write_batch(nr)
+  if nr > 0 then
+    redis.call('HSET', K_JOBS, unpack(BATCH, 1, nr))
+    for i = 1, nr do
+      BATCH[i] = nil
+    end
   end
+  for l = 1, 3 do
+    local n, ids = BATCH_N[l], BATCH_LANES[l]
+    if n > 0 then
+      redis.call('RPUSH', LANES[l], unpack(ids, 1, n))
+      for i = 1, n do
+        ids[i] = nil
+      end
+      BATCH_N[l] = 0
+    end
+  end
+  return 0
+end
+
+-- Puts a job in its ready lane: at the tail when it is new work (enqueued, due,
+-- requeued), at the head when it comes back (a dead worker's, a shutdown's), so it
+-- keeps its place in line.
+local function push_ready(job, back)
   job.state = 'queued'
-  redis.call('ZADD', K_READY, int((job.pri or 1) * PRI_SPAN + job.seq), job.id)
+  job.seq = nil
+  local lane = LANES[lane_of(job.pri)]
+  if back then
+    redis.call('LPUSH', lane, job.id)
+  else
+    redis.call('RPUSH', lane, job.id)
+  end
 end
 
 -- The lease token lives in the record (`lease`), written with the claim's one HSET of
@@ -381,11 +434,11 @@ local IN_FLIGHT = { queued = true, scheduled = true, active = true }
 -- more duplicates, and idle rate-limit entries; bounded so no call is slow.
 local function sweep(limit)
   local ids = redis.call('ZRANGEBYSCORE', K_FINISHED, '-inf', int(NOW), 'LIMIT', 0, limit)
-  for _, id in ipairs(ids) do
-    redis.call('HDEL', K_JOBS, id)
-    redis.call('HDEL', K_PAYLOADS, id)
-    redis.call('HDEL', K_RESULTS, id)
-    redis.call('ZREM', K_FINISHED, id)
+  if #ids > 0 then
+    redis.call('HDEL', K_JOBS, unpack(ids))
+    redis.call('HDEL', K_PAYLOADS, unpack(ids))
+    redis.call('HDEL', K_RESULTS, unpack(ids))
+    redis.call('ZREM', K_FINISHED, unpack(ids))
   end
   local keys = redis.call('ZRANGEBYSCORE', K_DEDUP_EXP, '-inf', int(NOW), 'LIMIT', 0, limit)
   for _, key in ipairs(keys) do
@@ -413,7 +466,7 @@ local function promote(limit)
     if job and job.corrupt then
       bury(job, 'corrupt job record: ' .. job.corrupt)
     elseif job then
-      push_ready(job, true)
+      push_ready(job, false)
       save(job)
       emit_step('queued', id)
     end
@@ -426,7 +479,10 @@ end
 -- (keeping their place) or, with attempts spent, to the dead letters.
 local function recover(limit)
   local ids = redis.call('ZRANGEBYSCORE', K_ACTIVE, '-inf', int(NOW), 'LIMIT', 0, limit)
-  for _, id in ipairs(ids) do
+  -- Latest lease first: each goes to the head of its lane, so the one claimed first
+  -- ends up first again.
+  for i = #ids, 1, -1 do
+    local id = ids[i]
     local job = load(id)
     if not job then
       release_lease(id)
@@ -443,7 +499,7 @@ local function recover(limit)
         bury(job, message)
       else
         release_lease(job)
-        push_ready(job, false)
+        push_ready(job, true)
         save(job)
         emit('stalled', id, message)
         wake(1)
@@ -494,6 +550,31 @@ local function next_wake()
   return math.max(at - NOW, 0)
 end
 
+-- Pops up to `want` ready ids, the highest lane first; from the sorted set of ready
+-- jobs older versions kept only with `old` (when the lanes ran dry), so jobs queued
+-- before an upgrade still run, at no cost to the hot path.
+local function pop_ready(want, old)
+  local ids = {}
+  for l = 1, 3 do
+    local got = redis.call('LPOP', LANES[l], want - #ids)
+    if got then
+      for _, id in ipairs(got) do
+        ids[#ids + 1] = id
+      end
+      if #ids >= want then
+        return ids
+      end
+    end
+  end
+  if old then
+    local popped = redis.call('ZPOPMIN', K_READY, want - #ids)
+    for i = 1, #popped, 2 do
+      ids[#ids + 1] = popped[i]
+    end
+  end
+  return ids
+end
+
 -- Claims up to n ready jobs for a worker (jobs without their own max_attempts take
 -- default_attempts), after the maintenance that is due, so any live worker keeps the
 -- queue healthy. Returns a flat list: ms until the next wake-up (or -1; only computed
@@ -506,15 +587,15 @@ local function claim(worker, n, lease_ms, default_attempts)
   local swept = false
   -- Lease tokens come from the sequence, reserved for the whole claim in one call.
   local next_token, last_token = 1, 0
-  -- Ids popped from ready (id, score, id, score, ...) and not yet looked at: one
-  -- ZPOPMIN for as many as the claim still wants. Every popped id is claimed, buried
-  -- or ended before the loop stops (the pop never takes more than the loop will look
-  -- at: `n - claimed` and the guard both bound it).
+  -- Ids popped from the lanes and not yet looked at: one pop for as many as the
+  -- claim still wants. Every popped id is claimed, buried or ended before the loop
+  -- stops (the pop never takes more than the loop will look at: `n - claimed` and
+  -- the guard both bound it).
   local popped, at = {}, 1
   while claimed < n and guard < n + 1000 do
     if at > #popped then
       local want = math.min(n - claimed, n + 1000 - guard)
-      popped, at = redis.call('ZPOPMIN', K_READY, want), 1
+      popped, at = pop_ready(want, false), 1
       if #popped == 0 then
         if swept then
           break
@@ -522,7 +603,7 @@ local function claim(worker, n, lease_ms, default_attempts)
         -- Short: maybe a scheduled job came due or a lease ran out since the last look.
         maintain(true)
         swept = true
-        popped = redis.call('ZPOPMIN', K_READY, want)
+        popped = pop_ready(want, true)
         if #popped == 0 then
           break
         end
@@ -530,10 +611,13 @@ local function claim(worker, n, lease_ms, default_attempts)
     end
     guard = guard + 1
     local id = popped[at]
-    at = at + 2
+    at = at + 1
     local job = load(id)
     if job and job.corrupt then
       bury(job, 'corrupt job record: ' .. job.corrupt)
+    elseif job and job.state ~= 'queued' then
+      -- Not ready (a lane entry left behind): the job is wherever its state says.
+      redis.log(redis.LOG_WARNING, 'voxqueue: skipped ' .. id .. ' in a ready lane, state ' .. tostring(job.state))
     elseif job then
       if job.expires_at and job.expires_at > 0 and NOW > job.expires_at then
         finish(job, 'expired')
@@ -555,12 +639,12 @@ local function claim(worker, n, lease_ms, default_attempts)
         job.lease = token
         redis.call('ZADD', K_ACTIVE, int(NOW + lease_ms), id)
         local raw = encode(job)
-        redis.call('HSET', K_JOBS, id, raw)
+        redis.call('HSET', K_JOBS, id, entry(job, raw))
         emit_step('active', id, worker)
         table.insert(out, id)
         table.insert(out, token)
         table.insert(out, raw)
-        table.insert(out, redis.call('HGET', K_PAYLOADS, id) or '')
+        table.insert(out, payload_of(job))
         claimed = claimed + 1
       end
     end
@@ -575,7 +659,8 @@ local function claim(worker, n, lease_ms, default_attempts)
   -- fewer tokens than ready jobs (a backlog), need nothing trimmed.
   local tokens = redis.call('LLEN', K_WAKE)
   if tokens > 0 then
-    local keep = redis.call('ZCARD', K_READY)
+    local keep = redis.call('LLEN', LANES[1]) + redis.call('LLEN', LANES[2])
+      + redis.call('LLEN', LANES[3]) + redis.call('ZCARD', K_READY)
     if keep < tokens and redis.call('ZCARD', K_SCHEDULED) > 0 then
       keep = keep + 1
     end

@@ -3,7 +3,8 @@
 -- KEYS: the queue's keys (see common.lua)
 -- ARGV[1] '' (Redis's clock), ARGV[2] events max
 -- ARGV[3] rate-limit key ('' for none), ARGV[4] jobs allowed per period, ARGV[5] period ms
--- ARGV[6] number of jobs n, then per job four arguments:
+-- ARGV[6] number of jobs n, then per job four arguments (the record and payload are
+-- stored as one entry: the record, a newline, the payload):
 --   id, record JSON (pri, max_attempts, run_at, ttl_ms, ... set by the client),
 --   payload, dedup key ('' for none: the sha256 of the request's canonical form)
 -- Returns: {'ok', {{id, created (1) or existing (0), state}, ...}}
@@ -56,19 +57,13 @@ if limit_key ~= '' and #fresh > 0 then
 end
 
 -- Pass 2: create the new jobs. Two identical requests in one batch make one job.
--- Records, payloads and ready entries are written with one HSET / ZADD per batch
--- (in slices, so no call gets more arguments than Lua can unpack), and the sequence
--- numbers of the whole batch come from one INCRBY (a twin or a delayed job leaves a
--- gap, which orders nothing differently).
+-- Entries and each lane's ready ids are written with one HSET / RPUSH per batch
+-- (in slices, so no call gets more arguments than Lua can unpack).
 local created_here = {}
 local created_ids = {}
--- (BATCH_A/B/C: the library's reusable tables, see common.lua; nr/nq: entries used)
-local records, payloads, ready = BATCH_A, BATCH_B, BATCH_C
-local nr, nq = 0, 0
-local next_seq = 0
-if #fresh > 0 then
-  next_seq = redis.call('INCRBY', K_SEQ, #fresh) - #fresh + 1
-end
+-- (BATCH, BATCH_LANES, BATCH_N: the library's reusable tables, see common.lua;
+-- nr: entries used)
+local nr = 0
 for _, i in ipairs(fresh) do
   local base = 7 + i * 4
   local id, dedup = ARGV[base], ARGV[base + 3]
@@ -94,35 +89,33 @@ for _, i in ipairs(fresh) do
       job.state = 'scheduled'
       redis.call('ZADD', K_SCHEDULED, int(job.run_at), id)
     else
-      -- push_ready, its ZADD joining the batch's.
-      job.seq = next_seq
+      -- push_ready, its RPUSH joining the batch's.
       job.state = 'queued'
-      ready[nq + 1] = int((job.pri or 1) * PRI_SPAN + next_seq)
-      ready[nq + 2] = id
-      nq = nq + 2
+      local lane = lane_of(job.pri)
+      local m = BATCH_N[lane] + 1
+      BATCH_LANES[lane][m] = id
+      BATCH_N[lane] = m
     end
-    next_seq = next_seq + 1
     if dedup ~= '' then
       job.dedup = dedup
       redis.call('HSET', K_DEDUP, dedup, id)
       redis.call('ZREM', K_DEDUP_EXP, dedup)
       created_here[dedup] = { id, job.state }
     end
-    records[nr + 1] = id
-    records[nr + 2] = encode(job)
-    payloads[nr + 1] = id
-    payloads[nr + 2] = ARGV[base + 2]
+    job.body = ARGV[base + 2]
+    BATCH[nr + 1] = id
+    BATCH[nr + 2] = entry(job, encode(job))
     nr = nr + 2
     count('enqueued')
     emit_step(job.state, id)
     created_ids[id] = { id, job.state }
     out[i + 1] = { id, 1, job.state }
-    if nr >= 400 or nq >= 400 then
-      nr, nq = write_batch(nr, nq)
+    if nr >= 400 then
+      nr = write_batch(nr)
     end
   end
 end
-write_batch(nr, nq)
+write_batch(nr)
 flush_counts()
 -- Delayed jobs wake a worker too, so it recomputes how long to sleep.
 -- No sweeping here: claims and heartbeats sweep when a retention comes due.

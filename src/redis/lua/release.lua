@@ -1,5 +1,6 @@
 -- release: a worker hands an unfinished job back (graceful shutdown) so it runs again
--- at once instead of after a lease timeout. The interrupted attempt is not counted.
+-- at once, at the head of its lane, instead of after a lease timeout. The interrupted
+-- attempt is not counted.
 -- KEYS: the queue's keys (see common.lua)
 -- ARGV[1] '' (Redis's clock), ARGV[2] events max
 -- ARGV[3] id, ARGV[4] lease token
@@ -11,7 +12,7 @@ if not job then
 end
 release_lease(job)
 job.attempts = math.max((job.attempts or 1) - 1, 0)
-push_ready(job, false)
+push_ready(job, true)
 save(job)
 emit('released', id)
 wake(1)

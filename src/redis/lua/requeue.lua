@@ -1,8 +1,8 @@
 -- requeue: gives dead jobs another life. Each id still in the dead letters goes back to
--- ready at its original priority, behind the jobs already waiting (a fresh sequence
--- number), with its attempts reset and its error history kept so operators can still
+-- ready at its original priority, behind the jobs already waiting (the tail of its
+-- lane), with its attempts reset and its error history kept so operators can still
 -- see what happened. The id is kept, so anyone waiting on it gets the new result.
--- KEYS: the queue's 14 keys (see common.lua)
+-- KEYS: the queue's keys (see common.lua)
 -- ARGV[1] '' (Redis's clock), ARGV[2] events max
 -- ARGV[3..] job ids (the client sends bounded batches)
 -- Returns: how many jobs were requeued. Ids not in the dead letters are skipped; a
@@ -24,7 +24,7 @@ for i = 3, #ARGV do
       -- An operator asked for this run: a time-to-live that passed while it lay dead
       -- must not expire it on the spot.
       job.expires_at = nil
-      push_ready(job, true)
+      push_ready(job, false)
       save(job)
       count('requeued')
       emit('requeued', id)
