@@ -87,7 +87,7 @@ for _, i in ipairs(fresh) do
     job.delay_ms = nil
     if job.run_at and job.run_at > NOW then
       job.state = 'scheduled'
-      redis.call('ZADD', K_SCHEDULED, int(job.run_at), id)
+      redis.call('ZADD', K_SCHEDULED, job.run_at, id)
     else
       -- push_ready, its RPUSH joining the batch's.
       job.state = 'queued'

@@ -9,13 +9,13 @@
 --           ms until the queue next needs a look or -1}
 local lease_ms = tonumber(ARGV[4])
 local forget_ms = tonumber(ARGV[5])
-redis.call('ZADD', K_WORKERS, int(NOW), ARGV[3])
+redis.call('ZADD', K_WORKERS, NOW, ARGV[3])
 local lost, cancel = {}, {}
 for i = 6, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
   local job = load(id)
   if owned(job, token) then
-    redis.call('ZADD', K_ACTIVE, 'XX', int(NOW + lease_ms), id)
+    redis.call('ZADD', K_ACTIVE, 'XX', NOW + lease_ms, id)
     if job.cancel then
       table.insert(cancel, id)
     end
@@ -25,7 +25,7 @@ for i = 6, #ARGV, 2 do
 end
 -- Bounded memory: a worker that stopped without unregistering (killed) is forgotten,
 -- with its breaker, once it has been silent for forget_ms.
-local stale = redis.call('ZRANGEBYSCORE', K_WORKERS, '-inf', int(NOW - forget_ms), 'LIMIT', 0, 100)
+local stale = redis.call('ZRANGEBYSCORE', K_WORKERS, '-inf', NOW - forget_ms, 'LIMIT', 0, 100)
 for _, worker in ipairs(stale) do
   redis.call('ZREM', K_WORKERS, worker)
   redis.call('HDEL', K_BREAKERS, worker)
