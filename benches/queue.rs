@@ -220,9 +220,22 @@ async fn end_to_end_rate(concurrency: usize, step_events: bool) -> f64 {
     let running = tokio::spawn(worker.run_until(async {
         let _ = stopped.await;
     }));
+    // One HGET of the completed counter per poll, not `stats()` (a dozen reads): the
+    // polls are the bench's own load on Redis, not the queue's.
+    let mut conn = redis::Client::open(url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let counter = format!("{}:{{{}}}:stats", prefix(), q.name());
     loop {
-        let stats = q.stats().await.unwrap();
-        if stats.totals.get("completed").copied().unwrap_or(0) >= n as u64 {
+        let done: Option<u64> = redis::cmd("HGET")
+            .arg(&counter)
+            .arg("completed")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if done.unwrap_or(0) >= n as u64 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

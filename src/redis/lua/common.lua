@@ -657,26 +657,27 @@ local function claim(worker, n, lease_ms, default_attempts)
   if not swept then
     maintain(false)
   end
-  -- Wake tokens stand for work nobody took yet: keep no more than the ready jobs
-  -- (plus one while jobs are scheduled, so a sleeping worker still learns of an
-  -- earlier due time), so idle workers never spin through empty claims after a burst.
-  -- Read in the order that ends soonest on the hot path: no tokens (busy workers), or
-  -- fewer tokens than ready jobs (a backlog), need nothing trimmed.
-  local tokens = redis.call('LLEN', K_WAKE)
-  if tokens > 0 then
-    local keep = redis.call('LLEN', LANES[1]) + redis.call('LLEN', LANES[2])
-      + redis.call('LLEN', LANES[3]) + redis.call('ZCARD', K_READY)
-    if keep < tokens and redis.call('ZCARD', K_SCHEDULED) > 0 then
-      keep = keep + 1
-    end
-    if keep == 0 then
-      redis.call('DEL', K_WAKE)
-    elseif keep < tokens then
-      redis.call('LTRIM', K_WAKE, 0, keep - 1)
-    end
-  end
   local wake_in = -1
   if claimed < n then
+    -- Wake tokens stand for work nobody took yet: keep no more than the ready jobs
+    -- (plus one while jobs are scheduled, so a sleeping worker still learns of an
+    -- earlier due time), so idle workers never spin through empty claims after a
+    -- burst. Only a short claim trims: a full one leaves work behind, which the
+    -- tokens (at most WAKE_MAX) stand for, and the first claim to find the lanes dry
+    -- trims them, so an idle worker wakes at most once for nothing.
+    local tokens = redis.call('LLEN', K_WAKE)
+    if tokens > 0 then
+      local keep = redis.call('LLEN', LANES[1]) + redis.call('LLEN', LANES[2])
+        + redis.call('LLEN', LANES[3]) + redis.call('ZCARD', K_READY)
+      if keep < tokens and redis.call('ZCARD', K_SCHEDULED) > 0 then
+        keep = keep + 1
+      end
+      if keep == 0 then
+        redis.call('DEL', K_WAKE)
+      elseif keep < tokens then
+        redis.call('LTRIM', K_WAKE, 0, keep - 1)
+      end
+    end
     wake_in = next_wake()
   end
   table.insert(out, 1, wake_in)
