@@ -522,3 +522,45 @@ async fn jobs_queued_in_the_old_layout_still_run() {
         .unwrap();
     assert_eq!(dead.job.unwrap().n, 9);
 }
+
+/// Text that needs escapes in JSON (quotes, backslashes, slashes, controls, non-ASCII)
+/// and the largest numbers a record holds come back from the record exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_text_and_large_numbers_round_trip_exactly() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("escapes").await;
+    const MESSAGE: &str = "a \"quoted\" \\ back/slash,\nnew line\t tab, \u{1} control, é ü 字, {\"json\":[1]}";
+    let handler = handler_fn(|_job: Echo, _ctx: JobContext| async move {
+        Err::<u32, _>(JobError::permanent(MESSAGE))
+    });
+    // A timeout of ~3 years, and a result TTL past the cap (1e13 ms) the client
+    // clamps every duration to.
+    let long = Duration::from_millis(123_456_789_012_345);
+    let job = q
+        .enqueue(Echo { n: 1 })
+        .timeout(Duration::from_millis(99_999_999_999))
+        .result_ttl(long)
+        .await
+        .unwrap();
+    let worker = spawn(Worker::builder(q.clone()).build(handler));
+    let st = eventually(WAIT, "buried", || async {
+        let st = q.status(&job.id).await.ok()?;
+        (st.state == JobState::Dead).then_some(st)
+    })
+    .await;
+    stop(worker).await;
+    assert_eq!(st.reason.as_deref(), Some(MESSAGE));
+    assert_eq!(st.last_error().unwrap().message, MESSAGE);
+    let mut c = conn().await;
+    let raw: String = redis::cmd("HGET")
+        .arg(format!("{}:{{escapes}}:jobs", p.name))
+        .arg(job.id.as_str())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let record = raw.split_once('\n').unwrap().0;
+    let value: serde_json::Value = serde_json::from_str(record).unwrap();
+    assert_eq!(value["timeout_ms"], 99_999_999_999u64, "{record}");
+    assert_eq!(value["result_ttl_ms"], 10_000_000_000_000u64, "{record}");
+    assert_eq!(value["reason"], MESSAGE);
+}
