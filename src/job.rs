@@ -73,7 +73,11 @@ fn compact(n: u128) -> String {
     // 128 bits: the top two, then 21 digits of six bits each.
     (0..22)
         .map(|i| {
-            let digit = if i == 0 { n >> 126 } else { (n >> (126 - 6 * i)) & 63 };
+            let digit = if i == 0 {
+                n >> 126
+            } else {
+                (n >> (126 - 6 * i)) & 63
+            };
             char::from(DIGITS[digit as usize])
         })
         .collect()
@@ -756,7 +760,10 @@ mod tests {
             r#"{"attempt":2,"at":3,"kind":"permanent","message":"second"}]}"#,
             "\npayload"
         );
-        let set = JobRecord::parse("a", raw.as_bytes()).unwrap().status().unwrap();
+        let set = JobRecord::parse("a", raw.as_bytes())
+            .unwrap()
+            .status()
+            .unwrap();
         assert_eq!(set.max_attempts, Some(1));
         assert_eq!(set.priority, Priority::High);
         let t = |ms| Some(UNIX_EPOCH + Duration::from_millis(ms));
@@ -792,10 +799,15 @@ mod tests {
         let mut x: u128 = 0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C834;
         let mut prev = (0u128, compact(0));
         for _ in 0..1000 {
-            x = x.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(0x1405_7B7E_F767_814F);
+            x = x
+                .wrapping_mul(0x2545_F491_4F6C_DD1D)
+                .wrapping_add(0x1405_7B7E_F767_814F);
             let text = compact(x);
             assert_eq!(text.len(), 22);
-            assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+            assert!(
+                text.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            );
             assert_eq!(x.cmp(&prev.0), text.cmp(&prev.1), "{x} vs {}", prev.0);
             prev = (x, text);
         }
@@ -803,7 +815,10 @@ mod tests {
 
     #[test]
     fn an_entry_is_split_at_its_first_newline() {
-        assert_eq!(split_entry(b"{\"a\":1}\npay\nload"), (&b"{\"a\":1}"[..], Some(&b"pay\nload"[..])));
+        assert_eq!(
+            split_entry(b"{\"a\":1}\npay\nload"),
+            (&b"{\"a\":1}"[..], Some(&b"pay\nload"[..]))
+        );
         assert_eq!(split_entry(b"{}\n"), (&b"{}"[..], Some(&b""[..])));
         assert_eq!(split_entry(b"{}"), (&b"{}"[..], None));
     }

@@ -101,17 +101,9 @@ impl Shared {
     /// `EVALSHA` (which a pipeline cannot turn into a load on NOSCRIPT by itself).
     fn script_command(&self, inv: &Invocation<'_>) -> redis::Cmd {
         if self.scripts.functions() {
-            return inv.transition.fcall(inv.keys, &inv.args);
+            inv.transition.fcall(inv.keys, &inv.args)
+        } else {
+            inv.transition.evalsha(inv.keys, &inv.args)
         }
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(inv.transition.script().get_hash())
-            .arg(inv.keys.len());
-        for key in inv.keys {
-            cmd.arg(key);
-        }
-        for arg in &inv.args {
-            cmd.arg(arg.as_slice());
-        }
-        cmd
     }
 }

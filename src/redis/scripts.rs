@@ -164,17 +164,33 @@ impl Transition {
 
     /// The `FCALL` command for this transition with `keys` and `args`.
     pub(crate) fn fcall(&self, keys: &[String], args: &[Vec<u8>]) -> redis::Cmd {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg(format!("{}_{}", LIBRARY.prefix, self.name))
-            .arg(keys.len());
-        for key in keys {
-            cmd.arg(key);
-        }
-        for arg in args {
-            cmd.arg(arg.as_slice());
-        }
-        cmd
+        call(
+            "FCALL",
+            &format!("{}_{}", LIBRARY.prefix, self.name),
+            keys,
+            args,
+        )
     }
+
+    /// The `EVALSHA` command of the stand-alone script with `keys` and `args`. It does
+    /// not load the script on NOSCRIPT (`script()`'s invocation does): for pipelines,
+    /// which load it themselves.
+    pub(crate) fn evalsha(&self, keys: &[String], args: &[Vec<u8>]) -> redis::Cmd {
+        call("EVALSHA", self.script.get_hash(), keys, args)
+    }
+}
+
+/// `FCALL` and `EVALSHA` share their shape: what to run, the key count, keys, arguments.
+fn call(verb: &str, target: &str, keys: &[String], args: &[Vec<u8>]) -> redis::Cmd {
+    let mut cmd = redis::cmd(verb);
+    cmd.arg(target).arg(keys.len());
+    for key in keys {
+        cmd.arg(key);
+    }
+    for arg in args {
+        cmd.arg(arg.as_slice());
+    }
+    cmd
 }
 
 /// `FUNCTION LOAD REPLACE` of the library (a cluster client sends it to every master).

@@ -198,7 +198,11 @@ async fn every_ending_leaves_only_capped_traces_after_its_retention() {
     // What is left: the capped dead letters (one entry each), the capped event
     // stream, the counters, the sequence, and the live worker (gone once it stops).
     assert_eq!(after.get("dead"), Some(&DEAD_CAP));
-    assert_eq!(after.get("payloads"), None, "payloads live in the job entries");
+    assert_eq!(
+        after.get("payloads"),
+        None,
+        "payloads live in the job entries"
+    );
     // `XADD MAXLEN ~` trims whole stream nodes (100 entries each) only.
     let events = after.get("events").copied().unwrap_or_default();
     assert!(events <= EVENTS_MAX + 100, "{events} events kept");

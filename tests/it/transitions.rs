@@ -419,7 +419,9 @@ async fn a_lease_held_in_the_old_leases_hash_still_counts() {
         .query_async(&mut c)
         .await
         .unwrap();
-    let (raw, payload) = raw.split_once('\n').expect("an entry holds record and payload");
+    let (raw, payload) = raw
+        .split_once('\n')
+        .expect("an entry holds record and payload");
     let mut record: serde_json::Value = serde_json::from_str(raw).unwrap();
     let token = record
         .as_object_mut()
@@ -462,20 +464,32 @@ async fn jobs_queued_in_the_old_layout_still_run() {
     let mut c = conn().await;
     // Three old jobs (low, high, normal by score), and one new job.
     let mut pipe = redis::pipe();
-    for (id, rank, seq, n) in [("old-low", 2u64, 1u64, 3u32), ("old-high", 0, 2, 1), ("old-normal", 1, 3, 2)] {
-        pipe.hset(key("jobs"), id, format!(r#"{{"state":"queued","seq":{seq},"pri":{rank},"created_at":1}}"#))
-            .ignore()
-            .hset(key("payloads"), id, format!(r#"{{"n":{n}}}"#))
-            .ignore()
-            .zadd(key("ready"), id, rank * 10_000_000_000_000 + seq)
-            .ignore();
+    for (id, rank, seq, n) in [
+        ("old-low", 2u64, 1u64, 3u32),
+        ("old-high", 0, 2, 1),
+        ("old-normal", 1, 3, 2),
+    ] {
+        pipe.hset(
+            key("jobs"),
+            id,
+            format!(r#"{{"state":"queued","seq":{seq},"pri":{rank},"created_at":1}}"#),
+        )
+        .ignore()
+        .hset(key("payloads"), id, format!(r#"{{"n":{n}}}"#))
+        .ignore()
+        .zadd(key("ready"), id, rank * 10_000_000_000_000 + seq)
+        .ignore();
     }
     let _: () = pipe.query_async(&mut c).await.unwrap();
     let stats = q.stats().await.unwrap();
     assert_eq!(stats.queued, 3);
     assert_eq!(
         stats.queued_by_priority,
-        vec![(Priority::High, 1), (Priority::Normal, 1), (Priority::Low, 1)]
+        vec![
+            (Priority::High, 1),
+            (Priority::Normal, 1),
+            (Priority::Low, 1)
+        ]
     );
     let new = q.enqueue(Echo { n: 4 }).await.unwrap();
     let log = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -505,7 +519,11 @@ async fn jobs_queued_in_the_old_layout_still_run() {
 
     // An old dead letter: its payload comes from the payloads hash.
     let _: () = redis::pipe()
-        .hset(key("jobs"), "old-dead", r#"{"state":"dead","reason":"r","finished_at":5}"#)
+        .hset(
+            key("jobs"),
+            "old-dead",
+            r#"{"state":"dead","reason":"r","finished_at":5}"#,
+        )
         .ignore()
         .hset(key("payloads"), "old-dead", r#"{"n":9}"#)
         .ignore()
@@ -529,7 +547,8 @@ async fn jobs_queued_in_the_old_layout_still_run() {
 async fn record_text_and_large_numbers_round_trip_exactly() {
     let p = Prefix::new();
     let q = p.queue::<Echo>("escapes").await;
-    const MESSAGE: &str = "a \"quoted\" \\ back/slash,\nnew line\t tab, \u{1} control, é ü 字, {\"json\":[1]}";
+    const MESSAGE: &str =
+        "a \"quoted\" \\ back/slash,\nnew line\t tab, \u{1} control, é ü 字, {\"json\":[1]}";
     let handler = handler_fn(|_job: Echo, _ctx: JobContext| async move {
         Err::<u32, _>(JobError::permanent(MESSAGE))
     });
