@@ -83,6 +83,61 @@ fn compact(n: u128) -> String {
         .collect()
 }
 
+/// The per-job option setters every enqueue builder (a struct with an `options:
+/// JobOptions` field) offers, defined once so that a new option reaches them all.
+macro_rules! option_setters {
+    () => {
+        /// Replaces all options at once.
+        pub fn options(mut self, options: $crate::job::JobOptions) -> Self {
+            self.options = options;
+            self
+        }
+
+        /// Starts the job no sooner than `delay` from now.
+        pub fn delay(mut self, delay: ::std::time::Duration) -> Self {
+            self.options = self.options.delay(delay);
+            self
+        }
+
+        /// Starts the job no sooner than `at`.
+        pub fn run_at(mut self, at: ::std::time::SystemTime) -> Self {
+            self.options = self.options.run_at(at);
+            self
+        }
+
+        /// Attempts before the job is dead.
+        pub fn max_attempts(mut self, attempts: u32) -> Self {
+            self.options = self.options.max_attempts(attempts);
+            self
+        }
+
+        /// How long one attempt may run.
+        pub fn timeout(mut self, timeout: ::std::time::Duration) -> Self {
+            self.options.timeout = Some(timeout);
+            self
+        }
+
+        /// Retries this job on its own policy rather than the worker's.
+        pub fn retry(mut self, policy: $crate::retry::RetryPolicy) -> Self {
+            self.options.retry = Some(policy);
+            self
+        }
+
+        /// A job not started within `ttl` ends `Expired`.
+        pub fn ttl(mut self, ttl: ::std::time::Duration) -> Self {
+            self.options.ttl = Some(ttl);
+            self
+        }
+
+        /// How long the result is kept.
+        pub fn result_ttl(mut self, ttl: ::std::time::Duration) -> Self {
+            self.options.result_ttl = Some(ttl);
+            self
+        }
+    };
+}
+pub(crate) use option_setters;
+
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -2,7 +2,7 @@
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -263,12 +263,6 @@ impl<J> Enqueue<'_, J> {
         self
     }
 
-    /// Replaces all options at once.
-    pub fn options(mut self, options: JobOptions) -> Self {
-        self.options = options;
-        self
-    }
-
     /// Uses a caller-chosen id: a second enqueue with the same id returns the first job.
     pub fn id(mut self, id: JobId) -> Self {
         self.options.id = Some(id);
@@ -281,47 +275,9 @@ impl<J> Enqueue<'_, J> {
         self
     }
 
-    /// Starts the job no sooner than `delay` from now.
-    pub fn delay(mut self, delay: Duration) -> Self {
-        self.options = self.options.delay(delay);
-        self
-    }
-
-    /// Starts the job no sooner than `at`.
-    pub fn run_at(mut self, at: SystemTime) -> Self {
-        self.options = self.options.run_at(at);
-        self
-    }
-
-    /// Attempts before the job is dead.
-    pub fn max_attempts(mut self, attempts: u32) -> Self {
-        self.options = self.options.max_attempts(attempts);
-        self
-    }
-
-    /// How long one attempt may run.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.options.timeout = Some(timeout);
-        self
-    }
-
-    /// Retries this job on its own policy rather than the worker's.
-    pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.options.retry = Some(policy);
-        self
-    }
-
-    /// A job not started within `ttl` ends `Expired`.
-    pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.options.ttl = Some(ttl);
-        self
-    }
-
-    /// How long the result is kept.
-    pub fn result_ttl(mut self, ttl: Duration) -> Self {
-        self.options.result_ttl = Some(ttl);
-        self
-    }
+    // options, delay, run_at, max_attempts, timeout, retry, ttl, result_ttl: one
+    // definition for every enqueue builder.
+    crate::job::option_setters!();
 }
 
 impl<'q, J: Serialize + Send + Sync + 'q> IntoFuture for Enqueue<'q, J> {
