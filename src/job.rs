@@ -222,7 +222,7 @@ impl Priority {
     /// All levels, highest first.
     pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
 
-    /// The level's rank in the ready set: lower runs first.
+    /// The level's rank: its ready lane (lower runs first) and the record's `pri`.
     pub(crate) fn rank(self) -> u8 {
         match self {
             Priority::High => 0,
