@@ -225,6 +225,12 @@ impl KokoroSynthesizer {
         self.phonemizer(pack).phonemes(text)
     }
 
+    /// The ids the model reads for `text` in `voice`'s accent, framed by the pad id, as
+    /// [`trace`](Self::trace) and a reference runtime take them.
+    pub fn phoneme_ids(&self, text: &str, voice: &str) -> Result<Vec<u32>, TtsError> {
+        Ok(to_ids(&self.phonemes(text, voice)?))
+    }
+
     /// Runs the model on given ids (pads included) with `voice`'s style and returns the
     /// audio with the durations, for comparison with a reference implementation
     /// (`tests/fixtures/kokoro_reference.py`).
