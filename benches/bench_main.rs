@@ -12,6 +12,8 @@ mod audio;
 mod candle;
 mod cluster;
 #[cfg(feature = "candle")]
+mod kokoro;
+#[cfg(feature = "candle")]
 mod piper;
 mod queue;
 mod text;
@@ -24,7 +26,8 @@ criterion_main!(
     text::benches,
     audio::benches,
     candle::benches,
-    piper::benches
+    piper::benches,
+    kokoro::benches
 );
 #[cfg(not(feature = "candle"))]
 criterion_main!(

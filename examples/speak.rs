@@ -1,8 +1,9 @@
 //! Run with: `cargo run --example speak -- "Hello from voxqueue." --out out/`
 //! (needs Redis on 127.0.0.1:6379 and `espeak-ng`; `bash .ci/setup` installs both).
 //! With `--voice-backend piper --piper-voice <voice.onnx>` it speaks with a Piper voice on
-//! Candle (`.ci/fetch-voices` fetches `en_US-joe-medium`); with `--model-dir <parler-tts dir>
-//! [--device cuda]` with Parler-TTS.
+//! Candle (`.ci/fetch-voices` fetches `en_US-joe-medium`); with `--voice-backend kokoro
+//! [--voice af_heart]` with Kokoro-82M on Candle (from where `.ci/fetch-voices` puts it, or
+//! `--kokoro-model`); with `--model-dir <parler-tts dir> [--device cuda]` with Parler-TTS.
 //!
 //! The main job in one program: a producer enqueues a sentence, a worker with the
 //! offline voice synthesises it, and the audio and its captions are written to files.
@@ -34,15 +35,24 @@ struct Args {
     #[cfg(feature = "candle")]
     #[arg(long)]
     model_dir: Option<PathBuf>,
-    /// The synthesiser: `espeak` (the offline voice), `piper` (needs --piper-voice) or
-    /// `parler` (needs --model-dir). Default: parler if --model-dir is given, else piper if
-    /// --piper-voice is, else espeak.
+    /// The synthesiser: `espeak` (the offline voice), `piper` (needs --piper-voice),
+    /// `kokoro` (Kokoro-82M) or `parler` (needs --model-dir). Default: parler if
+    /// --model-dir is given, else piper if --piper-voice is, else kokoro if
+    /// --kokoro-model is, else espeak.
     #[arg(long)]
     voice_backend: Option<String>,
     /// A Piper voice's `.onnx` file (its `.onnx.json` beside it).
     #[cfg(feature = "candle")]
     #[arg(long)]
     piper_voice: Option<PathBuf>,
+    /// Kokoro's `kokoro-v1.0.int8.onnx` (default: where `.ci/fetch-voices` puts it).
+    #[cfg(feature = "candle")]
+    #[arg(long)]
+    kokoro_model: Option<PathBuf>,
+    /// The directory of Kokoro voice packs (default: `voices/` beside the model).
+    #[cfg(feature = "candle")]
+    #[arg(long)]
+    kokoro_voices: Option<PathBuf>,
     /// Device for the neural backend: auto, cpu, cuda[:N] or metal[:N].
     #[cfg(feature = "candle")]
     #[arg(long, default_value = "auto")]
@@ -66,9 +76,12 @@ struct Args {
     /// Print the voices and exit.
     #[arg(long)]
     list_voices: bool,
+    /// How long to wait for the audio (a neural voice on a busy CPU can take minutes).
+    #[arg(long, default_value = "10m", value_parser = common::parse_duration)]
+    wait: Duration,
 }
 
-/// The offline voice, a Piper voice (`--piper-voice`) or Parler-TTS (`--model-dir`).
+/// The offline voice, a Piper voice (`--piper-voice`), Kokoro or Parler-TTS (`--model-dir`).
 fn backend(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Error>> {
     #[cfg(feature = "candle")]
     {
@@ -79,6 +92,8 @@ fn backend(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Erro
                 "parler"
             } else if args.piper_voice.is_some() {
                 "piper"
+            } else if args.kokoro_model.is_some() {
+                "kokoro"
             } else {
                 "espeak"
             });
@@ -93,6 +108,20 @@ fn backend(args: &Args) -> Result<Arc<dyn Synthesizer>, Box<dyn std::error::Erro
                     .as_ref()
                     .ok_or("piper needs --piper-voice")?;
                 return common::load_piper(voice, &args.device, &args.precision, 1, Duration::ZERO);
+            }
+            "kokoro" => {
+                let model = args
+                    .kokoro_model
+                    .clone()
+                    .unwrap_or_else(common::fetched_kokoro_model);
+                let which = common::Neural::Kokoro(&model, args.kokoro_voices.as_deref());
+                return common::load_neural(
+                    which,
+                    &args.device,
+                    &args.precision,
+                    1,
+                    Duration::ZERO,
+                );
             }
             "espeak" => {}
             other => return Err(format!("unknown --voice-backend {other:?}").into()),
@@ -153,7 +182,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if job.duplicate_of.is_some() {
         tracing::info!(job = %job.id, "same request as an earlier job: reusing its audio");
     }
-    let result: SpeechResult = queue.wait_result(&job.id, Duration::from_secs(60)).await?;
+    let result: SpeechResult = queue.wait_result(&job.id, args.wait).await?;
     let audio = store.get(&result.audio).await?.ok_or("audio expired")?;
 
     std::fs::create_dir_all(&args.out)?;

@@ -1,7 +1,9 @@
 //! Run with: `cargo run --example api -- --listen 127.0.0.1:8080 --with-worker`
 //! (needs Redis on 127.0.0.1:6379 and `espeak-ng`; `bash .ci/setup` installs both).
-//! `--with-worker` runs a worker with the offline voice in the same process: then this one
-//! program is the whole service, API and synthesis, on one machine. Without it, run
+//! `--with-worker` runs workers in the same process: the offline voice, and the Piper and
+//! Kokoro voices on Candle where `.ci/fetch-voices` put them (or `--piper-voice`,
+//! `--kokoro-model` say); then this one program is the whole service, API and synthesis,
+//! on one machine. Without it, run
 //! `examples/worker.rs` processes (on this host or on GPU hosts): they share nothing with
 //! the API but Redis and the result store.
 //!
@@ -44,6 +46,7 @@ mod streaming;
 mod tests;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,7 +57,7 @@ use voxqueue::tts::EspeakSynthesizer;
 
 use auth::ApiKeys;
 use common::{QueueFlags, parse_duration, shutdown_signal};
-use state::{AppState, Config, Queues, Rate, parse_rate};
+use state::{AppState, Config, Queues, Rate, WorkerRun, parse_rate};
 
 #[derive(Debug, Parser)]
 #[command(about = "HTTP API for voxqueue text-to-speech jobs")]
@@ -92,14 +95,12 @@ struct Args {
     /// Reads (every GET) allowed per API key and process, as `N/period`.
     #[arg(long, env = "VOXQUEUE_READ_RATE_LIMIT", value_parser = parse_rate)]
     read_rate_limit: Option<Rate>,
-    /// Also run workers in this process: the offline espeak-ng voice, and the Piper
-    /// voice on Candle when its file is there (`--piper-voice`).
+    /// Also run workers in this process: the offline espeak-ng voice, and each Candle
+    /// voice whose files are there: Piper (`--piper-voice`) and Kokoro (`--kokoro-model`).
     #[arg(long)]
     with_worker: bool,
-    /// The Piper voice (`.onnx` beside its `.onnx.json`) `--with-worker` speaks with;
-    /// default: where `.ci/fetch-voices` puts `en_US-joe-medium`. Missing: eSpeak NG only.
-    #[arg(long, env = "VOXQUEUE_PIPER_VOICE")]
-    piper_voice: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    voices: NeuralVoices,
     /// Longest time to the response's headers (a streamed body may run longer).
     #[arg(long, default_value = "75s", value_parser = parse_duration)]
     request_timeout: Duration,
@@ -124,6 +125,25 @@ struct Args {
     /// How long a finished request's audio answers an identical request without work.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     dedup_ttl: Duration,
+}
+
+/// Where `--with-worker` finds the Candle voices. A flag left out means "where
+/// `.ci/fetch-voices` puts it": absent there, that backend is left out with the reason.
+/// A path given but absent is an error, since its user asked for that voice.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct NeuralVoices {
+    /// The Piper voice (`.onnx` beside its `.onnx.json`) `--with-worker` speaks with;
+    /// default: where `.ci/fetch-voices` puts `en_US-joe-medium`.
+    #[arg(long, env = "VOXQUEUE_PIPER_VOICE")]
+    piper_voice: Option<PathBuf>,
+    /// Kokoro-82M's `kokoro-v1.0.int8.onnx` `--with-worker` speaks with; default: where
+    /// `.ci/fetch-voices` puts it.
+    #[arg(long, env = "VOXQUEUE_KOKORO_MODEL")]
+    kokoro_model: Option<PathBuf>,
+    /// The directory of Kokoro's voice packs (`af_heart.bin`, ...); default: `voices/`
+    /// beside the model.
+    #[arg(long, env = "VOXQUEUE_KOKORO_VOICES")]
+    kokoro_voices: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -178,19 +198,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             shutdown.cancel();
         }
     });
-    let mut workers = Vec::new();
-    if args.with_worker {
-        let voice = EspeakSynthesizer::new().map_err(|e| format!("the espeak-ng voice: {e}"))?;
-        workers.push((
-            "espeak-ng",
-            state::espeak_worker(&state.queues, voice)
-                .await
-                .map_err(|e| e.message)?,
-        ));
-        if let Some(piper) = piper_worker(&state, args.piper_voice.clone()).await? {
-            workers.push(("piper", piper));
-        }
-    }
+    let workers = if args.with_worker {
+        in_process_workers(&state.queues, &args.voices).await?
+    } else {
+        Vec::new()
+    };
     let workers: Vec<_> = workers
         .into_iter()
         .map(|(name, worker)| {
@@ -214,26 +226,77 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The Piper worker `--with-worker` adds when the voice is there: the best voice this
-/// machine has offline. Without the file (or the `candle` feature) it says why and the
-/// service speaks with eSpeak NG alone.
-async fn piper_worker(
-    state: &AppState,
-    path: Option<std::path::PathBuf>,
-) -> Result<Option<state::WorkerRun>, Box<dyn std::error::Error>> {
-    let explicit = path.is_some();
-    let path = path.unwrap_or_else(common::fetched_piper_voice);
-    if !explicit && !path.exists() {
-        tracing::warn!(
-            path = %path.display(),
-            "no Piper voice (run .ci/fetch-voices): speaking with eSpeak NG only"
-        );
-        return Ok(None);
-    }
-    let voice = common::load_piper(&path, "auto", "auto", 1, Duration::from_millis(5))?;
-    Ok(Some(
-        state::backend_worker(&state.queues, "piper", voice)
+/// The workers `--with-worker` runs, named: eSpeak NG always (it needs no weights), then
+/// Piper and Kokoro on Candle where their files are, so `GET /v1/voices` lists every
+/// backend this machine can speak with. A backend whose files were not fetched is left
+/// out with a printed reason; one whose files are there but do not load is an error.
+async fn in_process_workers(
+    queues: &Queues,
+    voices: &NeuralVoices,
+) -> Result<Vec<(&'static str, WorkerRun)>, Box<dyn std::error::Error>> {
+    let espeak = EspeakSynthesizer::new().map_err(|e| format!("the espeak-ng voice: {e}"))?;
+    let mut workers = vec![(
+        "espeak-ng",
+        state::espeak_worker(queues, espeak)
             .await
             .map_err(|e| e.message)?,
-    ))
+    )];
+    let piper = voice_file(
+        voices.piper_voice.as_deref(),
+        common::fetched_piper_voice(),
+        "Piper",
+    );
+    if let Some(path) = found(piper) {
+        let which = common::Neural::Piper(&path);
+        workers.push(("piper", neural_worker(queues, "piper", which).await?));
+    }
+    let kokoro = voice_file(
+        voices.kokoro_model.as_deref(),
+        common::fetched_kokoro_model(),
+        "Kokoro",
+    );
+    if let Some(path) = found(kokoro) {
+        let which = common::Neural::Kokoro(&path, voices.kokoro_voices.as_deref());
+        workers.push(("kokoro", neural_worker(queues, "kokoro", which).await?));
+    }
+    Ok(workers)
+}
+
+/// A Candle backend loaded once, as a worker on its own queue.
+async fn neural_worker(
+    queues: &Queues,
+    name: &str,
+    which: common::Neural<'_>,
+) -> Result<WorkerRun, Box<dyn std::error::Error>> {
+    let voice = common::load_neural(which, "auto", "auto", 1, Duration::from_millis(5))?;
+    Ok(state::backend_worker(queues, name, voice)
+        .await
+        .map_err(|e| e.message)?)
+}
+
+/// The path, or `None` after printing why there is none.
+fn found(file: Result<PathBuf, String>) -> Option<PathBuf> {
+    file.map_err(|reason| tracing::warn!("{reason}: its voices are left out"))
+        .ok()
+}
+
+/// The file a Candle backend loads: the one given (a missing one then fails to load,
+/// naming it), else the one `.ci/fetch-voices` puts at `fetched`; `Err` says why there is
+/// none (not fetched, or a build without Candle).
+fn voice_file(given: Option<&Path>, fetched: PathBuf, what: &str) -> Result<PathBuf, String> {
+    if let Some(path) = given {
+        return Ok(path.to_owned());
+    }
+    if !cfg!(feature = "candle") {
+        return Err(format!(
+            "no {what} voice: this build has no `candle` feature"
+        ));
+    }
+    if !fetched.exists() {
+        return Err(format!(
+            "no {what} voice at {} (run .ci/fetch-voices to fetch it)",
+            fetched.display()
+        ));
+    }
+    Ok(fetched)
 }

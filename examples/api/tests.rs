@@ -795,6 +795,205 @@ async fn no_live_worker_means_no_voice() {
     );
 }
 
+/// Whether `.ci/fetch-voices` has fetched the Piper and Kokoro voices; when it has not,
+/// says so and which test is skipped (a machine without them runs every other test).
+fn fetched_neural_voices(test: &str) -> bool {
+    if !cfg!(feature = "candle") {
+        eprintln!("skipping {test}: this build has no `candle` feature");
+        return false;
+    }
+    let missing: Vec<String> = [
+        crate::common::fetched_piper_voice(),
+        crate::common::fetched_kokoro_model(),
+    ]
+    .iter()
+    .filter(|p| !p.exists())
+    .map(|p| p.display().to_string())
+    .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "skipping {test}: {} missing (run .ci/fetch-voices)",
+            missing.join(", ")
+        );
+    }
+    missing.is_empty()
+}
+
+/// `--with-worker`'s workers, each running until its sender is dropped or sent to.
+fn run_workers(workers: Vec<(&'static str, crate::state::WorkerRun)>) -> Vec<RunningWorker> {
+    workers
+        .into_iter()
+        .map(|(_, run)| {
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(run(Box::pin(async {
+                let _ = stopped.await;
+            })));
+            RunningWorker { stop, task }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn with_worker_lists_every_backends_voices_and_speaks_kokoro() {
+    let test = "with_worker_lists_every_backends_voices_and_speaks_kokoro";
+    if !fetched_neural_voices(test) {
+        return;
+    }
+    let t = TestApp::start(Setup {
+        no_voices: true,
+        ..Setup::default()
+    })
+    .await;
+    let workers = crate::in_process_workers(&t.queues, &crate::NeuralVoices::default())
+        .await
+        .expect("every fetched voice loads");
+    let names: Vec<&str> = workers.iter().map(|(name, _)| *name).collect();
+    assert_eq!(names, ["espeak-ng", "piper", "kokoro"]);
+    let running = run_workers(workers);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let voices = loop {
+        let body = json_body(t.get("/v1/voices").await).await;
+        let listed = body["voices"].as_array().unwrap();
+        let mut backends: Vec<&str> = listed
+            .iter()
+            .map(|v| v["backend"].as_str().unwrap())
+            .collect();
+        backends.sort_unstable();
+        backends.dedup();
+        if backends == ["espeak", "kokoro", "piper"] {
+            break listed.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every backend registered: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let listed = |id: &str| {
+        let v = voices
+            .iter()
+            .find(|v| v["id"] == id)
+            .unwrap_or_else(|| panic!("{id} is not listed"));
+        (
+            v["backend"].as_str().unwrap().to_owned(),
+            v["sample_rate"].as_u64().unwrap(),
+            v["language"].as_str().map(str::to_owned),
+        )
+    };
+    let us = Some("en-US".to_owned());
+    let gb = Some("en-GB".to_owned());
+    assert_eq!(listed("en-us").0, "espeak");
+    assert_eq!(
+        (listed("en_US-joe-medium").0, listed("en_US-joe-medium").1),
+        ("piper".to_owned(), 22_050)
+    );
+    assert_eq!(
+        listed("af_heart"),
+        ("kokoro".to_owned(), 24_000, us.clone())
+    );
+    assert_eq!(listed("am_adam"), ("kokoro".to_owned(), 24_000, us));
+    assert_eq!(listed("bf_emma"), ("kokoro".to_owned(), 24_000, gb));
+    let mut kokoro: Vec<&str> = voices
+        .iter()
+        .filter(|v| v["backend"] == "kokoro")
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
+    kokoro.sort_unstable();
+    assert_eq!(
+        kokoro,
+        [
+            "af_bella",
+            "af_heart",
+            "af_nicole",
+            "af_sarah",
+            "af_sky",
+            "am_adam",
+            "am_michael",
+            "bf_emma",
+            "bf_isabella",
+            "bm_george",
+            "bm_lewis"
+        ],
+        "the eleven packs .ci/fetch-voices fetches"
+    );
+    let models = json_body(t.get("/v1/models").await).await;
+    let models: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(models, ["espeak", "kokoro", "piper"]);
+
+    // A Kokoro voice speaks through the OpenAI route: 24 kHz audio that is not silence.
+    let body = json!({ "model": "kokoro", "input": "Hello from Kokoro.", "voice": "af_heart" });
+    let response = t.post("/v1/audio/speech", body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-sample-rate"], "24000");
+    let audio = parse_wav(&body_bytes(response).await);
+    assert_eq!(audio.sample_rate, 24_000);
+    assert!(
+        audio.duration() > Duration::from_millis(500),
+        "{:?}",
+        audio.duration()
+    );
+    let rms =
+        (audio.samples.iter().map(|s| s * s).sum::<f32>() / audio.samples.len() as f32).sqrt();
+    assert!(rms > 0.01, "near-silent audio: RMS {rms}");
+
+    for worker in running {
+        let _ = worker.stop.send(());
+        worker.task.await.expect("worker task").expect("worker");
+    }
+}
+
+#[cfg(feature = "candle")]
+#[test]
+fn a_voice_not_fetched_is_left_out_with_the_reason_and_a_given_one_is_kept() {
+    let nowhere = std::path::PathBuf::from("/nonexistent/voxqueue/kokoro-v1.0.int8.onnx");
+    let reason = crate::voice_file(None, nowhere.clone(), "Kokoro").unwrap_err();
+    assert_eq!(
+        reason,
+        "no Kokoro voice at /nonexistent/voxqueue/kokoro-v1.0.int8.onnx (run .ci/fetch-voices to fetch it)"
+    );
+    // Asked for by name, it is kept: loading it then fails, naming the file.
+    let given = std::path::Path::new("/elsewhere/model.onnx");
+    assert_eq!(
+        crate::voice_file(Some(given), nowhere, "Kokoro"),
+        Ok(given.to_owned())
+    );
+    // Where it was fetched, it is found.
+    let fetched = tempfile::NamedTempFile::new().unwrap();
+    assert_eq!(
+        crate::voice_file(None, fetched.path().to_owned(), "Piper"),
+        Ok(fetched.path().to_owned())
+    );
+}
+
+#[cfg(feature = "candle")]
+#[tokio::test]
+async fn with_worker_fails_naming_a_given_voice_file_that_is_not_there() {
+    let t = TestApp::start(Setup {
+        no_voices: true,
+        ..Setup::default()
+    })
+    .await;
+    let voices = crate::NeuralVoices {
+        piper_voice: Some("/nonexistent/voxqueue/piper.onnx".into()),
+        kokoro_model: Some("/nonexistent/voxqueue/kokoro.onnx".into()),
+        kokoro_voices: None,
+    };
+    let error = match crate::in_process_workers(&t.queues, &voices).await {
+        Ok(_) => panic!("a missing voice file that was asked for must fail the start"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.contains("/nonexistent/voxqueue/piper.onnx"),
+        "{error}"
+    );
+}
+
 #[tokio::test]
 async fn custom_voices_are_named_by_an_admin_and_resolve_to_their_base() {
     let t = TestApp::start(Setup {

@@ -159,37 +159,25 @@ pub(crate) fn load_neural(
     {
         use voxqueue::tts::BatchingSynthesizer;
         use voxqueue::tts::candle::{
-            DeviceChoice, KokoroOptions, KokoroSynthesizer, ParlerOptions, ParlerSynthesizer,
-            PiperOptions, PiperSynthesizer, Precision,
+            CandleOptions, DeviceChoice, KokoroOptions, KokoroSynthesizer, ParlerOptions,
+            ParlerSynthesizer, PiperOptions, PiperSynthesizer, Precision,
         };
-        let device = device.parse::<DeviceChoice>()?;
-        let precision = precision.parse::<Precision>()?;
+        // One choice of device, precision and batch for whichever backend is loaded.
+        let candle = CandleOptions::new()
+            .with_device(device.parse::<DeviceChoice>()?)
+            .with_precision(precision.parse::<Precision>()?)
+            .with_max_batch(batch.max(1));
         let model: Arc<dyn Synthesizer> = match which {
-            Neural::Parler(dir) => {
-                let options = ParlerOptions::new()
-                    .with_device(device)
-                    .with_precision(precision)
-                    .with_max_batch(batch.max(1));
-                Arc::new(
-                    ParlerSynthesizer::load(dir, options)
-                        .map_err(|e| format!("Parler-TTS from {}: {e}", dir.display()))?,
-                )
-            }
-            Neural::Piper(path) => {
-                let options = PiperOptions::new()
-                    .with_device(device)
-                    .with_precision(precision)
-                    .with_max_batch(batch.max(1));
-                Arc::new(
-                    PiperSynthesizer::load(path, options)
-                        .map_err(|e| format!("Piper voice {}: {e}", path.display()))?,
-                )
-            }
+            Neural::Parler(dir) => Arc::new(
+                ParlerSynthesizer::load(dir, ParlerOptions::new().with_candle(candle))
+                    .map_err(|e| format!("Parler-TTS from {}: {e}", dir.display()))?,
+            ),
+            Neural::Piper(path) => Arc::new(
+                PiperSynthesizer::load(path, PiperOptions::new().with_candle(candle))
+                    .map_err(|e| format!("Piper voice {}: {e}", path.display()))?,
+            ),
             Neural::Kokoro(path, voices) => {
-                let mut options = KokoroOptions::new()
-                    .with_device(device)
-                    .with_precision(precision)
-                    .with_max_batch(batch.max(1));
+                let mut options = KokoroOptions::new().with_candle(candle);
                 if let Some(voices) = voices {
                     options = options.with_voices_dir(voices);
                 }

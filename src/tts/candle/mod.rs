@@ -9,6 +9,8 @@
 //! Shared by all of them:
 //!
 //! - `device` — [`DeviceChoice`] and [`Precision`]: the only module that knows devices.
+//! - `options` — [`CandleOptions`] (device, precision, batch size), which every family's
+//!   options hold, with their setters written once.
 //! - `error` — [`LoadError`], the loading failures every family has (missing file, missing
 //!   or mis-shaped tensor, unusable device, option out of range); each family's own error
 //!   wraps it.
@@ -42,6 +44,7 @@ mod error;
 mod hub;
 pub mod kokoro;
 mod onnx;
+mod options;
 pub mod parler;
 pub mod piper;
 mod sample;
@@ -54,6 +57,7 @@ pub use kokoro::{
     KOKORO_MODEL_FILE, KOKORO_SAMPLE_RATE, KokoroError, KokoroOptions, KokoroSynthesizer,
     KokoroTrace,
 };
+pub use options::CandleOptions;
 pub use parler::{
     DEFAULT_DESCRIPTION, ModelError, ParlerOptions, ParlerSynthesizer, TINY_HOP_LENGTH,
     TINY_NUM_CODEBOOKS, TINY_SAMPLE_RATE, default_voices, write_tiny_model,

@@ -11,8 +11,9 @@ use super::model::Kokoro;
 use super::phonemize::{KokoroPhonemizer, to_ids};
 use super::weights::Weights;
 use crate::tts::candle::batched::run_batched;
-use crate::tts::candle::device::{DeviceChoice, Precision, describe};
+use crate::tts::candle::device::describe;
 use crate::tts::candle::error::LoadError;
+use crate::tts::candle::options::{CandleOptions, candle_setters};
 use crate::tts::{Audio, EspeakSynthesizer, SynthesisRequest, Synthesizer, TtsError, Voice};
 
 /// Kokoro's output rate.
@@ -27,18 +28,15 @@ const STYLE_WIDTH: usize = 256;
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct KokoroOptions {
-    /// Where to run (default [`DeviceChoice::Auto`]).
-    pub device: DeviceChoice,
-    /// The dtype (default [`Precision::Auto`]). Kokoro runs in f32 whatever is asked: its
-    /// weights are 8-bit already, and the export's 8-bit rounding of activations is
-    /// reproduced in f32.
-    pub precision: Precision,
+    /// Device, precision and batch size (default: auto, auto, 8). Kokoro runs in f32
+    /// whatever precision is asked: its weights are 8-bit already, and the export's 8-bit
+    /// rounding of activations is reproduced in f32. A batch's utterances run one by one
+    /// inside it (instance norms and LSTMs span whole utterances).
+    pub candle: CandleOptions,
     /// Round every quantised layer's input through 8 bits as the int8 export does (default
     /// `true`, which reproduces ONNX Runtime's output); `false` runs the dequantised weights
     /// on unrounded activations, slightly closer to the float model.
     pub int8_activations: bool,
-    /// Utterances per [`Synthesizer::synthesize_batch`] chunk (default 8).
-    pub max_batch: usize,
     /// The `espeak-ng` program for phonemes (default: `ESPEAK_NG`, else `espeak-ng` on `PATH`).
     pub espeak: Option<PathBuf>,
     /// The directory of voice packs (`*.bin`; default: `voices/` beside the model).
@@ -48,10 +46,8 @@ pub struct KokoroOptions {
 impl Default for KokoroOptions {
     fn default() -> Self {
         Self {
-            device: DeviceChoice::Auto,
-            precision: Precision::Auto,
+            candle: CandleOptions::default(),
             int8_activations: true,
-            max_batch: 8,
             espeak: None,
             voices_dir: None,
         }
@@ -64,31 +60,10 @@ impl KokoroOptions {
         Self::default()
     }
 
-    /// Sets the device.
-    #[must_use]
-    pub fn with_device(mut self, device: DeviceChoice) -> Self {
-        self.device = device;
-        self
-    }
-
-    /// Sets the precision.
-    #[must_use]
-    pub fn with_precision(mut self, precision: Precision) -> Self {
-        self.precision = precision;
-        self
-    }
-
     /// Whether activations are rounded through 8 bits as the export does.
     #[must_use]
     pub fn with_int8_activations(mut self, on: bool) -> Self {
         self.int8_activations = on;
-        self
-    }
-
-    /// Sets how many utterances a batch chunk holds.
-    #[must_use]
-    pub fn with_max_batch(mut self, max_batch: usize) -> Self {
-        self.max_batch = max_batch;
         self
     }
 
@@ -106,6 +81,8 @@ impl KokoroOptions {
         self
     }
 }
+
+candle_setters!(KokoroOptions);
 
 /// One utterance with the values a parity check compares: see [`KokoroSynthesizer::trace`].
 #[derive(Debug, Clone, PartialEq)]
@@ -178,13 +155,7 @@ impl KokoroSynthesizer {
     /// [`TtsError::BackendUnavailable`]. Also checks that `espeak-ng` runs.
     pub fn load(model: impl AsRef<Path>, options: KokoroOptions) -> Result<Self, KokoroError> {
         let model_path = model.as_ref();
-        if options.max_batch == 0 {
-            return Err(LoadError::InvalidOption {
-                option: "max_batch",
-                reason: "must be at least 1".into(),
-            }
-            .into());
-        }
+        options.candle.check()?;
         let voices_dir = options.voices_dir.clone().unwrap_or_else(|| {
             model_path
                 .parent()
@@ -200,7 +171,7 @@ impl KokoroSynthesizer {
             option: "espeak",
             reason: e.to_string(),
         })?;
-        let device = options.device.open()?;
+        let device = options.candle.device.open()?;
         let weights = Weights::read(model_path, &device)?;
         let model = Kokoro::load(&weights, &device, options.int8_activations)?;
         tracing::info!(
@@ -223,6 +194,12 @@ impl KokoroSynthesizer {
     pub fn phonemes(&self, text: &str, voice: &str) -> Result<String, TtsError> {
         let pack = self.pack(voice)?;
         self.phonemizer(pack).phonemes(text)
+    }
+
+    /// The ids the model reads for `text` in `voice`'s accent, framed by the pad id, as
+    /// [`trace`](Self::trace) and a reference runtime take them.
+    pub fn phoneme_ids(&self, text: &str, voice: &str) -> Result<Vec<u32>, TtsError> {
+        Ok(to_ids(&self.phonemes(text, voice)?))
     }
 
     /// Runs the model on given ids (pads included) with `voice`'s style and returns the
@@ -389,7 +366,7 @@ impl Synthesizer for KokoroSynthesizer {
     fn synthesize_batch(&self, requests: &[SynthesisRequest]) -> Vec<Result<Audio, TtsError>> {
         run_batched(
             requests,
-            self.options.max_batch,
+            self.options.candle.max_batch,
             |r| self.prepare(r),
             |batch| self.run(batch),
         )

@@ -12,7 +12,8 @@ use super::error::ModelError;
 use super::generate::{GenItem, Special, generate, undelay};
 use super::load::{ParlerModel, load_dir};
 use crate::tts::candle::batched::run_batched;
-use crate::tts::candle::device::{DeviceChoice, Precision, describe, dtype_for};
+use crate::tts::candle::device::describe;
+use crate::tts::candle::options::{CandleOptions, candle_setters};
 use crate::tts::candle::sample::SamplingParams;
 use crate::tts::{Audio, SynthesisRequest, Synthesizer, TtsError, Voice};
 
@@ -82,11 +83,9 @@ pub fn default_voices() -> Vec<Voice> {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct ParlerOptions {
-    /// Where to run (default [`DeviceChoice::Auto`]).
-    pub device: DeviceChoice,
-    /// The dtype of weights and activations (default [`Precision::Auto`]: f32 on the CPU,
-    /// half precision on CUDA GPUs).
-    pub precision: Precision,
+    /// Device, precision and batch size (default: auto, auto, 8): requests per generation
+    /// in [`Synthesizer::synthesize_batch`]. The T5 text encoder stays in f32 under f16.
+    pub candle: CandleOptions,
     /// Softmax temperature; 0 decodes greedily (default: generation config, else 1.0).
     pub temperature: Option<f64>,
     /// Sample among the k most likely tokens; 0 disables (default: generation config, else 50).
@@ -105,8 +104,6 @@ pub struct ParlerOptions {
     /// speaker's pace), so a model that never says EOS stops in proportion to the text.
     /// The budget is at least one second.
     pub max_seconds_per_char: f64,
-    /// Requests per generation in [`Synthesizer::synthesize_batch`] (default 8).
-    pub max_batch: usize,
     /// The voices offered (default [`default_voices`]); a voice's description is its prompt.
     pub voices: Vec<Voice>,
 }
@@ -114,8 +111,7 @@ pub struct ParlerOptions {
 impl Default for ParlerOptions {
     fn default() -> Self {
         Self {
-            device: DeviceChoice::Auto,
-            precision: Precision::Auto,
+            candle: CandleOptions::default(),
             temperature: None,
             top_k: None,
             top_p: None,
@@ -123,7 +119,6 @@ impl Default for ParlerOptions {
             max_steps: None,
             min_new_tokens: None,
             max_seconds_per_char: 0.15,
-            max_batch: 8,
             voices: default_voices(),
         }
     }
@@ -133,20 +128,6 @@ impl ParlerOptions {
     /// The defaults (same as [`Default`]).
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// Sets the device.
-    #[must_use]
-    pub fn with_device(mut self, device: DeviceChoice) -> Self {
-        self.device = device;
-        self
-    }
-
-    /// Sets the precision.
-    #[must_use]
-    pub fn with_precision(mut self, precision: Precision) -> Self {
-        self.precision = precision;
-        self
     }
 
     /// Sets the temperature (0 = greedy).
@@ -198,13 +179,6 @@ impl ParlerOptions {
         self
     }
 
-    /// Sets how many requests share one generation.
-    #[must_use]
-    pub fn with_max_batch(mut self, max_batch: usize) -> Self {
-        self.max_batch = max_batch;
-        self
-    }
-
     /// Replaces the voice table.
     #[must_use]
     pub fn with_voices(mut self, voices: Vec<Voice>) -> Self {
@@ -212,6 +186,8 @@ impl ParlerOptions {
         self
     }
 }
+
+candle_setters!(ParlerOptions);
 
 /// Options after merging with the generation config and checking ranges.
 #[derive(Debug, Clone)]
@@ -267,8 +243,8 @@ impl ParlerSynthesizer {
     /// or tensor at fault; [`ModelError`] converts into [`TtsError::BackendUnavailable`].
     pub fn load(dir: impl AsRef<Path>, options: ParlerOptions) -> Result<Self, ModelError> {
         let dir = dir.as_ref();
-        let device = options.device.open()?;
-        let dtype = dtype_for(&device, options.precision);
+        options.candle.check()?;
+        let (device, dtype) = options.candle.open()?;
         let loaded = load_dir(dir, &device, dtype)?;
         let generation = &loaded.generation;
         let greedy_by_default = generation.do_sample == Some(false);
@@ -286,7 +262,7 @@ impl ParlerSynthesizer {
             seed: options.seed,
             max_steps: options.max_steps.or(generation.max_length).unwrap_or(2580),
             max_seconds_per_char: options.max_seconds_per_char,
-            max_batch: options.max_batch,
+            max_batch: options.candle.max_batch,
         };
         check_settings(&settings)?;
         let min_new_tokens = options
@@ -529,13 +505,6 @@ fn check_settings(settings: &Settings) -> Result<(), ModelError> {
         }
         .into());
     }
-    if settings.max_batch == 0 {
-        return Err(LoadError::InvalidOption {
-            option: "max_batch",
-            reason: "must be at least 1".into(),
-        }
-        .into());
-    }
     Ok(())
 }
 
@@ -578,7 +547,7 @@ impl Synthesizer for ParlerSynthesizer {
 #[cfg(test)]
 mod codes_tests {
     use super::*;
-    use crate::tts::candle::{TINY_HOP_LENGTH, write_tiny_model};
+    use crate::tts::candle::{DeviceChoice, TINY_HOP_LENGTH, write_tiny_model};
 
     fn tiny() -> (tempfile::TempDir, ParlerSynthesizer) {
         let dir = tempfile::tempdir().unwrap();

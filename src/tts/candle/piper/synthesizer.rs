@@ -12,7 +12,8 @@ use super::model::{Utterance, Vits};
 use super::onnx::Weights;
 use super::phonemize::Phonemizer;
 use crate::tts::candle::batched::run_batched;
-use crate::tts::candle::device::{DeviceChoice, Precision, describe, dtype_for};
+use crate::tts::candle::device::describe;
+use crate::tts::candle::options::{CandleOptions, candle_setters};
 use crate::tts::{Audio, EspeakSynthesizer, SynthesisRequest, Synthesizer, TtsError, Voice};
 
 /// How a [`PiperSynthesizer`] loads and speaks.
@@ -20,14 +21,12 @@ use crate::tts::{Audio, EspeakSynthesizer, SynthesisRequest, Synthesizer, TtsErr
 /// The three scales left at `None` come from the voice's `.onnx.json`, as its authors tuned
 /// them. Requests may override `seed`, `noise_scale` and `noise_w` per job through
 /// [`SynthesisRequest::extra`]; a request's `speed` divides the length scale.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 #[non_exhaustive]
 pub struct PiperOptions {
-    /// Where to run (default [`DeviceChoice::Auto`]).
-    pub device: DeviceChoice,
-    /// The dtype of weights and activations (default [`Precision::Auto`]: f32 on the CPU).
-    /// The duration predictor's spline always runs in f32.
-    pub precision: Precision,
+    /// Device, precision and batch size (default: auto, auto, 8). The duration predictor's
+    /// spline always runs in f32.
+    pub candle: CandleOptions,
     /// Variation of the voice (the prior's noise); 0 is flat and deterministic.
     pub noise_scale: Option<f32>,
     /// Time per phoneme; above 1 is slower. A request's speed divides it.
@@ -37,48 +36,16 @@ pub struct PiperOptions {
     /// Seed of each request's noise (default 0), so a request always sounds the same, which
     /// is what deduplication assumes.
     pub seed: u64,
-    /// Utterances per model call in [`Synthesizer::synthesize_batch`] (default 8).
-    pub max_batch: usize,
     /// The `espeak-ng` program for phonemes (default: `ESPEAK_NG`, else `espeak-ng` on `PATH`).
     pub espeak: Option<PathBuf>,
     /// The voice id requests name (default: the model file's stem, e.g. `en_US-joe-medium`).
     pub voice_id: Option<String>,
 }
 
-impl Default for PiperOptions {
-    fn default() -> Self {
-        Self {
-            device: DeviceChoice::Auto,
-            precision: Precision::Auto,
-            noise_scale: None,
-            length_scale: None,
-            noise_w: None,
-            seed: 0,
-            max_batch: 8,
-            espeak: None,
-            voice_id: None,
-        }
-    }
-}
-
 impl PiperOptions {
     /// The defaults (same as [`Default`]).
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// Sets the device.
-    #[must_use]
-    pub fn with_device(mut self, device: DeviceChoice) -> Self {
-        self.device = device;
-        self
-    }
-
-    /// Sets the precision.
-    #[must_use]
-    pub fn with_precision(mut self, precision: Precision) -> Self {
-        self.precision = precision;
-        self
     }
 
     /// Sets the three scales (noise, length, duration noise) at once: `(0, 1, 0)` makes
@@ -98,13 +65,6 @@ impl PiperOptions {
         self
     }
 
-    /// Sets how many utterances share one model call.
-    #[must_use]
-    pub fn with_max_batch(mut self, max_batch: usize) -> Self {
-        self.max_batch = max_batch;
-        self
-    }
-
     /// Sets the `espeak-ng` program.
     #[must_use]
     pub fn with_espeak(mut self, path: impl Into<PathBuf>) -> Self {
@@ -119,6 +79,8 @@ impl PiperOptions {
         self
     }
 }
+
+candle_setters!(PiperOptions);
 
 /// Piper's three inference knobs (its `scales` input, in the same order).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -208,8 +170,7 @@ impl PiperSynthesizer {
         let config_path = PathBuf::from(config_path);
         check_options(&options)?;
         let config = VoiceConfig::read(&config_path)?;
-        let device = options.device.open()?;
-        let dtype = dtype_for(&device, options.precision);
+        let (device, dtype) = options.candle.open()?;
         let weights = Weights::read(model_path, &device, dtype)?;
         let model = Vits::load(&weights, &device, dtype)?;
         let vocab = model.vocab();
@@ -417,13 +378,7 @@ fn check_options(options: &PiperOptions) -> Result<(), PiperError> {
         }
         .into());
     }
-    if options.max_batch == 0 {
-        return Err(LoadError::InvalidOption {
-            option: "max_batch",
-            reason: "must be at least 1".into(),
-        }
-        .into());
-    }
+    options.candle.check()?;
     Ok(())
 }
 
@@ -484,7 +439,7 @@ impl Synthesizer for PiperSynthesizer {
     fn synthesize_batch(&self, requests: &[SynthesisRequest]) -> Vec<Result<Audio, TtsError>> {
         run_batched(
             requests,
-            self.options.max_batch,
+            self.options.candle.max_batch,
             |r| self.prepare(r),
             |batch| self.run(batch),
         )
