@@ -234,13 +234,15 @@ mod tests {
 
     #[test]
     fn a_missing_function_is_told_by_its_text() {
-        assert!(is_function_missing(&answered(
-            "ERR Function not found"
+        assert!(is_function_missing(&answered("ERR Function not found")));
+        assert!(!is_function_missing(&answered(
+            "ERR unknown command 'FCALL'"
         )));
-        assert!(!is_function_missing(&answered("ERR unknown command 'FCALL'")));
         // The same words under another code are not this answer.
         assert!(!is_function_missing(&answered("NOPERM Function not found")));
-        assert!(!is_function_missing(&answered("NOSCRIPT No matching script")));
+        assert!(!is_function_missing(&answered(
+            "NOSCRIPT No matching script"
+        )));
     }
 
     #[test]

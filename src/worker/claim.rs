@@ -156,27 +156,37 @@ mod tests {
         for (a, b, want) in cases {
             let mut claim = waking(a);
             claim.merge(waking(b));
-            assert_eq!(claim.next_wake, want.map(Duration::from_millis), "{a:?} {b:?}");
+            assert_eq!(
+                claim.next_wake,
+                want.map(Duration::from_millis),
+                "{a:?} {b:?}"
+            );
         }
     }
 
     #[test]
     fn a_merged_claim_keeps_every_job_in_order() {
-        let mut a = parse_claim(0, Value::Array(vec![
-            Value::Int(-1),
-            bulk("a"),
-            bulk("ta"),
-            bulk("{}"),
-            bulk("1"),
-        ]))
+        let mut a = parse_claim(
+            0,
+            Value::Array(vec![
+                Value::Int(-1),
+                bulk("a"),
+                bulk("ta"),
+                bulk("{}"),
+                bulk("1"),
+            ]),
+        )
         .unwrap();
-        let b = parse_claim(1, Value::Array(vec![
-            Value::Int(-1),
-            bulk("b"),
-            bulk("tb"),
-            bulk("{}"),
-            bulk("2"),
-        ]))
+        let b = parse_claim(
+            1,
+            Value::Array(vec![
+                Value::Int(-1),
+                bulk("b"),
+                bulk("tb"),
+                bulk("{}"),
+                bulk("2"),
+            ]),
+        )
         .unwrap();
         a.merge(b);
         let ids: Vec<(usize, &str)> = a.jobs.iter().map(|j| (j.queue, j.id.as_str())).collect();
