@@ -630,6 +630,17 @@ mod tests {
     }
 
     #[test]
+    fn weighted_order_interleaves_rather_than_bunching() {
+        // Smooth weighted round robin: the heavy queue's turns are spread out.
+        let mut p = Picker::new(&QueueOrder::Weighted(vec![5, 1, 1]), 3);
+        let firsts: Vec<usize> = (0..14).map(|_| p.order()[0]).collect();
+        assert_eq!(firsts, vec![0, 0, 1, 0, 2, 0, 0, 0, 0, 1, 0, 2, 0, 0]);
+        let mut p = Picker::new(&QueueOrder::Weighted(vec![3, 1]), 2);
+        let firsts: Vec<usize> = (0..8).map(|_| p.order()[0]).collect();
+        assert_eq!(firsts, vec![0, 0, 1, 0, 0, 0, 1, 0]);
+    }
+
+    #[test]
     fn weighted_order_asks_queues_found_short_last() {
         let mut p = Picker::new(&QueueOrder::Weighted(vec![1, 1, 1]), 3);
         p.claimed(0, true);
