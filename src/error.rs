@@ -343,6 +343,31 @@ mod tests {
         assert!(!Error::Protocol("x".into()).is_transient());
     }
 
+    #[test]
+    fn a_lost_connection_and_a_missing_primary_are_transient() {
+        let io = || redis::RedisError::from(std::io::Error::other("gone"));
+        assert!(Error::Connect(io()).is_connection_error());
+        assert!(Error::Connect(io()).is_transient());
+        assert!(Error::Redis(io()).is_connection_error());
+        assert!(Error::Redis(io()).is_transient());
+        assert!(!server("LOADING").is_connection_error());
+        assert!(!Error::Protocol("x".into()).is_connection_error());
+        let no_primary = Error::Redis(redis::RedisError::from((
+            redis::ErrorKind::MasterNameNotFoundBySentinel,
+            "no primary",
+        )));
+        assert!(no_primary.is_transient());
+        assert!(!no_primary.is_connection_error());
+    }
+
+    #[test]
+    fn only_a_wait_that_ran_out_is_a_timeout() {
+        let id = JobId::new("a").unwrap();
+        assert!(Error::WaitTimeout(id.clone()).is_timeout());
+        assert!(!Error::NotFound(id).is_timeout());
+        assert!(!server("LOADING").is_timeout());
+    }
+
     fn refused(code: &str, detail: &str) -> Error {
         Error::from(redis::make_extension_error(
             code.to_owned(),

@@ -156,3 +156,42 @@ impl<J> Queue<J> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(entries: &[(&str, &str)]) -> HashMap<String, String> {
+        entries
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn recent_stats_sum_the_last_fifteen_minutes_only() {
+        // Minute 1000, 30 s in.
+        let now = 1000 * 60_000 + 30_000;
+        let f = fields(&[
+            ("w:0", "1000,3,1,400"), // this minute
+            ("w:1", "986,2,2,800"),  // fourteen minutes ago: still in
+            ("w:2", "985,50,50,9"),  // fifteen ago: out
+            ("w:3", "1001,70,70,9"), // a minute ahead (a skewed stamp): out
+            ("w:4", "1000,1"),       // malformed: skipped
+            ("completed", "999"),    // a total, not a window slot
+        ]);
+        let recent = recent_stats(&f, now);
+        assert_eq!(recent.window, Duration::from_secs(900));
+        assert_eq!((recent.completed, recent.failed), (5, 3));
+        assert_eq!(recent.mean_duration, Some(Duration::from_millis(150)));
+        assert_eq!(recent.error_rate, Some(0.375));
+    }
+
+    #[test]
+    fn recent_stats_of_an_idle_queue_have_no_mean_or_rate() {
+        let recent = recent_stats(&fields(&[("w:0", "5,0,0,0")]), 5 * 60_000);
+        assert_eq!((recent.completed, recent.failed), (0, 0));
+        assert_eq!(recent.mean_duration, None);
+        assert_eq!(recent.error_rate, None);
+    }
+}

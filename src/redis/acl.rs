@@ -82,6 +82,20 @@ mod tests {
             "ACL SETUSER voxqueue reset on >CHANGE-ME {}",
             acl_rules("vq")
         );
-        assert!(readme.contains(&line), "README lacks: {line}");
+        assert!(
+            readme.lines().any(|l| l == line),
+            "README lacks the line: {line}"
+        );
+    }
+
+    #[test]
+    fn the_rules_name_the_prefix_and_only_the_commands_sent() {
+        let rules = acl_rules("app");
+        assert!(
+            rules.starts_with("~app:* resetchannels -@all +fcall "),
+            "{rules}"
+        );
+        assert!(rules.ends_with(" +ping"), "{rules}");
+        assert_eq!(rules.matches(" +").count(), COMMANDS.len());
     }
 }

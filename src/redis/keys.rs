@@ -145,5 +145,52 @@ mod tests {
             Keys::new("v{q", "ok"),
             Err(Error::InvalidPrefix(_))
         ));
+        for prefix in ["", "v}q", "v q", "v\tq"] {
+            assert!(
+                matches!(Keys::new(prefix, "ok"), Err(Error::InvalidPrefix(_))),
+                "{prefix:?}"
+            );
+        }
+        assert!(matches!(
+            Keys::new("vq", "a\u{7}b"),
+            Err(Error::InvalidQueueName(_))
+        ));
+    }
+
+    #[test]
+    fn names_up_to_128_characters_and_odd_prefixes_are_accepted() {
+        let long = "x".repeat(128);
+        assert!(Keys::new("vq", &long).is_ok());
+        let keys = Keys::new("app:v1", "tts-en_US.2").unwrap();
+        assert_eq!(keys.base(), "app:v1:{tts-en_US.2}");
+    }
+
+    #[test]
+    fn each_key_has_the_name_the_scripts_expect() {
+        let keys = Keys::new("p", "q").unwrap();
+        let named = [
+            (keys.jobs(), "jobs"),
+            (keys.payloads(), "payloads"),
+            (keys.results(), "results"),
+            (keys.ready(), "ready"),
+            (keys.scheduled(), "scheduled"),
+            (keys.active(), "active"),
+            (keys.dead(), "dead"),
+            (keys.events(), "events"),
+            (keys.wake(), "wake"),
+            (keys.workers(), "workers"),
+            (keys.stats(), "stats"),
+            (keys.breakers(), "breakers"),
+        ];
+        for (key, name) in named {
+            assert_eq!(key, format!("p:{{q}}:{name}"));
+        }
+        assert_eq!(keys.base(), "p:{q}");
+        // The order common.lua reads them in.
+        assert_eq!(keys.all()[3], "p:{q}:leases");
+        assert_eq!(keys.all()[8], "p:{q}:finished");
+        assert_eq!(keys.all()[12], "p:{q}:seq");
+        assert_eq!(keys.all()[14], "p:{q}:dedup");
+        assert_eq!(keys.all()[17], "p:{q}:limits_exp");
     }
 }

@@ -240,4 +240,54 @@ mod tests {
         }
         assert_eq!(lib.prefix.len(), "voxqueue_".len() + 12);
     }
+
+    /// The error a server answers with `line` (`-CODE detail`).
+    fn answered(line: &str) -> RedisError {
+        redis::parse_redis_value(format!("-{line}\r\n").as_bytes())
+            .and_then(redis::Value::extract_error)
+            .expect_err("an error reply")
+    }
+
+    #[test]
+    fn a_missing_function_is_told_by_its_text() {
+        assert!(is_function_missing(&answered("ERR Function not found")));
+        assert!(!is_function_missing(&answered(
+            "ERR unknown command 'FCALL'"
+        )));
+        // The same words under another code are not this answer.
+        assert!(!is_function_missing(&answered("NOPERM Function not found")));
+        assert!(!is_function_missing(&answered(
+            "NOSCRIPT No matching script"
+        )));
+    }
+
+    #[test]
+    fn functions_are_unavailable_on_old_servers_and_to_refused_users() {
+        for line in [
+            "ERR unknown command 'FCALL', with args beginning with: ",
+            "ERR Unknown Command 'fcall'",
+            "ERR unknown subcommand 'LOAD'. Try FUNCTION HELP.",
+            "NOPERM this user has no permissions to run the 'fcall' command",
+        ] {
+            assert!(is_functions_unavailable(&answered(line)), "{line}");
+        }
+        for line in [
+            "ERR Function not found",
+            "ERR wrong number of arguments",
+            "NOSCRIPT unknown command",
+            "LOADING unknown subcommand",
+        ] {
+            assert!(!is_functions_unavailable(&answered(line)), "{line}");
+        }
+    }
+
+    #[test]
+    fn a_queue_value_falls_back_to_scripts_once_and_for_good() {
+        let scripts = Scripts::get();
+        assert!(scripts.functions());
+        scripts.functions_unavailable(&answered("ERR unknown command 'FCALL'"));
+        assert!(!scripts.functions());
+        scripts.functions_unavailable(&answered("ERR unknown command 'FCALL'"));
+        assert!(!scripts.functions());
+    }
 }

@@ -128,3 +128,120 @@ pub(crate) fn backoff() -> ExponentialBuilder {
         .without_max_times()
         .with_jitter()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn waking(ms: Option<u64>) -> Claim {
+        Claim {
+            jobs: Vec::new(),
+            next_wake: ms.map(Duration::from_millis),
+        }
+    }
+
+    #[test]
+    fn a_merged_claim_wakes_at_the_sooner_of_its_queues() {
+        let cases = [
+            (Some(30), Some(20), Some(20)),
+            (Some(20), Some(30), Some(20)),
+            (None, Some(30), Some(30)),
+            (Some(30), None, Some(30)),
+            (None, None, None),
+        ];
+        for (a, b, want) in cases {
+            let mut claim = waking(a);
+            claim.merge(waking(b));
+            assert_eq!(
+                claim.next_wake,
+                want.map(Duration::from_millis),
+                "{a:?} {b:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_merged_claim_keeps_every_job_in_order() {
+        let mut a = parse_claim(
+            0,
+            Value::Array(vec![
+                Value::Int(-1),
+                bulk("a"),
+                bulk("ta"),
+                bulk("{}"),
+                bulk("1"),
+            ]),
+        )
+        .unwrap();
+        let b = parse_claim(
+            1,
+            Value::Array(vec![
+                Value::Int(-1),
+                bulk("b"),
+                bulk("tb"),
+                bulk("{}"),
+                bulk("2"),
+            ]),
+        )
+        .unwrap();
+        a.merge(b);
+        let ids: Vec<(usize, &str)> = a.jobs.iter().map(|j| (j.queue, j.id.as_str())).collect();
+        assert_eq!(ids, vec![(0, "a"), (1, "b")]);
+    }
+
+    #[test]
+    fn a_claim_reply_gives_jobs_and_a_wake_up_unless_negative() {
+        let claim = parse_claim(
+            3,
+            Value::Array(vec![
+                Value::Int(250),
+                bulk("j1"),
+                bulk("tok1"),
+                bulk(r#"{"attempts":2}"#),
+                bulk("p1"),
+                bulk("j2"),
+                bulk("tok2"),
+                bulk("not json"),
+                bulk("p2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(claim.next_wake, Some(Duration::from_millis(250)));
+        assert_eq!(claim.jobs.len(), 2);
+        let first = &claim.jobs[0];
+        assert_eq!(
+            (first.queue, first.id.as_str(), first.token.as_str()),
+            (3, "j1", "tok1")
+        );
+        assert_eq!(first.record.as_ref().unwrap().attempts, 2);
+        assert_eq!(first.payload, b"p1");
+        // A record that does not parse still comes back, to be dead-lettered.
+        assert!(matches!(claim.jobs[1].record, Err(Error::Corrupt { .. })));
+        assert_eq!(claim.jobs[1].payload, b"p2");
+
+        let now = parse_claim(0, Value::Array(vec![Value::Int(0)])).unwrap();
+        assert_eq!(now.next_wake, Some(Duration::ZERO));
+        assert!(now.jobs.is_empty());
+        let never = parse_claim(0, Value::Array(vec![Value::Int(-1)])).unwrap();
+        assert_eq!(never.next_wake, None);
+    }
+
+    #[test]
+    fn malformed_claim_replies_are_protocol_errors() {
+        for reply in [
+            Value::Int(1),
+            Value::Array(Vec::new()),
+            Value::Array(vec![bulk("soon")]),
+            Value::Array(vec![Value::Int(0), bulk("j1"), bulk("t"), bulk("{}")]),
+        ] {
+            assert!(
+                matches!(parse_claim(0, reply.clone()), Err(Error::Protocol(_))),
+                "{reply:?}"
+            );
+        }
+    }
+}

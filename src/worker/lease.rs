@@ -217,3 +217,60 @@ async fn beat(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+
+    fn id(s: &str) -> JobId {
+        JobId::from_stored(s.to_owned())
+    }
+
+    #[test]
+    fn a_second_hold_keeps_the_first_entry_and_its_cancellation() {
+        let registry = Registry::default();
+        let first = registry.hold(0, &id("a"), "t1");
+        first.cancel.cancel();
+        let again = registry.hold(0, &id("a"), "t2");
+        assert_eq!(again.token, "t1");
+        assert!(again.cancel.is_cancelled());
+    }
+
+    #[test]
+    fn the_lost_flag_is_the_held_jobs_own_until_it_is_removed() {
+        let registry = Registry::default();
+        let held = registry.hold(1, &id("a"), "t");
+        let flag = registry.lost_flag(1, &id("a")).expect("held");
+        held.lost.store(true, Ordering::SeqCst);
+        assert!(flag.load(Ordering::SeqCst));
+        // Same id in another queue is another job.
+        assert!(registry.lost_flag(0, &id("a")).is_none());
+        registry.remove(1, &id("a"));
+        assert!(registry.lost_flag(1, &id("a")).is_none());
+        assert!(registry.snapshot(1).is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_holds_one_queues_jobs_with_their_tokens() {
+        let registry = Registry::default();
+        registry.hold(0, &id("a"), "ta");
+        registry.hold(1, &id("b"), "tb");
+        registry.hold(0, &id("c"), "tc");
+        let mut snap: Vec<(String, String)> = registry
+            .snapshot(0)
+            .into_iter()
+            .map(|(id, h)| (id.as_str().to_owned(), h.token))
+            .collect();
+        snap.sort();
+        assert_eq!(
+            snap,
+            vec![("a".into(), "ta".into()), ("c".into(), "tc".into())]
+        );
+        let snap1 = registry.snapshot(1);
+        assert_eq!(snap1.len(), 1);
+        assert_eq!(snap1[0].0.as_str(), "b");
+        assert!(registry.snapshot(2).is_empty());
+    }
+}

@@ -221,20 +221,26 @@ impl<J> Worker<J, ()> {
     pub fn builder(queue: Queue<J>) -> WorkerBuilder<J> {
         WorkerBuilder {
             queues: vec![queue],
-            config: WorkerConfig {
-                concurrency: 1,
-                lease: Duration::from_secs(30),
-                heartbeat: Duration::from_secs(1),
-                forget_after: DEFAULT_FORGET_AFTER,
-                timeout: None,
-                cancel_grace: Duration::from_secs(5),
-                shutdown_grace: Duration::from_secs(30),
-                retry: RetryPolicy::default(),
-                order: QueueOrder::Strict,
-                id: format!("worker-{}", uuid::Uuid::now_v7().simple()),
-                breaker: None,
-                spread: false,
-            },
+            config: WorkerConfig::default(),
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            concurrency: 1,
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(1),
+            forget_after: DEFAULT_FORGET_AFTER,
+            timeout: None,
+            cancel_grace: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+            order: QueueOrder::Strict,
+            id: format!("worker-{}", uuid::Uuid::now_v7().simple()),
+            breaker: None,
+            spread: false,
         }
     }
 }
@@ -624,6 +630,17 @@ mod tests {
     }
 
     #[test]
+    fn weighted_order_interleaves_rather_than_bunching() {
+        // Smooth weighted round robin: the heavy queue's turns are spread out.
+        let mut p = Picker::new(&QueueOrder::Weighted(vec![5, 1, 1]), 3);
+        let firsts: Vec<usize> = (0..14).map(|_| p.order()[0]).collect();
+        assert_eq!(firsts, vec![0, 0, 1, 0, 2, 0, 0, 0, 0, 1, 0, 2, 0, 0]);
+        let mut p = Picker::new(&QueueOrder::Weighted(vec![3, 1]), 2);
+        let firsts: Vec<usize> = (0..8).map(|_| p.order()[0]).collect();
+        assert_eq!(firsts, vec![0, 0, 1, 0, 0, 0, 1, 0]);
+    }
+
+    #[test]
     fn weighted_order_asks_queues_found_short_last() {
         let mut p = Picker::new(&QueueOrder::Weighted(vec![1, 1, 1]), 3);
         p.claimed(0, true);
@@ -641,6 +658,40 @@ mod tests {
         let mut p = Picker::new(&QueueOrder::Strict, 2);
         p.claimed(0, true);
         assert_eq!(p.order(), vec![0, 1]);
+    }
+
+    fn builder() -> WorkerBuilder<()> {
+        WorkerBuilder {
+            queues: Vec::new(),
+            config: WorkerConfig::default(),
+        }
+    }
+
+    #[test]
+    fn a_worker_has_at_least_one_slot() {
+        assert_eq!(builder().concurrency(0).config.concurrency, 1);
+        assert_eq!(builder().concurrency(4).config.concurrency, 4);
+    }
+
+    #[test]
+    fn leases_are_renewed_three_times_a_lease_at_most_every_second() {
+        let c = builder().lease(Duration::from_millis(1500)).config;
+        assert_eq!(c.lease, Duration::from_millis(1500));
+        assert_eq!(c.heartbeat, Duration::from_millis(500));
+        let c = builder().lease(Duration::from_secs(60)).config;
+        assert_eq!(c.heartbeat, Duration::from_secs(1));
+        // A lease too short to renew in time is lengthened.
+        let c = builder().lease(Duration::from_millis(1)).config;
+        assert_eq!(c.lease, Duration::from_millis(100));
+        assert_eq!(c.heartbeat, Duration::from_nanos(33_333_333));
+        // An explicit heartbeat wins over the lease's, down to 10 ms.
+        let c = builder()
+            .lease(Duration::from_secs(9))
+            .heartbeat(Duration::from_millis(250))
+            .config;
+        assert_eq!(c.heartbeat, Duration::from_millis(250));
+        let c = builder().heartbeat(Duration::from_millis(1)).config;
+        assert_eq!(c.heartbeat, Duration::from_millis(10));
     }
 
     #[test]

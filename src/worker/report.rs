@@ -317,4 +317,44 @@ mod tests {
         assert_eq!(cut.chars().count(), 1_001);
         assert!(cut.ends_with('…'));
     }
+
+    #[test]
+    fn a_message_of_exactly_the_cap_is_kept_whole_and_one_byte_more_is_cut() {
+        let at_cap = "x".repeat(MESSAGE_MAX);
+        assert_eq!(capped(at_cap.clone()), at_cap);
+        let over = "x".repeat(MESSAGE_MAX + 1);
+        assert_eq!(capped(over), format!("{at_cap}…"));
+        // A two-byte letter across the cap is dropped whole, not split.
+        let across = format!("{}é", "x".repeat(MESSAGE_MAX - 1));
+        assert_eq!(capped(across), format!("{}…", "x".repeat(MESSAGE_MAX - 1)));
+    }
+
+    #[test]
+    fn a_summary_drops_the_result_bytes_and_keeps_the_failure() {
+        assert!(matches!(
+            summary(&Report::Completed(vec![1, 2, 3])),
+            Report::Completed(bytes) if bytes.is_empty()
+        ));
+        let failed = Report::Failed {
+            error: JobError::transient("gpu busy"),
+            retry_in: Some(Duration::from_millis(1500)),
+        };
+        match summary(&failed) {
+            Report::Failed { error, retry_in } => {
+                assert_eq!(error, JobError::transient("gpu busy"));
+                assert_eq!(retry_in, Some(Duration::from_millis(1500)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_copied_error_keeps_its_redis_kind_so_it_stays_transient() {
+        let loading = Error::Redis(redis::make_extension_error("LOADING".to_owned(), None));
+        let copy = clone_error(&loading);
+        assert!(copy.is_transient());
+        assert!(matches!(copy, Error::Redis(_)));
+        let other = clone_error(&Error::Protocol("odd reply".into()));
+        assert!(matches!(other, Error::Protocol(m) if m.contains("odd reply")));
+    }
 }

@@ -390,3 +390,46 @@ fn log_outcome(job: &Claimed, report: &Report, outcome: &str) {
         _ => tracing::debug!(job = %job.id, %outcome, "job finished"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+
+    use super::*;
+
+    async fn joined<F>(work: F) -> Result<Vec<u8>, JobError>
+    where
+        F: Future<Output = Result<Vec<u8>, JobError>> + Send + 'static,
+    {
+        joined_result(tokio::spawn(work).await)
+    }
+
+    #[tokio::test]
+    async fn a_handlers_panic_fails_the_attempt_with_its_message() {
+        assert_eq!(
+            joined(async { panic!("static text") }).await,
+            Err(JobError::Panic("static text".into()))
+        );
+        let n = 7;
+        assert_eq!(
+            joined(async move { panic!("formatted {n}") }).await,
+            Err(JobError::Panic("formatted 7".into()))
+        );
+        assert_eq!(
+            joined(async { std::panic::panic_any(42_u8) }).await,
+            Err(JobError::Panic("non-string panic payload".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_finished_handler_gives_its_own_result_and_a_dropped_one_is_cancelled() {
+        assert_eq!(joined(async { Ok(vec![1]) }).await, Ok(vec![1]));
+        assert_eq!(
+            joined(async { Err(JobError::permanent("bad")) }).await,
+            Err(JobError::permanent("bad"))
+        );
+        let task = tokio::spawn(std::future::pending::<Result<Vec<u8>, JobError>>());
+        task.abort();
+        assert_eq!(joined_result(task.await), Err(JobError::Cancelled));
+    }
+}

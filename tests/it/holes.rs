@@ -13,10 +13,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use voxqueue::{
-    Error, Handler, JobContext, JobError, JobState, Queue, RetryPolicy, Worker, handler_fn,
+    Error, Handler, JobContext, JobError, JobState, Queue, RetryPolicy, Worker, WorkerBuilder,
+    handler_fn,
 };
 
-use crate::common::{Prefix, RedisServer, eventually, shutdown};
+use crate::common::{Prefix, RedisServer, eventually, shutdown, within};
 use proxy::{Mode, Proxy};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -183,6 +184,14 @@ struct Proxied {
 impl Proxied {
     /// Starts it and waits until the job runs.
     async fn running(name: &str) -> Self {
+        Self::running_with(name, |w| w).await
+    }
+
+    /// As [`Proxied::running`], with the worker's settings changed by `settings`.
+    async fn running_with(
+        name: &str,
+        settings: impl FnOnce(WorkerBuilder<N>) -> WorkerBuilder<N>,
+    ) -> Self {
         let server = RedisServer::start(&[]);
         let proxy = Proxy::start(server.port).await;
         let prefix = Prefix::on(&server.url());
@@ -190,7 +199,7 @@ impl Proxied {
         let q = queue_at(&prefix, &proxy.url(), name).await;
         let (runs, go) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
         let job = q.enqueue(N { n: 4 }).await.unwrap().id;
-        let worker = spawn(Worker::builder(q).build(gated(runs.clone(), go.clone())));
+        let worker = spawn(settings(Worker::builder(q)).build(gated(runs.clone(), go.clone())));
         eventually(WAIT, "running", || {
             state_is(&direct, &job, JobState::Active)
         })
@@ -240,6 +249,71 @@ async fn a_report_answered_loading_is_retried_until_redis_is_back() {
     assert_eq!(st.state, JobState::Active);
     t.proxy.set(Mode::Forward);
     t.completed_once().await;
+}
+
+// Claimed means run or handed back: a hand-back on shutdown that meets LOADING is
+// retried (within about a lease) until Redis is back, not left to the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_back_answered_loading_is_retried_until_redis_is_back() {
+    let t = Proxied::running_with("loading-hand-back", |w| {
+        w.shutdown_grace(Duration::from_millis(100))
+    })
+    .await;
+    t.proxy.set(Mode::Loading);
+    let _ = t.worker.0.send(());
+    // The grace runs out and the hand-back meets LOADING for a while.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let st = t.direct.status(&t.job).await.unwrap();
+    assert_eq!(st.state, JobState::Active);
+    t.proxy.set(Mode::Forward);
+    // Back long before the 30 s lease could run out.
+    within("the worker stops", t.worker.1)
+        .await
+        .unwrap()
+        .unwrap();
+    let st = t.direct.status(&t.job).await.unwrap();
+    assert_eq!((st.state, st.attempts), (JobState::Queued, 0));
+}
+
+// A hand-back is retried for about a lease, no longer: by then the lease has run out
+// and any worker's recovery does the same, so a worker never hangs on shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_back_gives_up_after_about_a_lease() {
+    let t = Proxied::running_with("loading-forever", |w| {
+        w.lease(Duration::from_millis(1000))
+            .shutdown_grace(Duration::from_millis(100))
+    })
+    .await;
+    t.proxy.set(Mode::Loading);
+    let t0 = Instant::now();
+    let _ = t.worker.0.send(());
+    within("the worker stops", t.worker.1)
+        .await
+        .unwrap()
+        .unwrap();
+    // A lease (1 s) plus at most one backoff step (2 s) and the grace.
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+}
+
+// A report waits out an outage only until the shutdown grace ends: then the worker
+// stops, and the job (still leased, still active) runs again after its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_stuck_in_an_outage_gives_up_when_the_shutdown_grace_ends() {
+    let t = Proxied::running_with("loading-shutdown", |w| {
+        w.shutdown_grace(Duration::from_millis(300))
+    })
+    .await;
+    t.proxy.set(Mode::Loading);
+    t.go.notify_one();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = t.worker.0.send(());
+    within("the worker stops", t.worker.1)
+        .await
+        .unwrap()
+        .unwrap();
+    let st = t.direct.status(&t.job).await.unwrap();
+    assert_eq!(st.state, JobState::Active);
+    assert_eq!(t.runs.load(Ordering::SeqCst), 1);
 }
 
 // #5: a finished result is kept through a Redis outage longer than the old eight

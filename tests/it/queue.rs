@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use voxqueue::{CancelOutcome, Error, EventKind, JobId, JobOptions, JobState, Priority, Queue};
 
-use crate::common::Prefix;
+use crate::common::{Prefix, within};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Echo {
@@ -229,6 +229,17 @@ async fn wait_times_out_on_a_job_nobody_runs() {
         .await
         .unwrap_err();
     assert!(err.is_timeout(), "{err}");
+    // A job that does not exist is an error at once, not a wait until the timeout.
+    let t0 = std::time::Instant::now();
+    let missing = JobId::new("never-enqueued").unwrap();
+    let err = within(
+        "wait on a missing job",
+        q.wait(&missing, Duration::from_secs(30)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 }
 
 #[tokio::test]

@@ -445,6 +445,11 @@ async fn too_few_replicas_is_a_typed_error_and_the_job_is_still_stored() {
         .wait_for_replicas(0, Duration::from_millis(100))
         .await
         .unwrap();
+    // The longest wait allowed is allowed (none asked for, so no wait at all).
+    q.enqueue(Echo { n: 4 })
+        .wait_for_replicas(0, Duration::from_secs(4))
+        .await
+        .unwrap();
     for bad in [Duration::ZERO, Duration::from_secs(5)] {
         let err = q
             .enqueue(Echo { n: 3 })

@@ -11,7 +11,7 @@ use voxqueue::{
     Worker, handler_fn,
 };
 
-use crate::common::{Prefix, eventually, shutdown};
+use crate::common::{Prefix, RedisServer, eventually, shutdown};
 use crate::queue::Echo;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -161,6 +161,86 @@ async fn an_idle_worker_is_woken_by_enqueue() {
         t0.elapsed() < Duration::from_secs(2),
         "took {:?}",
         t0.elapsed()
+    );
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_of_several_queues_is_woken_by_any_of_them() {
+    let p = Prefix::new();
+    let a = p.queue::<Echo>("wake-a").await;
+    let b = p.queue::<Echo>("wake-b").await;
+    let w = spawn(Worker::builder(a.clone()).queue(b.clone()).build(echo()));
+    eventually(WAIT, "worker registered", || async {
+        (b.stats().await.unwrap().workers == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = Instant::now();
+    let job = b.enqueue(Echo { n: 6 }).await.unwrap();
+    assert_eq!(b.wait_result::<u32>(&job.id, WAIT).await.unwrap(), 6);
+    // Far below the worker's longest idle wait (5 s): the last queue woke it too.
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t0.elapsed()
+    );
+    stop(w).await;
+}
+
+/// Calls a private server has had so far from clients (scripts' own commands not
+/// counted): script calls and blocking pops, the only commands a worker sends idle.
+async fn client_calls(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(c)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|l| {
+            ["cmdstat_fcall:", "cmdstat_evalsha:", "cmdstat_blpop:"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_sends_only_its_heartbeats() {
+    let server = RedisServer::start(&[]);
+    let p = Prefix::on(&server.url());
+    let q = p.queue::<Echo>("quiet").await;
+    let mut c = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let w = spawn(
+        Worker::builder(q.clone())
+            .heartbeat(Duration::from_millis(500))
+            .build(echo()),
+    );
+    eventually(WAIT, "worker registered", || async {
+        (q.stats().await.unwrap().workers == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = client_calls(&mut c).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sent = client_calls(&mut c).await - before;
+    // Four heartbeats in 2 s, and at most a claim and a BLPOP if the idle wait (5 s)
+    // ran out in between: no loop polls Redis.
+    assert!(
+        sent <= 6,
+        "{sent} script calls and pops in 2 s from an idle worker"
     );
     stop(w).await;
 }
@@ -699,6 +779,15 @@ async fn weighted_order_serves_every_queue() {
         .build(echo());
     assert!(matches!(
         bad.run_until(async {}).await,
+        Err(Error::InvalidConfig(_))
+    ));
+    // A weight for each queue, but none to share: nothing would ever be claimed.
+    let idle = Worker::builder(a.clone())
+        .queue(b.clone())
+        .order(QueueOrder::Weighted(vec![0, 0]))
+        .build(echo());
+    assert!(matches!(
+        idle.run_until(async {}).await,
         Err(Error::InvalidConfig(_))
     ));
 }
