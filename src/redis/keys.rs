@@ -181,6 +181,9 @@ mod tests {
             (keys.workers(), "workers"),
             (keys.stats(), "stats"),
             (keys.breakers(), "breakers"),
+            (keys.lane(Priority::High), "ready:high"),
+            (keys.lane(Priority::Normal), "ready:normal"),
+            (keys.lane(Priority::Low), "ready:low"),
         ];
         for (key, name) in named {
             assert_eq!(key, format!("p:{{q}}:{name}"));
@@ -192,5 +195,9 @@ mod tests {
         assert_eq!(keys.all()[12], "p:{q}:seq");
         assert_eq!(keys.all()[14], "p:{q}:dedup");
         assert_eq!(keys.all()[17], "p:{q}:limits_exp");
+        assert_eq!(
+            keys.all()[19..],
+            ["p:{q}:ready:high", "p:{q}:ready:normal", "p:{q}:ready:low"]
+        );
     }
 }
