@@ -91,9 +91,9 @@ local DEAD_CAP_DEFAULT = 10000  -- dead letters kept when the queue sets no cap
 -- Integers as text a script builds itself (concatenation and tostring() use %.14g,
 -- which writes large numbers as 1e+14), and values that must not be rounded (tokens,
 -- rate-limit times). Arguments of redis.call take the number itself: Redis writes it
--- with fpconv_dtoa, exact and without an exponent for the integers a queue passes
--- (times in ms, below 1e17), at a fraction of string.format's cost, which was an
--- eighth of a job's instructions in Redis.
+-- (%.17g in 7.0, fpconv_dtoa from 7.2), exact and without an exponent for the
+-- integers a queue passes (times in ms, below 1e15), with no Lua string made for it:
+-- about 2 % of a job's instructions in Redis 7.0.
 local function int(n)
   return string.format('%.0f', n)
 end
