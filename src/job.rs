@@ -59,8 +59,10 @@ impl std::str::FromStr for JobId {
     }
 }
 
-/// The 64 digits of [`compact_uuid`], in ASCII order so that text order is number order.
-const DIGITS: &[u8; 64] = b"-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz";
+/// The 64 digits of [`compact_uuid`]: URL-safe, in ASCII order so that text order is
+/// number order, and none a shell or a command line reads as special at the start of
+/// a word (an id never starts with `-`).
+const DIGITS: &[u8; 64] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~";
 
 /// A fresh UUID v7 in 22 URL-safe characters instead of 36: every stored copy of an id
 /// (the job's entry, its place in line, its lease) is 14 bytes shorter, and ids still
@@ -847,10 +849,10 @@ mod tests {
 
     #[test]
     fn compact_ids_keep_number_order_in_22_url_safe_characters() {
-        assert_eq!(compact(0), "-".repeat(22));
-        assert_eq!(compact(u128::MAX), format!("2{}", "z".repeat(21)));
-        assert_eq!(compact(1), format!("{}0", "-".repeat(21)));
-        assert_eq!(compact(64), format!("{}0-", "-".repeat(20)));
+        assert_eq!(compact(0), "0".repeat(22));
+        assert_eq!(compact(u128::MAX), format!("3{}", "~".repeat(21)));
+        assert_eq!(compact(1), format!("{}1", "0".repeat(21)));
+        assert_eq!(compact(64), format!("{}10", "0".repeat(20)));
         let mut x: u128 = 0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C834;
         let mut prev = (0u128, compact(0));
         for _ in 0..1000 {
@@ -861,7 +863,7 @@ mod tests {
             assert_eq!(text.len(), 22);
             assert!(
                 text.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'~')
             );
             assert_eq!(x.cmp(&prev.0), text.cmp(&prev.1), "{x} vs {}", prev.0);
             prev = (x, text);
