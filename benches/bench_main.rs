@@ -16,6 +16,8 @@ mod kokoro;
 #[cfg(feature = "candle")]
 mod piper;
 mod queue;
+#[cfg(feature = "candle")]
+mod realtime;
 mod text;
 
 #[cfg(feature = "candle")]

@@ -5,13 +5,13 @@
 //! Needs the model and voice packs (`.ci/fetch-voices`); without them the bench says so and
 //! measures nothing.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Instant;
+use std::path::PathBuf;
 
 use criterion::{Criterion, criterion_group};
 use voxqueue::tts::candle::{DeviceChoice, KOKORO_MODEL_FILE, KokoroOptions, KokoroSynthesizer};
 use voxqueue::tts::{SynthesisRequest, Synthesizer};
+
+use crate::realtime;
 
 const VOICE: &str = "af_heart";
 
@@ -29,38 +29,6 @@ fn model_path() -> Option<PathBuf> {
         })?;
     let path = dir.join("kokoro").join(KOKORO_MODEL_FILE);
     path.exists().then_some(path)
-}
-
-/// ONNX Runtime's median seconds and audio seconds for the same ids, or why it could not
-/// be timed.
-fn onnx_runtime(model: &Path, ids: &[u32], threads: usize) -> Result<(f64, f64), String> {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/kokoro_ort_timing.py"
-    );
-    let pack = model.with_file_name("voices").join(format!("{VOICE}.bin"));
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(model)
-        .arg(pack)
-        .arg(threads.to_string())
-        .arg("5")
-        .args(ids.iter().map(u32::to_string))
-        .output()
-        .map_err(|e| format!("python3: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let fields: Vec<&str> = text.split_whitespace().collect();
-    match fields.as_slice() {
-        ["ort", secs, audio] => Ok((
-            secs.parse().map_err(|_| text.to_string())?,
-            audio.parse().map_err(|_| text.to_string())?,
-        )),
-        _ => Err(String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .last()
-            .unwrap_or("no output")
-            .to_owned()),
-    }
 }
 
 fn kokoro(c: &mut Criterion) {
@@ -82,26 +50,20 @@ fn kokoro(c: &mut Criterion) {
     g.finish();
 
     // Real-time factors, reported once beside ONNX Runtime's (criterion times above).
-    let runs = 3;
-    let start = Instant::now();
-    for _ in 0..runs {
+    let ours = realtime::mean_seconds(3, || {
         synth.synthesize(&request).expect("synthesis");
-    }
-    let ours = start.elapsed().as_secs_f64() / f64::from(runs);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    eprintln!(
-        "kokoro/cpu: {seconds:.2} s of audio in {ours:.3} s = real-time factor {:.3} (voxqueue, {threads} threads)",
-        ours / seconds
-    );
+    });
+    let threads = realtime::threads();
     let ids = synth.phoneme_ids(TEXT, VOICE).expect("phonemes");
-    match onnx_runtime(&path, &ids, threads) {
-        Ok((ort, ort_audio)) => eprintln!(
-            "kokoro/cpu: ONNX Runtime {ort:.3} s for {ort_audio:.2} s = real-time factor {:.3}; voxqueue / ONNX Runtime = {:.2}",
-            ort / ort_audio,
-            (ours / seconds) / (ort / ort_audio)
-        ),
-        Err(why) => eprintln!("kokoro/cpu: ONNX Runtime not timed ({why})"),
-    }
+    let pack = path.with_file_name("voices").join(format!("{VOICE}.bin"));
+    let args = vec![
+        path.into(),
+        pack.into(),
+        threads.to_string().into(),
+        "5".into(),
+    ];
+    let ort = realtime::onnx_runtime("kokoro_ort_timing.py", args, &ids);
+    realtime::report("kokoro/cpu", seconds, ours, threads, ort);
 }
 
 criterion_group!(benches, kokoro);

@@ -5,12 +5,12 @@
 //! Needs the voice (`.ci/fetch-voices`); without it the bench says so and measures nothing.
 
 use std::path::PathBuf;
-use std::process::Command;
-use std::time::Instant;
 
 use criterion::{Criterion, criterion_group};
 use voxqueue::tts::candle::{DeviceChoice, PiperOptions, PiperSynthesizer};
 use voxqueue::tts::{SynthesisRequest, Synthesizer};
+
+use crate::realtime;
 
 const VOICE: &str = "en_US-joe-medium";
 
@@ -28,35 +28,6 @@ fn voice_path() -> Option<PathBuf> {
         })?;
     let path = dir.join(format!("{VOICE}.onnx"));
     path.exists().then_some(path)
-}
-
-/// ONNX Runtime's median seconds for the same ids, or why it could not be timed.
-fn onnx_runtime(path: &PathBuf, ids: &[u32], threads: usize) -> Result<(f64, f64), String> {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/piper_ort_timing.py"
-    );
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(path)
-        .arg(threads.to_string())
-        .arg("10")
-        .args(ids.iter().map(u32::to_string))
-        .output()
-        .map_err(|e| format!("python3: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let fields: Vec<&str> = text.split_whitespace().collect();
-    match fields.as_slice() {
-        ["ort", secs, audio] => Ok((
-            secs.parse().map_err(|_| text.to_string())?,
-            audio.parse().map_err(|_| text.to_string())?,
-        )),
-        _ => Err(String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .last()
-            .unwrap_or("no output")
-            .to_owned()),
-    }
 }
 
 fn piper(c: &mut Criterion) {
@@ -78,26 +49,14 @@ fn piper(c: &mut Criterion) {
     g.finish();
 
     // Real-time factors, reported once beside ONNX Runtime's (criterion times above).
-    let runs = 5;
-    let start = Instant::now();
-    for _ in 0..runs {
+    let ours = realtime::mean_seconds(5, || {
         synth.synthesize(&request).expect("synthesis");
-    }
-    let ours = start.elapsed().as_secs_f64() / f64::from(runs);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    eprintln!(
-        "piper/cpu: {seconds:.2} s of audio in {ours:.3} s = real-time factor {:.3} (voxqueue, {threads} threads)",
-        ours / seconds
-    );
+    });
+    let threads = realtime::threads();
     let ids = synth.phoneme_ids(TEXT).expect("phonemes");
-    match onnx_runtime(&path, &ids, threads) {
-        Ok((ort, ort_audio)) => eprintln!(
-            "piper/cpu: ONNX Runtime {ort:.3} s for {ort_audio:.2} s = real-time factor {:.3}; voxqueue / ONNX Runtime = {:.2}",
-            ort / ort_audio,
-            (ours / seconds) / (ort / ort_audio)
-        ),
-        Err(why) => eprintln!("piper/cpu: ONNX Runtime not timed ({why})"),
-    }
+    let args = vec![path.into(), threads.to_string().into(), "10".into()];
+    let ort = realtime::onnx_runtime("piper_ort_timing.py", args, &ids);
+    realtime::report("piper/cpu", seconds, ours, threads, ort);
 }
 
 criterion_group!(benches, piper);
