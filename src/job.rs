@@ -369,7 +369,11 @@ pub(crate) struct JobRecord {
     /// float (see [`MAX_MS`] for the numbers it does see).
     #[serde(default, skip_serializing_if = "Option::is_none", with = "policy_text")]
     pub(crate) retry: Option<RetryPolicy>,
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(
+        default,
+        skip_serializing_if = "is_zero",
+        deserialize_with = "ms_number_or_text"
+    )]
     pub(crate) created_at: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) run_at: u64,
@@ -381,9 +385,17 @@ pub(crate) struct JobRecord {
     /// Sent at enqueue only: the script turns it into `run_at` on Redis's clock.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) delay_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(
+        default,
+        skip_serializing_if = "is_zero",
+        deserialize_with = "ms_number_or_text"
+    )]
     pub(crate) started_at: u64,
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(
+        default,
+        skip_serializing_if = "is_zero",
+        deserialize_with = "ms_number_or_text"
+    )]
     pub(crate) finished_at: u64,
     /// Not stored when it is the default (`finish` in common.lua assumes it).
     #[serde(
@@ -489,6 +501,23 @@ fn is_zero_u32(n: &u32) -> bool {
 
 fn is_normal_rank(rank: &u8) -> bool {
     *rank == normal_rank()
+}
+
+/// A time the scripts stamp: text (what they write, so cjson never formats a number)
+/// or a number (what records written before hold).
+fn ms_number_or_text<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Ms {
+        Number(u64),
+        Text(String),
+    }
+    match Ms::deserialize(d)? {
+        Ms::Number(ms) => Ok(ms),
+        Ms::Text(t) => t
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("not a time in ms: {t:?}"))),
+    }
 }
 
 /// cjson has one empty table, which it writes as `{}`: accept it as an empty list.
@@ -781,6 +810,24 @@ mod tests {
                 "finished_at": 9, "result_ttl_ms": 1000
             })
         );
+    }
+
+    #[test]
+    fn stamped_times_read_as_text_or_number_and_other_text_is_corrupt() {
+        let text = JobRecord::parse(
+            "a",
+            br#"{"state":"completed","created_at":"3","started_at":"1796046881947","finished_at":9}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (text.created_at, text.started_at, text.finished_at),
+            (3, 1_796_046_881_947, 9)
+        );
+        for bad in [r#""soon""#, r#""-1""#, r#""1.5""#, "true"] {
+            let raw = format!(r#"{{"state":"active","started_at":{bad}}}"#);
+            let err = JobRecord::parse("a", raw.as_bytes()).unwrap_err();
+            assert!(matches!(err, Error::Corrupt { .. }), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -9,6 +9,10 @@ use crate::error::Error;
 use crate::job::Priority;
 use crate::metrics;
 
+/// The stats hash field where the scripts keep the next time maintenance is due
+/// (`due` in common.lua): a time, not a counter.
+const DUE_FIELD: &str = "due";
+
 /// A worker is counted live when it heartbeat within this window.
 const LIVE_WINDOW: Duration = Duration::from_secs(15);
 
@@ -136,7 +140,9 @@ impl<J> Queue<J> {
         metrics::workers(name, workers);
         let totals = fields
             .iter()
-            .filter(|(k, _)| !k.starts_with("w:") && k.as_str() != DEAD_CAP_FIELD)
+            .filter(|(k, _)| {
+                !k.starts_with("w:") && k.as_str() != DEAD_CAP_FIELD && k.as_str() != DUE_FIELD
+            })
             .filter_map(|(k, v)| Some((k.clone(), v.parse().ok()?)))
             .collect();
         Ok(QueueStats {

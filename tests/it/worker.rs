@@ -142,6 +142,53 @@ async fn delayed_job_runs_on_time_and_not_before() {
     stop(w).await;
 }
 
+/// A claim no longer reads the scheduled, active and finished sets every time: it waits
+/// for a due time the scripts keep. A job that comes due while the lanes are full must
+/// still be promoted by the next claim, so every script that writes a due time brings
+/// the cached one forward; if enqueue did not, the high-priority job would wait for the
+/// lanes to run dry and run last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_comes_due_while_the_lanes_are_full_jumps_the_line() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("due-full").await;
+    for n in 1..=8 {
+        q.enqueue(Echo { n }).await.unwrap();
+    }
+    let gate = Arc::new(Notify::new());
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (g, l) = (gate.clone(), log.clone());
+    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
+        let (g, l) = (g.clone(), l.clone());
+        async move {
+            if job.n == 1 {
+                g.notified().await;
+            }
+            l.lock().unwrap().push(job.n);
+            Ok::<_, JobError>(job.n)
+        }
+    });
+    let w = spawn(Worker::builder(q.clone()).concurrency(1).build(handler));
+    eventually(WAIT, "job 1 runs", || async {
+        (q.stats().await.unwrap().active >= 1).then_some(())
+    })
+    .await;
+    q.enqueue(Echo { n: 100 })
+        .priority(Priority::High)
+        .delay(Duration::from_millis(20))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.notify_one();
+    eventually(WAIT, "all nine ran", || async {
+        (log.lock().unwrap().len() == 9).then_some(())
+    })
+    .await;
+    stop(w).await;
+    let log = log.lock().unwrap().clone();
+    let at = log.iter().position(|&n| n == 100).unwrap();
+    assert!(at < 5, "the due job ran in place {at}: {log:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_is_woken_by_enqueue() {
     let p = Prefix::new();

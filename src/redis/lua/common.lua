@@ -45,6 +45,16 @@
 -- prepended to the script's own lines (see scripts.rs). No per-call work happens at
 -- the top level, and every value a call sets is set again by the next call's `begin`.
 
+-- Integers as text a script builds itself (concatenation and tostring() use %.14g,
+-- which writes large numbers as 1e+14), and values that must not be rounded (tokens,
+-- rate-limit times). Every number that becomes text costs a printf, in Lua or in
+-- Redis (a number passed to redis.call is written with %.17g in 7.0): on the per-job
+-- path the scripts pass text made once per call instead (NOW_S, a claim's deadline),
+-- which took a sixth of Redis's instructions per job.
+local function int(n)
+  return string.format('%.0f', n)
+end
+
 local K_JOBS, K_PAYLOADS, K_RESULTS, K_LEASES
 local K_READY, K_SCHEDULED, K_ACTIVE, K_DEAD
 local K_FINISHED, K_EVENTS, K_WAKE, K_WORKERS
@@ -52,7 +62,11 @@ local K_SEQ, K_STATS
 local K_DEDUP, K_DEDUP_EXP, K_LIMITS, K_LIMITS_EXP
 local K_BREAKERS
 local LANES = {}
-local NOW, EVENTS_MAX, STEP_EVENTS
+local NOW, NOW_S, EVENTS_MAX, STEP_EVENTS
+-- The earliest time maintenance may be due (see `maintain`), as read in this call
+-- (nil: not read yet), and the retention deadline of a finished job with the default
+-- result TTL, made once per call.
+local due_at, finished_default
 -- Counters a batch script adds up in Lua and writes once at its end (see
 -- `flush_counts`), instead of one HINCRBY per job; nil: written at once.
 local deferred = nil
@@ -70,10 +84,15 @@ local function begin(keys, args)
   -- (a lease starts when Redis hands the job over).
   if args[1] ~= nil and args[1] ~= '' then
     NOW = tonumber(args[1])
+    NOW_S = int(NOW)
   else
+    -- Milliseconds as text with no number formatted: the seconds, then the first
+    -- three of the six microsecond digits.
     local t = redis.call('TIME')
-    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    NOW_S = t[1] .. string.sub('00000' .. t[2], -6, -4)
+    NOW = tonumber(NOW_S)
   end
+  due_at, finished_default = nil, nil
   -- A negative cap says the queue keeps only the events that matter to waiters and
   -- operators (outcomes, retries, stalls, ...), not the steps of every job's life
   -- (queued, scheduled, active): two stream writes fewer per job on the hot path.
@@ -88,15 +107,6 @@ local WAKE_MAX = 1000           -- more tokens than this wake nobody new
 local ERRORS_MAX = 10           -- attempt errors kept per job (the latest)
 local DEAD_CAP_DEFAULT = 10000  -- dead letters kept when the queue sets no cap
 
--- Integers as text a script builds itself (concatenation and tostring() use %.14g,
--- which writes large numbers as 1e+14), and values that must not be rounded (tokens,
--- rate-limit times). Arguments of redis.call take the number itself: Redis writes it
--- (%.17g in 7.0, fpconv_dtoa from 7.2), exact and without an exponent for the
--- integers a queue passes (times in ms, below 1e15), with no Lua string made for it:
--- about 2 % of a job's instructions in Redis 7.0.
-local function int(n)
-  return string.format('%.0f', n)
-end
 
 -- A record that does not decode must not fail every script that meets it (that would
 -- stop the whole queue): it comes back as a stub marked `corrupt`, keeping the raw
@@ -106,15 +116,21 @@ local STATES = {
   completed = true, dead = true, cancelled = true, expired = true,
 }
 -- The type every field a script does arithmetic on, indexes by or stores must have.
+-- The times a transition stamps (`created_at`, `started_at`, `finished_at`) are
+-- written as text, NOW_S, which cjson copies where a number costs it a printf (a
+-- tenth of a job's instructions went to formatting numbers); records written before
+-- hold numbers. Scripts read them only through tonumber.
 local FIELD_TYPES = {
   pri = 'number', seq = 'number', attempts = 'number', max_attempts = 'number',
-  timeout_ms = 'number', created_at = 'number', run_at = 'number',
-  expires_at = 'number', started_at = 'number', finished_at = 'number',
+  timeout_ms = 'number', created_at = 'time', run_at = 'number',
+  expires_at = 'number', started_at = 'time', finished_at = 'time',
   result_ttl_ms = 'number', dedup_ttl_ms = 'number', progress = 'number',
   worker = 'string', reason = 'string', dedup = 'string', lease = 'string',
   errors = 'table',
 }
-local TYPE_NAMES = { number = 'a number', string = 'a string', table = 'a list' }
+local TYPE_NAMES = {
+  number = 'a number', string = 'a string', table = 'a list', time = 'a time',
+}
 
 -- Why a decoded record cannot be used (nil when it can): every field a script does
 -- arithmetic on, indexes by or stores must have its type, checked before any script
@@ -132,8 +148,9 @@ local function shape_error(id, job)
   end
   for field, v in pairs(job) do
     local want = FIELD_TYPES[field]
-    if want and type(v) ~= want then
-      return field .. ' is a ' .. type(v) .. ', not ' .. TYPE_NAMES[want]
+    local got = type(v)
+    if want and got ~= want and not (want == 'time' and (got == 'number' or got == 'string')) then
+      return field .. ' is a ' .. got .. ', not ' .. TYPE_NAMES[want]
     end
   end
   return nil
@@ -198,10 +215,10 @@ end
 local function emit(kind, id, data)
   if data then
     redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAX, '*',
-      'type', kind, 'id', id, 'at', NOW, 'data', data)
+      'type', kind, 'id', id, 'at', NOW_S, 'data', data)
   else
     redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAX, '*',
-      'type', kind, 'id', id, 'at', NOW)
+      'type', kind, 'id', id, 'at', NOW_S)
   end
 end
 
@@ -353,6 +370,32 @@ local function release_lease(job)
   redis.call('ZREM', K_ACTIVE, job.id)
 end
 
+-- Maintenance (promoting due jobs, recovering expired leases, sweeping retentions)
+-- used to start with three sorted-set reads on every claim, a sixth of a one-slot
+-- worker's instructions per job. The stats hash keeps `due`, a time no later than the
+-- earliest score in `scheduled`, `active` and `finished` and no later than a second
+-- after the last exact look: every script that adds a score lowers it (`note_due`),
+-- and a claim or heartbeat looks at the sets only once it has passed. The second's
+-- cap bounds what a writer that does not keep `due` (an older version, a failed-over
+-- server whose clock differs) can delay.
+local DUE_FIELD = 'due'
+local DUE_CAP_MS = 1000
+
+local function due()
+  if not due_at then
+    due_at = tonumber(redis.call('HGET', K_STATS, DUE_FIELD)) or 0
+  end
+  return due_at
+end
+
+-- A score `at` was added to scheduled, active or finished.
+local function note_due(at)
+  if at < due() then
+    due_at = at
+    redis.call('HSET', K_STATS, DUE_FIELD, int(at))
+  end
+end
+
 -- A finished job's dedup entry: a completed job answers duplicates for its dedup
 -- TTL; any other ending frees the request for a new job at once.
 local function settle_dedup(job)
@@ -368,11 +411,22 @@ end
 -- Terminal states other than dead: kept for the result TTL, then swept.
 local function finish(job, state)
   job.state = state
-  job.finished_at = NOW
+  job.finished_at = NOW_S
   job.cancel = nil
   settle_dedup(job)
   release_lease(job)
-  redis.call('ZADD', K_FINISHED, NOW + (job.result_ttl_ms or 86400000), job.id)
+  if job.result_ttl_ms then
+    local at = NOW + job.result_ttl_ms
+    note_due(at)
+    redis.call('ZADD', K_FINISHED, at, job.id)
+  else
+    if not finished_default then
+      finished_default = NOW + 86400000
+      note_due(finished_default)
+      finished_default = int(finished_default)
+    end
+    redis.call('ZADD', K_FINISHED, finished_default, job.id)
+  end
   save(job)
   count(state)
   emit(state, job.id)
@@ -410,12 +464,12 @@ end
 
 local function bury(job, reason)
   job.state = 'dead'
-  job.finished_at = NOW
+  job.finished_at = NOW_S
   job.reason = reason
   job.cancel = nil
   settle_dedup(job)
   release_lease(job)
-  redis.call('ZADD', K_DEAD, NOW, job.id)
+  redis.call('ZADD', K_DEAD, NOW_S, job.id)
   save(job)
   count('dead')
   emit('dead', job.id, reason)
@@ -523,21 +577,36 @@ local function first_score(key)
 end
 
 -- Maintenance that is due: scheduled jobs whose time came, leases that ran out, and
--- (with `sweep_anyway`, or when a finished record is due) the sweeps. Each check is
--- one O(log n) read, so the per-job path pays for maintenance only when there is some.
+-- (with `sweep_anyway`, or when a finished record is due) the sweeps. Nothing is read
+-- but `due` until it passes (see `note_due`); then each check is one O(log n) read,
+-- and `due` is set to the next time there is work again, a second ahead at most.
 local function maintain(sweep_anyway)
-  local due = first_score(K_SCHEDULED)
-  if due and due <= NOW then
+  local cached = due()
+  if not sweep_anyway and NOW < cached and cached <= NOW + DUE_CAP_MS then
+    return
+  end
+  local at = first_score(K_SCHEDULED)
+  if at and at <= NOW then
     promote(1000)
   end
-  due = first_score(K_ACTIVE)
-  if due and due <= NOW then
+  at = first_score(K_ACTIVE)
+  if at and at <= NOW then
     recover(100)
   end
-  due = first_score(K_FINISHED)
-  if sweep_anyway or (due and due <= NOW) then
+  at = first_score(K_FINISHED)
+  if sweep_anyway or (at and at <= NOW) then
     sweep(20)
   end
+  -- What is left (each pass is bounded) keeps `due` at or before now.
+  local next_at = NOW + DUE_CAP_MS
+  for _, key in ipairs({ K_SCHEDULED, K_ACTIVE, K_FINISHED }) do
+    at = first_score(key)
+    if at and at < next_at then
+      next_at = at
+    end
+  end
+  due_at = next_at
+  redis.call('HSET', K_STATS, DUE_FIELD, int(next_at))
 end
 
 -- Milliseconds until the queue next needs a look (a scheduled job comes due or a
@@ -592,6 +661,8 @@ local function claim(worker, n, lease_ms, default_attempts)
   local swept = false
   -- Lease tokens come from the sequence, reserved for the whole claim in one call.
   local next_token, last_token = 1, 0
+  -- Every lease of the claim runs out at the same time: its text is made once.
+  local deadline
   -- Ids popped from the lanes and not yet looked at: one pop for as many as the
   -- claim still wants. Every popped id is claimed, buried or ended before the loop
   -- stops (the pop never takes more than the loop will look at: `n - claimed` and
@@ -633,7 +704,7 @@ local function claim(worker, n, lease_ms, default_attempts)
         end
         job.attempts = (job.attempts or 0) + 1
         job.state = 'active'
-        job.started_at = NOW
+        job.started_at = NOW_S
         job.worker = worker
         if next_token > last_token then
           last_token = redis.call('INCRBY', K_SEQ, n - claimed)
@@ -642,7 +713,12 @@ local function claim(worker, n, lease_ms, default_attempts)
         local token = int(next_token)
         next_token = next_token + 1
         job.lease = token
-        redis.call('ZADD', K_ACTIVE, NOW + lease_ms, id)
+        if not deadline then
+          deadline = NOW + lease_ms
+          note_due(deadline)
+          deadline = int(deadline)
+        end
+        redis.call('ZADD', K_ACTIVE, deadline, id)
         local raw = encode(job)
         redis.call('HSET', K_JOBS, id, entry(job, raw))
         emit_step('active', id, worker)
@@ -734,7 +810,7 @@ local function complete_one(id, token, result)
   if not job then
     return outcome
   end
-  window(1, 0, NOW - (job.started_at or NOW))
+  window(1, 0, NOW - (tonumber(job.started_at) or NOW))
   redis.call('HSET', K_RESULTS, id, result)
   job.result = true
   job.progress = 100
@@ -753,7 +829,7 @@ local function fail_one(id, token, kind, message, retry_in)
   end
   record_error(job, kind, message)
   count('failed')
-  window(0, 1, NOW - (job.started_at or NOW))
+  window(0, 1, NOW - (tonumber(job.started_at) or NOW))
   local delay = tonumber(retry_in)
   if job.cancel then
     finish(job, 'cancelled')
@@ -763,6 +839,7 @@ local function fail_one(id, token, kind, message, retry_in)
     release_lease(job)
     job.state = 'scheduled'
     job.run_at = retry_at
+    note_due(retry_at)
     redis.call('ZADD', K_SCHEDULED, retry_at, id)
     save(job)
     count('retried')

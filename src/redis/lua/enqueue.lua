@@ -29,7 +29,7 @@ for i = 0, n - 1 do
     local owner = dedup ~= '' and redis.call('HGET', K_DEDUP, dedup)
     local job = owner and load(owner)
     local reusable = job and (IN_FLIGHT[job.state] or (job.state == 'completed' and job.result
-      and NOW < (job.finished_at or 0) + (job.dedup_ttl_ms or 0)))
+      and NOW < (tonumber(job.finished_at) or 0) + (job.dedup_ttl_ms or 0)))
     if reusable then
       count('deduplicated')
       out[i + 1] = { owner, 0, job.state }
@@ -75,7 +75,7 @@ for _, i in ipairs(fresh) do
   else
     local job = cjson.decode(ARGV[base + 1])
     job.id = id
-    job.created_at = NOW
+    job.created_at = NOW_S
     -- A time-to-live counts from now on Redis's clock, not from the caller's.
     if job.ttl_ms then
       job.expires_at = NOW + job.ttl_ms
@@ -87,6 +87,7 @@ for _, i in ipairs(fresh) do
     job.delay_ms = nil
     if job.run_at and job.run_at > NOW then
       job.state = 'scheduled'
+      note_due(job.run_at)
       redis.call('ZADD', K_SCHEDULED, job.run_at, id)
     else
       -- push_ready, its RPUSH joining the batch's.

@@ -9,13 +9,22 @@
 --           ms until the queue next needs a look or -1}
 local lease_ms = tonumber(ARGV[4])
 local forget_ms = tonumber(ARGV[5])
-redis.call('ZADD', K_WORKERS, NOW, ARGV[3])
+-- Every renewed lease runs out at the same time: its text is made once.
+local deadline = NOW + lease_ms
+local deadline_s
+redis.call('ZADD', K_WORKERS, NOW_S, ARGV[3])
 local lost, cancel = {}, {}
 for i = 6, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
   local job = load(id)
   if owned(job, token) then
-    redis.call('ZADD', K_ACTIVE, 'XX', NOW + lease_ms, id)
+    if not deadline_s then
+      -- A worker with a shorter lease than the last claim's may bring the next look
+      -- forward.
+      note_due(deadline)
+      deadline_s = int(deadline)
+    end
+    redis.call('ZADD', K_ACTIVE, 'XX', deadline_s, id)
     if job.cancel then
       table.insert(cancel, id)
     end
