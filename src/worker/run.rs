@@ -12,12 +12,12 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::WorkerConfig;
 use super::breaker::{Breaker, BreakerState, Outcome};
 use super::claim::{self, ClaimArgs, Claimed};
 use super::handler::{Handler, JobContext};
 use super::lease::{Held, Registry};
 use super::report::{Report, Reporter};
+use super::{QUICK_AHEAD, QUICK_ATTEMPT, WorkerConfig};
 use crate::error::JobError;
 use crate::metrics;
 use crate::redis::Shared;
@@ -57,16 +57,20 @@ impl<H> Runner<H> {
     /// A one-slot worker on one queue prefetches: it keeps one claimed job ahead,
     /// held (its lease renewed by the heartbeat like any other) until it runs, so the
     /// next job starts while the last one's report (which claims the one after) is
-    /// still on its way, and reports need not wait for each other. A job ahead that will not run (shutdown, breaker, a lingering
-    /// attempt) is handed back at once, its attempt uncounted.
+    /// still on its way, and reports need not wait for each other. While attempts end
+    /// within [`QUICK_ATTEMPT`](super::QUICK_ATTEMPT) it keeps up to [`QUICK_AHEAD`](super::QUICK_AHEAD) ahead: then the worker,
+    /// not Redis, is what waits on round trips, and the jobs it holds wait a few
+    /// milliseconds at most (one slow attempt brings it back to one). A job ahead that
+    /// will not run (shutdown, breaker, a lingering attempt) is handed back at once,
+    /// its attempt uncounted.
     pub(crate) async fn run<J>(self: Arc<Self>, mut job: Claimed, slot: OwnedSemaphorePermit)
     where
         J: DeserializeOwned + Send + 'static,
         H: Handler<J>,
     {
         let slot = Arc::new(slot);
-        // Jobs this slot wants in hand beyond the one it runs: one when prefetching.
-        let ahead_max = usize::from(self.config.concurrency == 1 && self.queues.len() == 1);
+        // Whether this slot keeps jobs in hand beyond the one it runs.
+        let prefetching = self.config.concurrency == 1 && self.queues.len() == 1;
         let mut ahead: VecDeque<Claimed> = VecDeque::new();
         // Reports on their way, oldest first, with the number of jobs each asked for.
         let mut in_flight: VecDeque<(usize, JoinHandle<Vec<Claimed>>)> = VecDeque::new();
@@ -74,7 +78,14 @@ impl<H> Runner<H> {
         let run_ends = tokio::time::Instant::now() + self.spread_run();
         loop {
             let shared = self.queues[job.queue].clone();
+            let began = tokio::time::Instant::now();
             let ending = self.attempt::<J>(&shared, &job, &slot).await;
+            // Jobs to keep in hand beyond the one running (see above).
+            let ahead_max = match (prefetching, began.elapsed() < QUICK_ATTEMPT) {
+                (false, _) => 0,
+                (true, false) => 1,
+                (true, true) => QUICK_AHEAD,
+            };
             // Blocking work of this attempt still runs: the slot is not free.
             let lingering = Arc::strong_count(&slot) > 1;
             let outcome = match &ending {

@@ -1143,6 +1143,71 @@ async fn active_jobs_name_what_each_worker_runs_now() {
     stop(w).await;
 }
 
+/// How many jobs a one-slot worker holds (running and in hand), sampled until `n` jobs
+/// ran, with each job taking `each`; job `gate_at` (if any) waits for `gate`.
+async fn most_held_by_one_slot(
+    q: &Queue<Echo>,
+    n: u32,
+    each: Duration,
+    gate_at: Option<(u32, Arc<Notify>)>,
+) -> u64 {
+    for i in 0..n {
+        q.enqueue(Echo { n: i }).await.unwrap();
+    }
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
+        let (r, gate) = (r.clone(), gate_at.clone());
+        async move {
+            if let Some((at, gate)) = gate
+                && job.n == at
+            {
+                gate.notified().await;
+            }
+            tokio::time::sleep(each).await;
+            r.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, JobError>(job.n)
+        }
+    });
+    let w = spawn(Worker::builder(q.clone()).concurrency(1).build(handler));
+    let mut most = 0;
+    let started = Instant::now();
+    while ran.load(Ordering::SeqCst) < n as usize && started.elapsed() < WAIT {
+        most = most.max(q.stats().await.unwrap().active);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    stop(w).await;
+    most
+}
+
+/// Quick attempts: a one-slot worker keeps up to four jobs in hand, so round trips,
+/// not Redis, stop setting its pace; slow attempts (speech): one, so the jobs it does
+/// not run yet stay free for other workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_slot_worker_holds_more_jobs_only_while_attempts_are_quick() {
+    let p = Prefix::new();
+    let quick = p.queue::<Echo>("quick-ahead").await;
+    let gate = Arc::new(Notify::new());
+    let q = quick.clone();
+    let g = gate.clone();
+    // Job 5 waits, after five quick ones: jobs behind it are in hand by then (four,
+    // or fewer where a busy machine made the last attempts before it slow).
+    let opener = tokio::spawn(async move {
+        eventually(WAIT, "more than one held ahead", || async {
+            (q.stats().await.unwrap().active >= 3).then_some(())
+        })
+        .await;
+        g.notify_one();
+    });
+    let most = most_held_by_one_slot(&quick, 14, Duration::ZERO, Some((5, gate))).await;
+    opener.await.unwrap();
+    assert!((3..=5).contains(&most), "held {most}");
+
+    let slow = p.queue::<Echo>("slow-ahead").await;
+    let most = most_held_by_one_slot(&slow, 6, Duration::from_millis(30), None).await;
+    assert_eq!(most, 2, "a slow worker holds the running job and one more");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_slot_worker_holds_its_next_job_renewed_and_hands_it_back_unrun_on_shutdown() {
     let p = Prefix::new();
