@@ -300,10 +300,7 @@ where
         let reporters = shared
             .iter()
             .enumerate()
-            .map(|(i, s)| {
-                let slots = self.config.concurrency;
-                Reporter::start(s.clone(), i, args.clone(), interrupt.clone(), slots)
-            })
+            .map(|(i, s)| Reporter::start(s.clone(), i, args.clone(), interrupt.clone()))
             .collect();
         let runner = Arc::new(Runner {
             queues: shared.clone(),

@@ -16,8 +16,9 @@ use super::breaker::{Breaker, BreakerState, Outcome};
 use super::claim::{self, ClaimArgs, Claimed};
 use super::handler::{Handler, JobContext};
 use super::lease::{Held, Registry};
-use super::report::{Report, Reporter};
+use super::report::{Acked, Report, Reporter};
 use super::{QUICK_AHEAD, QUICK_ATTEMPT, WorkerConfig};
+use crate::error::Error;
 use crate::error::JobError;
 use crate::metrics;
 use crate::redis::Shared;
@@ -179,11 +180,21 @@ impl<H> Runner<H> {
     /// heartbeat renews its lease while the report waits out an outage, and the
     /// retries stop only when the lease is lost or shutdown's grace ends). Returns the
     /// up to `claim` jobs handed over with it, already held.
-    async fn report(self: Arc<Self>, job: Claimed, report: Report, claim: usize) -> Vec<Claimed> {
+    fn report(
+        self: Arc<Self>,
+        job: Claimed,
+        report: Report,
+        claim: usize,
+    ) -> impl Future<Output = Vec<Claimed>> {
         let lost = self.registry.lost_flag(job.queue, &job.id);
-        let acked = self.reporters[job.queue]
-            .report(&job, report, claim, lost)
-            .await;
+        // In line now, not when the future first runs: a slot's reports (and the jobs
+        // they claim) keep its order even when several travel at once.
+        let acked = self.reporters[job.queue].report(&job, report, claim, lost);
+        async move { self.reported(job, acked.await) }
+    }
+
+    /// What a report's answer leaves: the jobs it handed over, now held.
+    fn reported(&self, job: Claimed, acked: Result<(Report, Acked), Error>) -> Vec<Claimed> {
         self.registry.remove(job.queue, &job.id);
         match acked {
             Ok((report, acked)) => {
