@@ -337,6 +337,8 @@ fn pad_and_cat(parts: Vec<Tensor>, max_len: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tts::candle::parler::load::{Loaded, load_dir};
+    use crate::tts::candle::parler::write_tiny_model;
 
     fn special(k: usize) -> Special {
         Special {
@@ -390,22 +392,30 @@ mod tests {
         assert!(undelay(&[vec![11], vec![11]], 10).is_empty());
     }
 
-    #[test]
-    fn codebooks_end_in_order_and_then_pad() {
-        let sp = special(3);
-        let mut seq = Seq {
-            columns: vec![vec![11]; 3],
-            ended: vec![false; 3],
+    fn greedy() -> SamplingParams {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        }
+    }
+
+    fn fresh_seq(k: usize) -> Seq {
+        Seq {
+            columns: vec![vec![11]; k],
+            ended: vec![false; k],
             first_open: 0,
             done: false,
             max_columns: 50,
             rng: Rng::new(0),
-            sampling: SamplingParams {
-                temperature: 0.0,
-                top_k: 0,
-                top_p: 1.0,
-            },
-        };
+            sampling: greedy(),
+        }
+    }
+
+    #[test]
+    fn codebooks_end_in_order_and_then_pad() {
+        let sp = special(3);
+        let mut seq = fresh_seq(3);
         // Logits that always prefer EOS (id 10).
         let eager = || vec![vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 5.0, 0.0]; 3];
         for t in 1..10 {
@@ -420,5 +430,130 @@ mod tests {
         assert_eq!(seq.columns[1], [11, 11, 10, 10]);
         assert_eq!(seq.columns[2], [11, 11, 11, 10]);
         assert!(seq.done);
+    }
+
+    #[test]
+    fn eos_waits_until_min_new_tokens_were_generated() {
+        // As MinNewTokensLengthLogitsProcessor: with 3 required, columns 1..=3 (new tokens
+        // 0..=2) may not end; column 4 may.
+        let sp = Special {
+            min_new_tokens: 3,
+            ..special(1)
+        };
+        let mut seq = fresh_seq(1);
+        // EOS (10) has the top logit, token 9 the next.
+        let eager = || {
+            vec![vec![
+                0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 5.0, 0.0,
+            ]]
+        };
+        for t in 1..10 {
+            step(&mut seq, eager(), t, &sp);
+            if seq.done {
+                break;
+            }
+        }
+        assert_eq!(seq.columns[0], [11, 9, 9, 9, 10]);
+        assert!(seq.done);
+    }
+
+    #[test]
+    fn logits_without_an_eos_entry_are_sampled_as_they_are() {
+        // EOS id 12 lies past these 12 logits: while EOS is suppressed (min_new_tokens)
+        // there is nothing to mask, and no index past the row.
+        let sp = Special {
+            eos: 12,
+            pad: 10,
+            min_new_tokens: usize::MAX,
+            ..special(1)
+        };
+        let mut seq = fresh_seq(1);
+        let row = vec![vec![
+            0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0,
+        ]];
+        step(&mut seq, row, 1, &sp);
+        assert_eq!(seq.columns[0], [11, 3]);
+        assert!(!seq.ended[0]);
+    }
+
+    #[test]
+    fn a_sequence_is_done_with_the_last_column_of_its_budget() {
+        // A batch stops once every sequence is done: one that ran out of budget must say so
+        // at its last column, not one (padding) step later.
+        let sp = Special {
+            min_new_tokens: usize::MAX,
+            ..special(1)
+        };
+        let mut seq = Seq {
+            max_columns: 5,
+            ..fresh_seq(1)
+        };
+        let row = || {
+            vec![vec![
+                0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0,
+            ]]
+        };
+        let mut last = 0;
+        for t in 1..10 {
+            step(&mut seq, row(), t, &sp);
+            if seq.done {
+                last = t;
+                break;
+            }
+        }
+        assert_eq!(last, 4);
+        assert_eq!(seq.columns[0], [11, 3, 3, 3, 3]);
+    }
+
+    /// The tiny model (512 decoder positions, 3 codebooks) and its generation constants,
+    /// EOS suppressed so only the budget ends a sequence.
+    fn tiny() -> (tempfile::TempDir, Loaded, Special) {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path(), 7).unwrap();
+        let loaded = load_dir(dir.path(), &Device::Cpu, DType::F32).unwrap();
+        let sp = Special::new(&loaded.config, usize::MAX);
+        (dir, loaded, sp)
+    }
+
+    fn item(prompt_len: usize, max_columns: usize) -> GenItem {
+        GenItem {
+            description_ids: vec![7, 8, 1],
+            prompt_ids: vec![9; prompt_len],
+            max_columns,
+            sampling: greedy(),
+            seed: 0,
+        }
+    }
+
+    #[test]
+    fn a_budget_below_the_minimum_is_raised_to_num_codebooks_plus_two_columns() {
+        let (_dir, mut loaded, sp) = tiny();
+        assert_eq!(sp.num_codebooks, 3);
+        for budget in [0, 1, 4] {
+            let columns = generate(&mut loaded.model, &sp, &[item(4, budget)], &Device::Cpu)
+                .unwrap()
+                .remove(0);
+            // num_codebooks + 2 columns: the start column, the delay, and two frames.
+            let lens: Vec<usize> = columns.iter().map(Vec::len).collect();
+            assert_eq!(lens, [5, 5, 5], "budget {budget}");
+        }
+    }
+
+    #[test]
+    fn a_transcript_must_leave_room_for_the_minimum_budget() {
+        let (_dir, mut loaded, sp) = tiny();
+        assert_eq!((sp.max_positions, sp.num_codebooks), (512, 3));
+        // 507 tokens leave 5 positions: exactly num_codebooks + 2 columns.
+        let columns = generate(&mut loaded.model, &sp, &[item(507, 100)], &Device::Cpu)
+            .unwrap()
+            .remove(0);
+        assert!(columns.iter().all(|c| c.len() == 5));
+        // One token more is an error, not a panic.
+        let err = generate(&mut loaded.model, &sp, &[item(508, 100)], &Device::Cpu).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("transcript of 508 tokens leaves no room in 512 decoder positions"),
+            "{err}"
+        );
     }
 }
