@@ -91,7 +91,7 @@ pub(crate) const SPREAD_RUN: Duration = Duration::from_millis(100);
 
 /// An attempt this short lets a one-slot worker keep [`QUICK_AHEAD`] jobs in hand
 /// instead of one: with such jobs the round trips, not Redis, set the pace (about
-/// 1.3–1.5 × the no-op throughput at concurrency 1 here), and a held job waits a few
+/// 1.3 × the no-op throughput at concurrency 1 here), and a held job waits a few
 /// milliseconds at most. Jobs that take longer (speech) keep one ahead, so idle
 /// workers are not starved of work another holds.
 pub(crate) const QUICK_ATTEMPT: Duration = Duration::from_millis(2);

@@ -5,9 +5,10 @@
 //! No timer: a batch leaves as soon as the previous call returns, carrying every
 //! report that arrived meanwhile (at most [`MAX_BATCH`]). A lone report goes out at
 //! once with no added wait; at concurrency 50 it is one call for many jobs, which is
-//! what Redis's single thread needs. A one-slot worker batches too: with jobs in hand
-//! its reports overtake the calls (about 1.1 × its no-op throughput over sending each
-//! report on its own, `scripts/bench-ab`).
+//! what Redis's single thread needs. A one-slot worker batches too: its reports then
+//! reach Redis in the order its attempts ended, which keeps a priority level first in,
+//! first out while it holds jobs ahead (a call of its own per report, pipelined, was
+//! sometimes faster, but two calls could race and hand the slot its jobs out of order).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

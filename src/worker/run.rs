@@ -18,8 +18,7 @@ use super::handler::{Handler, JobContext};
 use super::lease::{Held, Registry};
 use super::report::{Acked, Report, Reporter};
 use super::{QUICK_AHEAD, QUICK_ATTEMPT, WorkerConfig};
-use crate::error::Error;
-use crate::error::JobError;
+use crate::error::{Error, JobError};
 use crate::metrics;
 use crate::redis::Shared;
 
@@ -59,11 +58,11 @@ impl<H> Runner<H> {
     /// held (its lease renewed by the heartbeat like any other) until it runs, so the
     /// next job starts while the last one's report (which claims the one after) is
     /// still on its way, and reports need not wait for each other. While attempts end
-    /// within [`QUICK_ATTEMPT`](super::QUICK_ATTEMPT) it keeps up to [`QUICK_AHEAD`](super::QUICK_AHEAD) ahead: then the worker,
-    /// not Redis, is what waits on round trips, and the jobs it holds wait a few
-    /// milliseconds at most (one slow attempt brings it back to one). A job ahead that
-    /// will not run (shutdown, breaker, a lingering attempt) is handed back at once,
-    /// its attempt uncounted.
+    /// within [`QUICK_ATTEMPT`] it keeps up to [`QUICK_AHEAD`] ahead: then round trips,
+    /// not Redis, would set the pace, and the jobs it holds wait a few milliseconds at
+    /// most (one slow attempt brings it back to one). A job ahead that will not run
+    /// (shutdown, breaker, a lingering attempt) is handed back at once, its attempt
+    /// uncounted.
     pub(crate) async fn run<J>(self: Arc<Self>, mut job: Claimed, slot: OwnedSemaphorePermit)
     where
         J: DeserializeOwned + Send + 'static,

@@ -107,7 +107,6 @@ local WAKE_MAX = 1000           -- more tokens than this wake nobody new
 local ERRORS_MAX = 10           -- attempt errors kept per job (the latest)
 local DEAD_CAP_DEFAULT = 10000  -- dead letters kept when the queue sets no cap
 
-
 -- A record that does not decode must not fail every script that meets it (that would
 -- stop the whole queue): it comes back as a stub marked `corrupt`, keeping the raw
 -- bytes, and the transitions that meet it bury it with the reason.
