@@ -84,6 +84,38 @@ async fn delayed_jobs_are_scheduled() {
     assert_eq!(job.state, JobState::Scheduled);
     let stats = q.stats().await.unwrap();
     assert_eq!((stats.scheduled, stats.queued), (1, 0));
+    // A worker's first claim looks for due maintenance and keeps when it is next due
+    // beside the counters: a time, not a total.
+    let w = crate::worker::spawn(
+        voxqueue::Worker::builder(q.clone()).build(voxqueue::handler_fn(
+            |job: Echo, _ctx| async move { Ok::<_, voxqueue::JobError>(job.n) },
+        )),
+    );
+    let conn = redis::Client::open(crate::common::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("{}:{{delay}}:stats", p.name);
+    crate::common::eventually(Duration::from_secs(10), "a due time kept", || {
+        let (mut conn, key) = (conn.clone(), key.clone());
+        async move {
+            let due: Option<u64> = redis::cmd("HGET")
+                .arg(&key)
+                .arg("due")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            due
+        }
+    })
+    .await;
+    crate::worker::stop(w).await;
+    let stats = q.stats().await.unwrap();
+    assert_eq!(
+        stats.totals.keys().map(String::as_str).collect::<Vec<_>>(),
+        vec!["enqueued"]
+    );
 }
 
 #[tokio::test]
