@@ -44,12 +44,15 @@ pub(crate) fn fake_quant_scaled(x: &Tensor, valid: Option<&Tensor>) -> Result<(T
     shape.extend(std::iter::repeat_n(1, x.rank() - 1));
     let scale = scale.reshape(shape.as_slice())?;
     let zero = zero.reshape(shape.as_slice())?;
-    let q = x
+    // clamp(round(x / s) + z, 0, 255) − z without the two passes that add and take away z:
+    // z and round(x / s) are whole numbers far below 2²⁴, so clamping round(x / s) to
+    // [−z, 255 − z] gives the same floats.
+    let out = x
         .broadcast_div(&scale)?
         .round()?
-        .broadcast_add(&zero)?
-        .clamp(0f32, 255f32)?;
-    let out = q.broadcast_sub(&zero)?.broadcast_mul(&scale)?;
+        .broadcast_maximum(&zero.neg()?)?
+        .broadcast_minimum(&(255.0 - &zero)?)?
+        .broadcast_mul(&scale)?;
     Ok((out, scale.flatten_all()?))
 }
 
