@@ -48,6 +48,7 @@ mod options;
 pub mod parler;
 pub mod piper;
 mod sample;
+mod time_major;
 
 pub use device::{DeviceChoice, Precision};
 pub use error::LoadError;

@@ -90,28 +90,36 @@ impl SnakeResBlock {
                         &format!("{module}.convs1.{j}"),
                         &format!("{module}.convs1.{j}.bias"),
                         quantised,
-                    )?,
+                    )?
+                    .with_taps()?,
                     conv2: Conv::load(
                         weights,
                         &format!("{module}.convs2.{j}"),
                         &format!("{module}.convs2.{j}.bias"),
                         quantised,
-                    )?,
-                    alpha1: weights.shaped(&format!("{module}.alpha1.{j}"), &[1, channels, 1])?,
-                    alpha2: weights.shaped(&format!("{module}.alpha2.{j}"), &[1, channels, 1])?,
+                    )?
+                    .with_taps()?,
+                    alpha1: weights
+                        .shaped(&format!("{module}.alpha1.{j}"), &[1, channels, 1])?
+                        .reshape((1, channels))?,
+                    alpha2: weights
+                        .shaped(&format!("{module}.alpha2.{j}"), &[1, channels, 1])?
+                        .reshape((1, channels))?,
                 })
             })
             .collect::<std::result::Result<Vec<_>, KokoroError>>()?;
         Ok(Self { layers })
     }
 
+    /// On one utterance's time-major signal (`[samples, channels]`): few channels over many
+    /// samples, where one matrix product per kernel tap beats im2col.
     fn forward(&self, x: &Tensor, style: &Tensor) -> Result<Tensor> {
         let mut x = x.clone();
         for l in &self.layers {
-            let t = snake(&l.adain1.forward(&x, style)?, &l.alpha1)?;
-            let t = l.conv1.forward(&t, None)?;
-            let t = snake(&l.adain2.forward(&t, style)?, &l.alpha2)?;
-            let t = l.conv2.forward(&t, None)?;
+            let t = snake(&l.adain1.forward_time_major(&x, style)?, &l.alpha1)?;
+            let t = l.conv1.forward_time_major(&t)?;
+            let t = snake(&l.adain2.forward_time_major(&t, style)?, &l.alpha2)?;
+            let t = l.conv2.forward_time_major(&t)?;
             x = (t + x)?;
         }
         Ok(x)
@@ -200,6 +208,11 @@ impl Stft {
         let len = (frames - 1) * HOP;
         signal.broadcast_mul(&norm)?.narrow(2, N_FFT / 2, len)
     }
+}
+
+/// One utterance `[1, channels, len]` as a contiguous time-major `[len, channels]`.
+fn channels_last(x: &Tensor) -> Result<Tensor> {
+    x.squeeze(0)?.t()?.contiguous()
 }
 
 /// `atan2(y, x)` element-wise, on the host.
@@ -386,7 +399,6 @@ impl Decoder {
         for i in 0..self.ups.len() {
             x = leaky_relu(&x, 0.1)?;
             let x_source = self.noise_convs[i].forward(&har, None)?;
-            let x_source = self.noise_res[i].forward(&x_source, style)?;
             let up = &self.ups[i];
             x = x
                 .conv_transpose1d(&up.weight, up.padding, 0, up.stride, 1, 1)?
@@ -394,19 +406,23 @@ impl Decoder {
             if i + 1 == self.ups.len() {
                 x = reflect_pad(&x, 1, 0)?;
             }
-            x = (x + x_source)?;
+            // The residual blocks run time-major (`[samples, channels]`), the upsamplers and
+            // the strided source convolutions channel-major.
+            let x_source = self.noise_res[i].forward(&channels_last(&x_source)?, style)?;
+            let xt = (channels_last(&x)? + x_source)?;
             let mut sum: Option<Tensor> = None;
             for j in 0..3 {
-                let y = self.resblocks[i * 3 + j].forward(&x, style)?;
+                let y = self.resblocks[i * 3 + j].forward(&xt, style)?;
                 sum = Some(match sum {
                     Some(s) => (s + y)?,
                     None => y,
                 });
             }
-            x = match sum {
+            let xt = match sum {
                 Some(s) => (s / 3.0)?,
-                None => x,
+                None => xt,
             };
+            x = xt.t()?.unsqueeze(0)?.contiguous()?;
         }
         let x = leaky_relu(&x, 0.01)?;
         let x = self.conv_post.forward(&x, None)?;

@@ -13,6 +13,7 @@ use candle_core::{D, DType, Result, Tensor};
 
 use super::error::KokoroError;
 use super::weights::Weights;
+use crate::tts::candle::time_major;
 
 /// Rounds `x` (`[batch, ...]`) through uint8 per batch item, as `DynamicQuantizeLinear` then
 /// dequantisation would: range `[min(0, min x), max(0, max x)]` over the item's valid
@@ -44,12 +45,15 @@ pub(crate) fn fake_quant_scaled(x: &Tensor, valid: Option<&Tensor>) -> Result<(T
     shape.extend(std::iter::repeat_n(1, x.rank() - 1));
     let scale = scale.reshape(shape.as_slice())?;
     let zero = zero.reshape(shape.as_slice())?;
-    let q = x
+    // clamp(round(x / s) + z, 0, 255) − z without the two passes that add and take away z:
+    // z and round(x / s) are whole numbers far below 2²⁴, so clamping round(x / s) to
+    // [−z, 255 − z] gives the same floats.
+    let out = x
         .broadcast_div(&scale)?
         .round()?
-        .broadcast_add(&zero)?
-        .clamp(0f32, 255f32)?;
-    let out = q.broadcast_sub(&zero)?.broadcast_mul(&scale)?;
+        .broadcast_maximum(&zero.neg()?)?
+        .broadcast_minimum(&(255.0 - &zero)?)?
+        .broadcast_mul(&scale)?;
     Ok((out, scale.flatten_all()?))
 }
 
@@ -152,6 +156,8 @@ pub(crate) struct Conv {
     dilation: usize,
     stride: usize,
     groups: usize,
+    /// Per-tap `[in, out]` matrices for [`Conv::forward_time_major`], made on demand.
+    taps: Option<Vec<Tensor>>,
 }
 
 impl Conv {
@@ -179,7 +185,63 @@ impl Conv {
             dilation: attrs.map_or(1, |a| a.dilation),
             stride: attrs.map_or(1, |a| a.stride),
             groups: attrs.map_or(1, |a| a.groups),
+            taps: None,
         })
+    }
+
+    /// Prepares [`forward_time_major`](Self::forward_time_major): one `[in, out]` matrix
+    /// per kernel tap.
+    pub(crate) fn with_taps(mut self) -> std::result::Result<Self, KokoroError> {
+        self.taps = Some(time_major::taps(&self.weight)?);
+        Ok(self)
+    }
+
+    /// The input rounded through 8 bits when quantised, and the bias (`[out]`) rounded as
+    /// `ConvInteger`'s integer bias: one utterance (`x` is `[1, ...]`), no padding.
+    fn round_input(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        match self.weight_scale {
+            Some(ws) => {
+                let (xq, scale) = fake_quant_scaled(x, None)?;
+                let bias = match &self.bias {
+                    Some(b) => {
+                        let s = (scale * ws)?;
+                        Some(
+                            b.flatten_all()?
+                                .broadcast_div(&s)?
+                                .floor()?
+                                .broadcast_mul(&s)?,
+                        )
+                    }
+                    None => None,
+                };
+                Ok((xq, bias))
+            }
+            None => Ok((
+                x.clone(),
+                self.bias.as_ref().map(Tensor::flatten_all).transpose()?,
+            )),
+        }
+    }
+
+    /// The convolution on one utterance's time-major signal (`[time, in]`), giving
+    /// `[time, out]`: the same numbers as [`forward`](Self::forward) on the transpose, without
+    /// im2col (see [`time_major`]). Falls back to `forward` when there are no taps or the
+    /// convolution is strided or grouped.
+    pub(crate) fn forward_time_major(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(taps) = self
+            .taps
+            .as_ref()
+            .filter(|_| self.stride == 1 && self.groups == 1)
+        else {
+            let y = self.forward(&x.t()?.unsqueeze(0)?.contiguous()?, None)?;
+            return y.squeeze(0)?.t()?.contiguous();
+        };
+        let (x, bias) = self.round_input(&x.unsqueeze(0)?)?;
+        let y = time_major::conv1d(&x.squeeze(0)?, taps, self.padding, self.dilation)?;
+        match bias {
+            Some(b) => y.broadcast_add(&b.unsqueeze(0)?),
+            None => Ok(y),
+        }
     }
 
     /// `x` (`[batch, channels, len]`); `valid` (`[batch, 1, len]`) bounds the rounding range.

@@ -57,6 +57,22 @@ impl AdaIn {
         let normed = centred.broadcast_div(&(var + EPS)?.sqrt()?)?;
         normed.broadcast_mul(&(gamma + 1.0)?)?.broadcast_add(&beta)
     }
+
+    /// [`forward`](Self::forward) on one utterance's time-major signal (`[frames, channels]`).
+    pub(crate) fn forward_time_major(&self, x: &Tensor, style_rounded: &Tensor) -> Result<Tensor> {
+        let h = self.fc.forward_rounded(style_rounded)?;
+        let gamma = h.narrow(1, 0, self.channels)?;
+        let beta = h.narrow(1, self.channels, self.channels)?;
+        // Means over time as a row of ones times the signal: candle reduces a leading
+        // dimension one element at a time, a matrix product runs vectorised on all threads.
+        let frames = x.dim(0)?;
+        let ones = Tensor::ones((1, frames), x.dtype(), x.device())?;
+        let mean = (ones.matmul(x)? / frames as f64)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = (ones.matmul(&centred.sqr()?)? / frames as f64)?;
+        let normed = centred.broadcast_div(&(var + EPS)?.sqrt()?)?;
+        normed.broadcast_mul(&(gamma + 1.0)?)?.broadcast_add(&beta)
+    }
 }
 
 /// StyleTTS 2's `AdainResBlk1d`.

@@ -2,6 +2,7 @@
 //! channel-wise layer norm and length masks.
 
 use crate::tts::candle::error::LoadError;
+use crate::tts::candle::time_major;
 use candle_core::{D, DType, Device, Result, Tensor};
 
 use super::error::PiperError;
@@ -127,20 +128,14 @@ impl Conv {
     /// Prepares [`forward_time_major`](Self::forward_time_major): one `[in, out]` matrix
     /// per kernel tap.
     pub(crate) fn with_taps(mut self) -> std::result::Result<Self, PiperError> {
-        let (_, _, k) = self.weight.dims3()?;
-        let taps = (0..k)
-            .map(|tap| self.weight.narrow(2, tap, 1)?.squeeze(2)?.t()?.contiguous())
-            .collect::<Result<Vec<_>>>()?;
+        let taps = time_major::taps(&self.weight)?;
         self.taps = Some(taps);
         Ok(self)
     }
 
     /// The convolution on a time-major `[time, in]` signal, giving `[time, out]`.
     ///
-    /// HiFi-GAN's last stages run few channels over hundreds of thousands of samples, where
-    /// candle's im2col copies the signal once per tap into a matrix far larger than the
-    /// caches. Time-major, each tap's shifted window is a contiguous block of rows, so the
-    /// convolution is a sum of one matrix product per tap with nothing copied.
+    /// See [`time_major`] for why.
     pub(crate) fn forward_time_major(&self, x: &Tensor) -> Result<Tensor> {
         let a = &self.attrs;
         let Some(taps) = self
@@ -151,18 +146,7 @@ impl Conv {
             let y = self.forward(&x.t()?.unsqueeze(0)?.contiguous()?)?;
             return y.squeeze(0)?.t()?.contiguous();
         };
-        let len = x.dim(0)?;
-        let padded = x.pad_with_zeros(0, a.padding, a.padding)?;
-        let out_len = (len + 2 * a.padding).saturating_sub(a.dilation * (taps.len() - 1));
-        let mut y: Option<Tensor> = None;
-        for (i, tap) in taps.iter().enumerate() {
-            let term = padded.narrow(0, i * a.dilation, out_len)?.matmul(tap)?;
-            y = Some(match y {
-                Some(y) => (y + term)?,
-                None => term,
-            });
-        }
-        let y = y.ok_or_else(|| candle_core::Error::Msg("a convolution with no taps".into()))?;
+        let y = time_major::conv1d(x, taps, a.padding, a.dilation)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count()))?),
             None => Ok(y),
