@@ -1154,3 +1154,163 @@ async fn a_one_slot_worker_holds_its_next_job_renewed_and_hands_it_back_unrun_on
     }
     assert_eq!(*ran.lock().unwrap(), vec![0, 1]);
 }
+
+/// A handler that logs each job as it starts and holds the jobs in `held` until `go`
+/// turns true; the others return at once.
+fn gated(
+    log: Arc<Mutex<Vec<u32>>>,
+    held: &'static [u32],
+    go: tokio::sync::watch::Receiver<bool>,
+) -> impl Handler<Echo, Output = u32> {
+    handler_fn(move |job: Echo, _ctx: JobContext| {
+        let (log, mut go) = (log.clone(), go.clone());
+        async move {
+            log.lock().unwrap().push(job.n);
+            if held.contains(&job.n) {
+                let _ = go.wait_for(|&open| open).await;
+            }
+            Ok::<_, JobError>(job.n)
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_of_several_slots_holds_no_job_it_cannot_start() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("no-hoard").await;
+    let jobs = q.enqueue_bulk((0..4).map(|n| Echo { n })).await.unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (open, go) = tokio::sync::watch::channel(false);
+    let w = spawn(
+        Worker::builder(q.clone())
+            .concurrency(2)
+            .build(gated(log.clone(), &[1, 2], go)),
+    );
+    // Job 0's report claims job 2 for its slot, and nothing more: both slots are busy.
+    eventually(WAIT, "jobs 1 and 2 running", || async {
+        let log = log.lock().unwrap();
+        (log.contains(&1) && log.contains(&2)).then_some(())
+    })
+    .await;
+    let st = q.status(&jobs[3].id).await.unwrap();
+    assert_eq!((st.state, st.worker), (JobState::Queued, None));
+    open.send_replace(true);
+    for job in &jobs {
+        q.wait_result::<u32>(&job.id, WAIT).await.unwrap();
+    }
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_does_not_open_the_circuit_breaker() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("breaker-permanent").await;
+    let handler = handler_fn(|job: Echo, _ctx: JobContext| async move {
+        match job.n {
+            0 => Err(JobError::permanent("bad input")),
+            n => Ok(n),
+        }
+    });
+    // One transient failure would open it for an hour.
+    let w = spawn(
+        Worker::builder(q.clone())
+            .retry(RetryPolicy::none())
+            .circuit_breaker(voxqueue::CircuitBreaker::new(1, Duration::from_secs(3600)))
+            .build(handler),
+    );
+    let bad = q.enqueue(Echo { n: 0 }).await.unwrap();
+    assert_eq!(q.wait(&bad.id, WAIT).await.unwrap().state, JobState::Dead);
+    let good = q.enqueue(Echo { n: 1 }).await.unwrap();
+    assert_eq!(q.wait_result::<u32>(&good.id, WAIT).await.unwrap(), 1);
+    assert_eq!(q.stats().await.unwrap().open_breakers, 0);
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_order_holds_between_the_jobs_of_one_slot() {
+    let p = Prefix::new();
+    let urgent = p.queue::<Echo>("urgent-between").await;
+    let bulk = p.queue::<Echo>("bulk-between").await;
+    bulk.enqueue_bulk((100..103).map(|n| Echo { n }))
+        .await
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (open, go) = tokio::sync::watch::channel(false);
+    // Job 100 enqueues an urgent job before it ends; 101 holds the other slot.
+    let (l, u) = (log.clone(), urgent.clone());
+    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
+        let (l, u, mut go) = (l.clone(), u.clone(), go.clone());
+        async move {
+            l.lock().unwrap().push(job.n);
+            match job.n {
+                100 => {
+                    u.enqueue(Echo { n: 0 }).await.map_err(JobError::permanent)?;
+                }
+                101 => {
+                    let _ = go.wait_for(|&open| open).await;
+                }
+                _ => {}
+            }
+            Ok::<_, JobError>(job.n)
+        }
+    });
+    let w = spawn(
+        Worker::builder(urgent.clone())
+            .queue(bulk.clone())
+            .order(QueueOrder::Strict)
+            .concurrency(2)
+            .build(handler),
+    );
+    let log = eventually(WAIT, "all ran", || async {
+        let log = log.lock().unwrap();
+        (log.len() == 4).then(|| log.clone())
+    })
+    .await;
+    open.send_replace(true);
+    stop(w).await;
+    // The slot that ran 100 takes the urgent job next, not the next bulk one.
+    assert_eq!(log[2..], [0, 102], "{log:?}");
+}
+
+// Current-thread runtime: when the shutdown signal resolves, the worker has begun
+// stopping before this test's next step runs.
+#[tokio::test(flavor = "current_thread")]
+async fn a_one_slot_worker_holds_one_job_ahead_and_a_stopping_one_claims_no_more() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("ahead-stop").await;
+    let jobs = q.enqueue_bulk((0..5).map(|n| Echo { n })).await.unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (open, go) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (seen_tx, seen_rx) = oneshot::channel::<()>();
+    let worker = Worker::builder(q.clone())
+        .id("one-ahead")
+        .build(gated(log.clone(), &[2], go));
+    let w = tokio::spawn(worker.run_until(async move {
+        let _ = stop_rx.await;
+        let _ = seen_tx.send(());
+    }));
+    // 0's report claims 1 and 2; 1's claims 3, held ahead while 2 runs; 4 waits.
+    eventually(WAIT, "job 2 running, job 3 held", || async {
+        let st = q.status(&jobs[3].id).await.unwrap();
+        (log.lock().unwrap().contains(&2) && st.state == JobState::Active).then_some(())
+    })
+    .await;
+    let st = q.status(&jobs[4].id).await.unwrap();
+    assert_eq!((st.state, st.worker), (JobState::Queued, None));
+    // Shutdown, then job 2 ends within the grace: its report claims nothing and the
+    // held job goes back unrun.
+    stop_tx.send(()).unwrap();
+    seen_rx.await.unwrap();
+    open.send_replace(true);
+    w.await.unwrap().unwrap();
+    assert_eq!(*log.lock().unwrap(), vec![0, 1, 2]);
+    assert_eq!(
+        q.status(&jobs[2].id).await.unwrap().state,
+        JobState::Completed
+    );
+    for job in &jobs[3..] {
+        let st = q.status(&job.id).await.unwrap();
+        assert_eq!((st.state, st.attempts), (JobState::Queued, 0), "{:?}", job.id);
+    }
+}
