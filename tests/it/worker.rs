@@ -1244,7 +1244,9 @@ async fn strict_order_holds_between_the_jobs_of_one_slot() {
             l.lock().unwrap().push(job.n);
             match job.n {
                 100 => {
-                    u.enqueue(Echo { n: 0 }).await.map_err(JobError::permanent)?;
+                    u.enqueue(Echo { n: 0 })
+                        .await
+                        .map_err(JobError::permanent)?;
                 }
                 101 => {
                     let _ = go.wait_for(|&open| open).await;
@@ -1286,6 +1288,7 @@ async fn a_one_slot_worker_holds_one_job_ahead_and_a_stopping_one_claims_no_more
     let worker = Worker::builder(q.clone())
         .id("one-ahead")
         .build(gated(log.clone(), &[2], go));
+    assert_eq!(worker.id(), "one-ahead");
     let w = tokio::spawn(worker.run_until(async move {
         let _ = stop_rx.await;
         let _ = seen_tx.send(());
@@ -1311,6 +1314,110 @@ async fn a_one_slot_worker_holds_one_job_ahead_and_a_stopping_one_claims_no_more
     );
     for job in &jobs[3..] {
         let st = q.status(&job.id).await.unwrap();
-        assert_eq!((st.state, st.attempts), (JobState::Queued, 0), "{:?}", job.id);
+        assert_eq!(
+            (st.state, st.attempts),
+            (JobState::Queued, 0),
+            "{:?}",
+            job.id
+        );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_breaker_lets_one_job_through_whatever_the_free_slots() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("breaker-probe-one").await;
+    let mut events = q.events().await.unwrap();
+    let down = handler_fn(|_job: Echo, _ctx: JobContext| async move {
+        Err::<u32, _>(JobError::transient("model server down"))
+    });
+    q.enqueue_bulk((0..8).map(|n| Echo { n })).await.unwrap();
+    // Three slots claim three jobs; the first failure opens the breaker. After the
+    // cool-down one probe runs, fails and opens it again for another two seconds.
+    let w = spawn(
+        Worker::builder(q.clone())
+            .concurrency(3)
+            .retry(RetryPolicy::none())
+            .circuit_breaker(voxqueue::CircuitBreaker::new(1, Duration::from_secs(2)))
+            .build(down),
+    );
+    let mut states = Vec::new();
+    while states != ["open", "half_open", "open"] {
+        let e = crate::common::within("a breaker event", events.recv())
+            .await
+            .unwrap();
+        if e.kind == voxqueue::EventKind::Breaker {
+            states.push(e.data.unwrap());
+        }
+        assert!(states.len() <= 3, "{states:?}");
+    }
+    let stats = eventually(WAIT, "every report in", || async {
+        let stats = q.stats().await.unwrap();
+        (stats.active == 0 && stats.dead >= 4).then_some(stats)
+    })
+    .await;
+    assert_eq!((stats.dead, stats.queued), (4, 4));
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_redis_refuses_for_good_is_not_retried_and_the_job_runs_again_later() {
+    let server = RedisServer::start(&[]);
+    let p = Prefix::on(&server.url());
+    let q = p.queue::<Echo>("refused").await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (open, go) = tokio::sync::watch::channel(false);
+    let job = q.enqueue(Echo { n: 1 }).await.unwrap();
+    let w = spawn(
+        Worker::builder(q.clone())
+            .lease(Duration::from_secs(1))
+            .shutdown_grace(Duration::from_millis(200))
+            .build(gated(log.clone(), &[1], go)),
+    );
+    eventually(WAIT, "the job running", || async {
+        log.lock().unwrap().contains(&1).then_some(())
+    })
+    .await;
+    // Out of memory: every script that writes is refused, and that is no passing state.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let config = |value: &'static str| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(value)
+            .clone()
+    };
+    let _: () = config("1").query_async(&mut conn).await.unwrap();
+    open.send_replace(true);
+    // The refused report is not retried, so the worker stops within its grace.
+    crate::common::within("the worker stops", stop(w)).await;
+    let _: () = config("0").query_async(&mut conn).await.unwrap();
+    // The job, still active, comes back when its lease runs out and runs again.
+    let w = spawn(Worker::builder(q.clone()).build(echo()));
+    assert_eq!(q.wait_result::<u32>(&job.id, WAIT).await.unwrap(), 1);
+    let st = q.status(&job.id).await.unwrap();
+    assert_eq!((st.attempts, st.errors[0].kind.as_str()), (2, "stalled"));
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_jobs_leave_out_a_job_that_ended_after_the_index_was_read() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("active-ended").await;
+    let job = q.enqueue(Echo { n: 1 }).await.unwrap();
+    let w = spawn(Worker::builder(q.clone()).build(echo()));
+    assert_eq!(q.wait_result::<u32>(&job.id, WAIT).await.unwrap(), 1);
+    stop(w).await;
+    // As if the index was read just before the job ended: its id is still there.
+    let client = redis::Client::open(crate::common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("ZADD")
+        .arg(format!("{}:{{active-ended}}:active", p.name))
+        .arg(1)
+        .arg(job.id.as_str())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(q.active_jobs(10).await.unwrap().is_empty());
 }
