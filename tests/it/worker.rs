@@ -1421,3 +1421,70 @@ async fn active_jobs_leave_out_a_job_that_ended_after_the_index_was_read() {
         .unwrap();
     assert!(q.active_jobs(10).await.unwrap().is_empty());
 }
+
+/// How many commands a server refused for memory (`INFO errorstats`).
+async fn refused_for_memory(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("errorstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("errorstat_OOM:count="))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_whose_claim_fails_does_not_wedge_the_breaker() {
+    let server = RedisServer::start(&[]);
+    let p = Prefix::on(&server.url());
+    let q = p.queue::<Echo>("probe-claim-fails").await;
+    let mut events = q.events().await.unwrap();
+    let handler = handler_fn(|job: Echo, _ctx: JobContext| async move {
+        match job.n {
+            0 => Err(JobError::transient("GPU fell off the bus")),
+            n => Ok(n),
+        }
+    });
+    // An hourly heartbeat: the claims are the only writes once the breaker is open.
+    let w = spawn(
+        Worker::builder(q.clone())
+            .retry(RetryPolicy::none())
+            .heartbeat(Duration::from_secs(3600))
+            .circuit_breaker(voxqueue::CircuitBreaker::new(1, Duration::from_secs(2)))
+            .build(handler),
+    );
+    let opener = q.enqueue(Echo { n: 0 }).await.unwrap();
+    assert_eq!(
+        q.wait(&opener.id, WAIT).await.unwrap().state,
+        JobState::Dead
+    );
+    loop {
+        let e = crate::common::within("open", events.recv()).await.unwrap();
+        if e.kind == voxqueue::EventKind::Breaker && e.data.as_deref() == Some("open") {
+            break;
+        }
+    }
+    let good = q.enqueue(Echo { n: 1 }).await.unwrap();
+    // Out of memory: after the cool-down, the half-open event and the probe's claim
+    // (scripts that write) are refused.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let maxmemory = |v: &'static str| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(v)
+            .clone()
+    };
+    let _: () = maxmemory("1").query_async(&mut conn).await.unwrap();
+    eventually(WAIT, "the probe's claim refused", || {
+        let mut conn = conn.clone();
+        async move { (refused_for_memory(&mut conn).await >= 2).then_some(()) }
+    })
+    .await;
+    let _: () = maxmemory("0").query_async(&mut conn).await.unwrap();
+    // The failed claim did not use up the probe: the next one runs the job.
+    assert_eq!(q.wait_result::<u32>(&good.id, WAIT).await.unwrap(), 1);
+    stop(w).await;
+}
