@@ -1488,3 +1488,42 @@ async fn a_probe_whose_claim_fails_does_not_wedge_the_breaker() {
     assert_eq!(q.wait_result::<u32>(&good.id, WAIT).await.unwrap(), 1);
     stop(w).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_run_by_the_same_worker_is_renewed_under_its_new_lease() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("retry-same-worker").await;
+    let cancelled = Arc::new(AtomicUsize::new(0));
+    let c = cancelled.clone();
+    // Attempt 1 fails at once; attempt 2 works for about five leases.
+    let handler = handler_fn(move |job: Echo, ctx: JobContext| {
+        let c = c.clone();
+        async move {
+            if ctx.attempt() == 1 {
+                return Err(JobError::transient("busy"));
+            }
+            tokio::select! {
+                _ = ctx.cancelled() => {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    Err(JobError::Cancelled)
+                }
+                _ = tokio::time::sleep(Duration::from_millis(1500)) => Ok::<_, JobError>(job.n),
+            }
+        }
+    });
+    let job = q.enqueue(Echo { n: 7 }).await.unwrap();
+    let w = spawn(
+        Worker::builder(q.clone())
+            .lease(Duration::from_millis(300))
+            .heartbeat(Duration::from_millis(50))
+            .retry(RetryPolicy::fixed(Duration::from_millis(10)).max_attempts(3))
+            .build(handler),
+    );
+    assert_eq!(q.wait_result::<u32>(&job.id, WAIT).await.unwrap(), 7);
+    let st = q.status(&job.id).await.unwrap();
+    assert_eq!(st.attempts, 2);
+    let kinds: Vec<&str> = st.errors.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["transient"]);
+    assert_eq!(cancelled.load(Ordering::SeqCst), 0);
+    stop(w).await;
+}
