@@ -276,3 +276,47 @@ async fn a_key_outside_the_pattern_is_refused_naming_the_pattern() {
         )
     );
 }
+
+#[tokio::test]
+async fn a_user_who_may_not_load_functions_runs_a_queue_through_scripts() {
+    // A fresh server has no library yet, and this user may call functions but not
+    // load them: the first call falls back to scripts by SHA.
+    let server = crate::common::RedisServer::start(&[]);
+    let p = Prefix::on(&server.url());
+    let mut cmd = redis::cmd("ACL");
+    cmd.arg("SETUSER")
+        .arg("no-function-load")
+        .arg("reset")
+        .arg("on")
+        .arg(">pw")
+        .arg(format!("~{}:*", p.name))
+        .arg("resetchannels")
+        .arg("-@all");
+    for c in COMMANDS.iter().filter(|&&c| c != "function|load") {
+        cmd.arg(format!("+{c}"));
+    }
+    let mut admin = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = cmd.query(&mut admin).expect("ACL SETUSER");
+    let url = server
+        .url()
+        .replacen("redis://", "redis://no-function-load:pw@", 1);
+    let q = connect(&p, &url).await.unwrap();
+    let job = q.enqueue(Greet { name: "Ada".into() }).await.unwrap();
+    let worker = Worker::builder(q.clone())
+        .shutdown_grace(Duration::from_millis(100))
+        .build(handler_fn(|job: Greet, _ctx| async move {
+            Ok::<_, JobError>(format!("hello, {}", job.name))
+        }));
+    let (stop, stopped) = shutdown();
+    let running = tokio::spawn(worker.run_until(stopped));
+    let greeting: String = q
+        .wait_result(&job.id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(greeting, "hello, Ada");
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}

@@ -523,3 +523,40 @@ async fn priorities_hold_within_a_partition() {
     running.await.unwrap().unwrap();
     assert_eq!(*started.lock().unwrap(), vec![99, 0, 1, 2, 3, 4]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_over_partitions_claims_no_more_jobs_than_it_has_slots() {
+    let p = Prefix::new();
+    let q = open(&p, "no-overclaim", 2).await;
+    // Every job in the second partition: the first is found short, so the claim asks
+    // the second again for the slots still free.
+    let busy = &q.partitions()[1];
+    busy.enqueue_bulk((0..6).map(|n| Echo { n })).await.unwrap();
+    let running = Arc::new(Mutex::new(0));
+    let (open_tx, go) = tokio::sync::watch::channel(false);
+    let r = running.clone();
+    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
+        let (r, mut go) = (r.clone(), go.clone());
+        async move {
+            *r.lock().unwrap() += 1;
+            let _ = go.wait_for(|&open| open).await;
+            Ok::<_, JobError>(job.n)
+        }
+    });
+    let (stop, signal) = shutdown();
+    let worker = tokio::spawn(q.worker().concurrency(4).build(handler).run_until(signal));
+    eventually(Duration::from_secs(10), "four jobs running", || async {
+        (*running.lock().unwrap() == 4).then_some(())
+    })
+    .await;
+    // Four slots, four jobs claimed: none taken that no slot would run.
+    let stats = busy.stats().await.unwrap();
+    assert_eq!((stats.active, stats.queued), (4, 2));
+    open_tx.send_replace(true);
+    eventually(Duration::from_secs(10), "all jobs run", || async {
+        (q.stats().await.unwrap().totals.get("completed") == Some(&6)).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+}

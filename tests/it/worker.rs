@@ -1291,3 +1291,376 @@ async fn a_one_slot_worker_holds_its_next_job_renewed_and_hands_it_back_unrun_on
     }
     assert_eq!(*ran.lock().unwrap(), vec![0, 1]);
 }
+
+/// A handler that logs each job as it starts and holds the jobs in `held` until `go`
+/// turns true; the others return at once.
+fn gated(
+    log: Arc<Mutex<Vec<u32>>>,
+    held: &'static [u32],
+    go: tokio::sync::watch::Receiver<bool>,
+) -> impl Handler<Echo, Output = u32> {
+    handler_fn(move |job: Echo, _ctx: JobContext| {
+        let (log, mut go) = (log.clone(), go.clone());
+        async move {
+            log.lock().unwrap().push(job.n);
+            if held.contains(&job.n) {
+                let _ = go.wait_for(|&open| open).await;
+            }
+            Ok::<_, JobError>(job.n)
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_of_several_slots_holds_no_job_it_cannot_start() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("no-hoard").await;
+    let jobs = q.enqueue_bulk((0..4).map(|n| Echo { n })).await.unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (open, go) = tokio::sync::watch::channel(false);
+    let w = spawn(
+        Worker::builder(q.clone())
+            .concurrency(2)
+            .build(gated(log.clone(), &[1, 2], go)),
+    );
+    // Job 0's report claims job 2 for its slot, and nothing more: both slots are busy.
+    eventually(WAIT, "jobs 1 and 2 running", || async {
+        let log = log.lock().unwrap();
+        (log.contains(&1) && log.contains(&2)).then_some(())
+    })
+    .await;
+    let st = q.status(&jobs[3].id).await.unwrap();
+    assert_eq!((st.state, st.worker), (JobState::Queued, None));
+    open.send_replace(true);
+    for job in &jobs {
+        q.wait_result::<u32>(&job.id, WAIT).await.unwrap();
+    }
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_does_not_open_the_circuit_breaker() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("breaker-permanent").await;
+    let handler = handler_fn(|job: Echo, _ctx: JobContext| async move {
+        match job.n {
+            0 => Err(JobError::permanent("bad input")),
+            n => Ok(n),
+        }
+    });
+    // One transient failure would open it for an hour.
+    let w = spawn(
+        Worker::builder(q.clone())
+            .retry(RetryPolicy::none())
+            .circuit_breaker(voxqueue::CircuitBreaker::new(1, Duration::from_secs(3600)))
+            .build(handler),
+    );
+    let bad = q.enqueue(Echo { n: 0 }).await.unwrap();
+    assert_eq!(q.wait(&bad.id, WAIT).await.unwrap().state, JobState::Dead);
+    let good = q.enqueue(Echo { n: 1 }).await.unwrap();
+    assert_eq!(q.wait_result::<u32>(&good.id, WAIT).await.unwrap(), 1);
+    assert_eq!(q.stats().await.unwrap().open_breakers, 0);
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_order_holds_between_the_jobs_of_one_slot() {
+    let p = Prefix::new();
+    let urgent = p.queue::<Echo>("urgent-between").await;
+    let bulk = p.queue::<Echo>("bulk-between").await;
+    bulk.enqueue_bulk((100..103).map(|n| Echo { n }))
+        .await
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (open, go) = tokio::sync::watch::channel(false);
+    // Job 100 enqueues an urgent job before it ends; 101 holds the other slot.
+    let (l, u) = (log.clone(), urgent.clone());
+    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
+        let (l, u, mut go) = (l.clone(), u.clone(), go.clone());
+        async move {
+            l.lock().unwrap().push(job.n);
+            match job.n {
+                100 => {
+                    u.enqueue(Echo { n: 0 })
+                        .await
+                        .map_err(JobError::permanent)?;
+                }
+                101 => {
+                    let _ = go.wait_for(|&open| open).await;
+                }
+                _ => {}
+            }
+            Ok::<_, JobError>(job.n)
+        }
+    });
+    let w = spawn(
+        Worker::builder(urgent.clone())
+            .queue(bulk.clone())
+            .order(QueueOrder::Strict)
+            .concurrency(2)
+            .build(handler),
+    );
+    let log = eventually(WAIT, "all ran", || async {
+        let log = log.lock().unwrap();
+        (log.len() == 4).then(|| log.clone())
+    })
+    .await;
+    open.send_replace(true);
+    stop(w).await;
+    // The slot that ran 100 takes the urgent job next, not the next bulk one.
+    assert_eq!(log[2..], [0, 102], "{log:?}");
+}
+
+// Current-thread runtime: when the shutdown signal resolves, the worker has begun
+// stopping before this test's next step runs.
+#[tokio::test(flavor = "current_thread")]
+async fn a_one_slot_worker_holds_one_job_ahead_and_a_stopping_one_claims_no_more() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("ahead-stop").await;
+    let jobs = q.enqueue_bulk((0..5).map(|n| Echo { n })).await.unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (open, go) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (seen_tx, seen_rx) = oneshot::channel::<()>();
+    let worker = Worker::builder(q.clone())
+        .id("one-ahead")
+        .build(gated(log.clone(), &[2], go));
+    assert_eq!(worker.id(), "one-ahead");
+    let w = tokio::spawn(worker.run_until(async move {
+        let _ = stop_rx.await;
+        let _ = seen_tx.send(());
+    }));
+    // 0's report claims 1 and 2; 1's claims 3, held ahead while 2 runs; 4 waits.
+    eventually(WAIT, "job 2 running, job 3 held", || async {
+        let st = q.status(&jobs[3].id).await.unwrap();
+        (log.lock().unwrap().contains(&2) && st.state == JobState::Active).then_some(())
+    })
+    .await;
+    let st = q.status(&jobs[4].id).await.unwrap();
+    assert_eq!((st.state, st.worker), (JobState::Queued, None));
+    // Shutdown, then job 2 ends within the grace: its report claims nothing and the
+    // held job goes back unrun.
+    stop_tx.send(()).unwrap();
+    seen_rx.await.unwrap();
+    open.send_replace(true);
+    w.await.unwrap().unwrap();
+    assert_eq!(*log.lock().unwrap(), vec![0, 1, 2]);
+    assert_eq!(
+        q.status(&jobs[2].id).await.unwrap().state,
+        JobState::Completed
+    );
+    for job in &jobs[3..] {
+        let st = q.status(&job.id).await.unwrap();
+        assert_eq!(
+            (st.state, st.attempts),
+            (JobState::Queued, 0),
+            "{:?}",
+            job.id
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_breaker_lets_one_job_through_whatever_the_free_slots() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("breaker-probe-one").await;
+    let mut events = q.events().await.unwrap();
+    let down = handler_fn(|_job: Echo, _ctx: JobContext| async move {
+        Err::<u32, _>(JobError::transient("model server down"))
+    });
+    q.enqueue_bulk((0..8).map(|n| Echo { n })).await.unwrap();
+    // Three slots claim three jobs; the first failure opens the breaker. After the
+    // cool-down one probe runs, fails and opens it again for another two seconds.
+    let w = spawn(
+        Worker::builder(q.clone())
+            .concurrency(3)
+            .retry(RetryPolicy::none())
+            .circuit_breaker(voxqueue::CircuitBreaker::new(1, Duration::from_secs(2)))
+            .build(down),
+    );
+    let mut states = Vec::new();
+    while states != ["open", "half_open", "open"] {
+        let e = crate::common::within("a breaker event", events.recv())
+            .await
+            .unwrap();
+        if e.kind == voxqueue::EventKind::Breaker {
+            states.push(e.data.unwrap());
+        }
+        assert!(states.len() <= 3, "{states:?}");
+    }
+    let stats = eventually(WAIT, "every report in", || async {
+        let stats = q.stats().await.unwrap();
+        (stats.active == 0 && stats.dead >= 4).then_some(stats)
+    })
+    .await;
+    assert_eq!((stats.dead, stats.queued), (4, 4));
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_redis_refuses_for_good_is_not_retried_and_the_job_runs_again_later() {
+    let server = RedisServer::start(&[]);
+    let p = Prefix::on(&server.url());
+    let q = p.queue::<Echo>("refused").await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (open, go) = tokio::sync::watch::channel(false);
+    let job = q.enqueue(Echo { n: 1 }).await.unwrap();
+    let w = spawn(
+        Worker::builder(q.clone())
+            .lease(Duration::from_secs(1))
+            .shutdown_grace(Duration::from_millis(200))
+            .build(gated(log.clone(), &[1], go)),
+    );
+    eventually(WAIT, "the job running", || async {
+        log.lock().unwrap().contains(&1).then_some(())
+    })
+    .await;
+    // Out of memory: every script that writes is refused, and that is no passing state.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let config = |value: &'static str| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(value)
+            .clone()
+    };
+    let _: () = config("1").query_async(&mut conn).await.unwrap();
+    open.send_replace(true);
+    // The refused report is not retried, so the worker stops within its grace.
+    crate::common::within("the worker stops", stop(w)).await;
+    let _: () = config("0").query_async(&mut conn).await.unwrap();
+    // The job, still active, comes back when its lease runs out and runs again.
+    let w = spawn(Worker::builder(q.clone()).build(echo()));
+    assert_eq!(q.wait_result::<u32>(&job.id, WAIT).await.unwrap(), 1);
+    let st = q.status(&job.id).await.unwrap();
+    assert_eq!((st.attempts, st.errors[0].kind.as_str()), (2, "stalled"));
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_jobs_leave_out_a_job_that_ended_after_the_index_was_read() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("active-ended").await;
+    let job = q.enqueue(Echo { n: 1 }).await.unwrap();
+    let w = spawn(Worker::builder(q.clone()).build(echo()));
+    assert_eq!(q.wait_result::<u32>(&job.id, WAIT).await.unwrap(), 1);
+    stop(w).await;
+    // As if the index was read just before the job ended: its id is still there.
+    let client = redis::Client::open(crate::common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("ZADD")
+        .arg(format!("{}:{{active-ended}}:active", p.name))
+        .arg(1)
+        .arg(job.id.as_str())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(q.active_jobs(10).await.unwrap().is_empty());
+}
+
+/// How many commands a server refused for memory (`INFO errorstats`).
+async fn refused_for_memory(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("errorstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("errorstat_OOM:count="))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_whose_claim_fails_does_not_wedge_the_breaker() {
+    let server = RedisServer::start(&[]);
+    let p = Prefix::on(&server.url());
+    let q = p.queue::<Echo>("probe-claim-fails").await;
+    let mut events = q.events().await.unwrap();
+    let handler = handler_fn(|job: Echo, _ctx: JobContext| async move {
+        match job.n {
+            0 => Err(JobError::transient("GPU fell off the bus")),
+            n => Ok(n),
+        }
+    });
+    // An hourly heartbeat: the claims are the only writes once the breaker is open.
+    let w = spawn(
+        Worker::builder(q.clone())
+            .retry(RetryPolicy::none())
+            .heartbeat(Duration::from_secs(3600))
+            .circuit_breaker(voxqueue::CircuitBreaker::new(1, Duration::from_secs(2)))
+            .build(handler),
+    );
+    let opener = q.enqueue(Echo { n: 0 }).await.unwrap();
+    assert_eq!(
+        q.wait(&opener.id, WAIT).await.unwrap().state,
+        JobState::Dead
+    );
+    loop {
+        let e = crate::common::within("open", events.recv()).await.unwrap();
+        if e.kind == voxqueue::EventKind::Breaker && e.data.as_deref() == Some("open") {
+            break;
+        }
+    }
+    let good = q.enqueue(Echo { n: 1 }).await.unwrap();
+    // Out of memory: after the cool-down, the half-open event and the probe's claim
+    // (scripts that write) are refused.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let maxmemory = |v: &'static str| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(v)
+            .clone()
+    };
+    let _: () = maxmemory("1").query_async(&mut conn).await.unwrap();
+    eventually(WAIT, "the probe's claim refused", || {
+        let mut conn = conn.clone();
+        async move { (refused_for_memory(&mut conn).await >= 2).then_some(()) }
+    })
+    .await;
+    let _: () = maxmemory("0").query_async(&mut conn).await.unwrap();
+    // The failed claim did not use up the probe: the next one runs the job.
+    assert_eq!(q.wait_result::<u32>(&good.id, WAIT).await.unwrap(), 1);
+    stop(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_run_by_the_same_worker_is_renewed_under_its_new_lease() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("retry-same-worker").await;
+    let cancelled = Arc::new(AtomicUsize::new(0));
+    let c = cancelled.clone();
+    // Attempt 1 fails at once; attempt 2 works for about five leases.
+    let handler = handler_fn(move |job: Echo, ctx: JobContext| {
+        let c = c.clone();
+        async move {
+            if ctx.attempt() == 1 {
+                return Err(JobError::transient("busy"));
+            }
+            tokio::select! {
+                _ = ctx.cancelled() => {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    Err(JobError::Cancelled)
+                }
+                _ = tokio::time::sleep(Duration::from_millis(1500)) => Ok::<_, JobError>(job.n),
+            }
+        }
+    });
+    let job = q.enqueue(Echo { n: 7 }).await.unwrap();
+    let w = spawn(
+        Worker::builder(q.clone())
+            .lease(Duration::from_millis(300))
+            .heartbeat(Duration::from_millis(50))
+            .retry(RetryPolicy::fixed(Duration::from_millis(10)).max_attempts(3))
+            .build(handler),
+    );
+    assert_eq!(q.wait_result::<u32>(&job.id, WAIT).await.unwrap(), 7);
+    let st = q.status(&job.id).await.unwrap();
+    assert_eq!(st.attempts, 2);
+    let kinds: Vec<&str> = st.errors.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["transient"]);
+    assert_eq!(cancelled.load(Ordering::SeqCst), 0);
+    stop(w).await;
+}
