@@ -1299,6 +1299,17 @@ fn gated(
     held: &'static [u32],
     go: tokio::sync::watch::Receiver<bool>,
 ) -> impl Handler<Echo, Output = u32> {
+    slow_gated(log, held, go, Duration::ZERO)
+}
+
+/// [`gated`], with every attempt taking at least `each` (a slow attempt keeps a
+/// one-slot worker at one job ahead).
+fn slow_gated(
+    log: Arc<Mutex<Vec<u32>>>,
+    held: &'static [u32],
+    go: tokio::sync::watch::Receiver<bool>,
+    each: Duration,
+) -> impl Handler<Echo, Output = u32> {
     handler_fn(move |job: Echo, _ctx: JobContext| {
         let (log, mut go) = (log.clone(), go.clone());
         async move {
@@ -1306,6 +1317,7 @@ fn gated(
             if held.contains(&job.n) {
                 let _ = go.wait_for(|&open| open).await;
             }
+            tokio::time::sleep(each).await;
             Ok::<_, JobError>(job.n)
         }
     })
@@ -1422,9 +1434,13 @@ async fn a_one_slot_worker_holds_one_job_ahead_and_a_stopping_one_claims_no_more
     let (open, go) = tokio::sync::watch::channel(false);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (seen_tx, seen_rx) = oneshot::channel::<()>();
-    let worker = Worker::builder(q.clone())
-        .id("one-ahead")
-        .build(gated(log.clone(), &[2], go));
+    // Attempts slower than a quick one's 2 ms: one job ahead, not four.
+    let worker = Worker::builder(q.clone()).id("one-ahead").build(slow_gated(
+        log.clone(),
+        &[2],
+        go,
+        Duration::from_millis(20),
+    ));
     assert_eq!(worker.id(), "one-ahead");
     let w = tokio::spawn(worker.run_until(async move {
         let _ = stop_rx.await;
