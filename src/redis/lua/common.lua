@@ -584,26 +584,29 @@ local function maintain(sweep_anyway)
   if not sweep_anyway and NOW < cached and cached <= NOW + DUE_CAP_MS then
     return
   end
-  local at = first_score(K_SCHEDULED)
-  if at and at <= NOW then
+  -- Each set's first score, read again only after a pass that moved it (recovery may
+  -- finish jobs, so `finished` is read after it); what is left of a bounded pass keeps
+  -- `due` at or before now.
+  local scheduled = first_score(K_SCHEDULED)
+  if scheduled and scheduled <= NOW then
     promote(1000)
+    scheduled = first_score(K_SCHEDULED)
   end
-  at = first_score(K_ACTIVE)
-  if at and at <= NOW then
+  local active = first_score(K_ACTIVE)
+  if active and active <= NOW then
     recover(100)
+    active = first_score(K_ACTIVE)
   end
-  at = first_score(K_FINISHED)
-  if sweep_anyway or (at and at <= NOW) then
+  local finished = first_score(K_FINISHED)
+  local finished_due = finished and finished <= NOW
+  if sweep_anyway or finished_due then
     sweep(20)
-  end
-  -- What is left (each pass is bounded) keeps `due` at or before now.
-  local next_at = NOW + DUE_CAP_MS
-  for _, key in ipairs({ K_SCHEDULED, K_ACTIVE, K_FINISHED }) do
-    at = first_score(key)
-    if at and at < next_at then
-      next_at = at
+    if finished_due then
+      finished = first_score(K_FINISHED)
     end
   end
+  local next_at = math.min(NOW + DUE_CAP_MS, scheduled or math.huge, active or math.huge,
+    finished or math.huge)
   due_at = next_at
   redis.call('HSET', K_STATS, DUE_FIELD, int(next_at))
 end
