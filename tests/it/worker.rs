@@ -191,12 +191,9 @@ async fn a_job_that_comes_due_while_the_lanes_are_full_jumps_the_line() {
     assert!(at < 12, "the due job ran in place {at}: {log:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_worker_is_woken_by_enqueue() {
-    let p = Prefix::new();
-    let q = p.queue::<Echo>("wake").await;
-    let w = spawn(Worker::builder(q.clone()).build(echo()));
-    // Let the worker find the queue empty and block.
+/// Lets the running worker `w` find `q` empty and block, then enqueues one job on `q`:
+/// it runs far sooner than the worker's longest idle wait (5 s), so the enqueue woke it.
+async fn woken_by_an_enqueue(w: Running, q: &Queue<Echo>) {
     eventually(WAIT, "worker registered", || async {
         (q.stats().await.unwrap().workers == 1).then_some(())
     })
@@ -205,7 +202,6 @@ async fn an_idle_worker_is_woken_by_enqueue() {
     let t0 = Instant::now();
     let job = q.enqueue(Echo { n: 5 }).await.unwrap();
     assert_eq!(q.wait_result::<u32>(&job.id, WAIT).await.unwrap(), 5);
-    // Far below the worker's longest idle wait (5 s): it was woken, not polling.
     assert!(
         t0.elapsed() < Duration::from_secs(2),
         "took {:?}",
@@ -215,26 +211,20 @@ async fn an_idle_worker_is_woken_by_enqueue() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_is_woken_by_enqueue() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("wake").await;
+    woken_by_an_enqueue(spawn(Worker::builder(q.clone()).build(echo())), &q).await;
+}
+
+/// The last of a worker's queues wakes it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_of_several_queues_is_woken_by_any_of_them() {
     let p = Prefix::new();
     let a = p.queue::<Echo>("wake-a").await;
     let b = p.queue::<Echo>("wake-b").await;
     let w = spawn(Worker::builder(a.clone()).queue(b.clone()).build(echo()));
-    eventually(WAIT, "worker registered", || async {
-        (b.stats().await.unwrap().workers == 1).then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let t0 = Instant::now();
-    let job = b.enqueue(Echo { n: 6 }).await.unwrap();
-    assert_eq!(b.wait_result::<u32>(&job.id, WAIT).await.unwrap(), 6);
-    // Far below the worker's longest idle wait (5 s): the last queue woke it too.
-    assert!(
-        t0.elapsed() < Duration::from_secs(2),
-        "took {:?}",
-        t0.elapsed()
-    );
-    stop(w).await;
+    woken_by_an_enqueue(w, &b).await;
 }
 
 /// Calls a private server has had so far from clients (scripts' own commands not
