@@ -1,9 +1,15 @@
-//! What the voice benches share: timing ONNX Runtime on the same ids through a fixture
-//! script, and reporting both real-time factors side by side.
+//! What the voice benches share: the sentence, finding the fetched weights, timing a
+//! voice, timing ONNX Runtime on the same ids through a fixture script, and reporting both
+//! real-time factors side by side.
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
+
+use criterion::Criterion;
+use voxqueue::tts::candle::voices_dir;
+use voxqueue::tts::{SynthesisRequest, Synthesizer};
 
 /// Runs `tests/fixtures/<script>` with `args` and the ids; the script prints
 /// `ort <median seconds> <audio seconds>`. Returns those two, or why it could not time.
@@ -39,13 +45,41 @@ pub(crate) fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Mean seconds of `runs` calls of `synthesize`.
-pub(crate) fn mean_seconds(runs: u32, mut synthesize: impl FnMut()) -> f64 {
+/// About ten seconds of speech, the sentence every voice bench speaks.
+pub(crate) const TEXT: &str = "The old lighthouse keeper climbed the narrow stairs every evening, \
+    lit the great lamp, and watched the ships pass safely through the rocky channel \
+    until the morning sun rose over the quiet harbour.";
+
+/// `relative` in the fetched voices' directory, if it is there.
+pub(crate) fn fetched(relative: &str) -> Option<PathBuf> {
+    let path = voices_dir()?.join(relative);
+    path.exists().then_some(path)
+}
+
+/// Times `synth` speaking `request`: criterion's samples as `<group>/<name>`, then the
+/// mean of `runs` more calls for the real-time factor. Returns the seconds of audio and
+/// that mean.
+pub(crate) fn time_voice(
+    c: &mut Criterion,
+    group: &str,
+    name: &str,
+    synth: &dyn Synthesizer,
+    request: &SynthesisRequest,
+    runs: u32,
+) -> (f64, f64) {
+    let audio = synth.synthesize(request).expect("synthesis");
+    let seconds = audio.samples.len() as f64 / f64::from(audio.sample_rate);
+    let mut g = c.benchmark_group(group);
+    g.sample_size(10);
+    g.bench_function(name, |b| {
+        b.iter(|| synth.synthesize(request).expect("synthesis"))
+    });
+    g.finish();
     let start = Instant::now();
     for _ in 0..runs {
-        synthesize();
+        synth.synthesize(request).expect("synthesis");
     }
-    start.elapsed().as_secs_f64() / f64::from(runs)
+    (seconds, start.elapsed().as_secs_f64() / f64::from(runs))
 }
 
 /// Prints voxqueue's real-time factor (`ours` seconds for `audio` seconds) and ONNX
