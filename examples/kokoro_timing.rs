@@ -6,10 +6,11 @@
 //! cargo run --example kokoro_timing -- [runs]   # needs .ci/fetch-voices
 //! ```
 
-use std::path::PathBuf;
 use std::time::Instant;
 
-use voxqueue::tts::candle::{DeviceChoice, KOKORO_MODEL_FILE, KokoroOptions, KokoroSynthesizer};
+use voxqueue::tts::candle::{
+    DeviceChoice, KOKORO_MODEL_FILE, KokoroOptions, KokoroSynthesizer, voices_dir,
+};
 use voxqueue::tts::{SynthesisRequest, Synthesizer};
 
 /// About four seconds of speech.
@@ -21,14 +22,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(3);
-    let dir = std::env::var_os("VOXQUEUE_VOICES")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/voxqueue/voices"))
-        })
-        .ok_or("no HOME to find the voices under")?;
-    let path = dir.join("kokoro").join(KOKORO_MODEL_FILE);
+    let path = voices_dir()
+        .ok_or("no HOME to find the voices under")?
+        .join("kokoro")
+        .join(KOKORO_MODEL_FILE);
     let start = Instant::now();
     let synth =
         KokoroSynthesizer::load(&path, KokoroOptions::new().with_device(DeviceChoice::Cpu))?;

@@ -111,18 +111,12 @@ pub(crate) fn load_piper(
     load_neural(Neural::Piper(model), device, precision, batch, batch_wait)
 }
 
-/// Where `.ci/fetch-voices` puts the Piper voice: `$VOXQUEUE_VOICES`, else
-/// `~/.cache/voxqueue/voices`, then `en_US-joe-medium.onnx`.
+/// Where `.ci/fetch-voices` puts the Piper voice: `en_US-joe-medium.onnx` in
+/// [`voices_dir`](voxqueue::tts::candle::voices_dir).
 pub(crate) fn fetched_piper_voice() -> PathBuf {
-    let dir = std::env::var_os("VOXQUEUE_VOICES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache/voxqueue/voices")
-        });
-    dir.join("en_US-joe-medium.onnx")
+    voxqueue::tts::candle::voices_dir()
+        .unwrap_or_default()
+        .join("en_US-joe-medium.onnx")
 }
 
 /// Where `.ci/fetch-voices` puts Kokoro: `$VOXQUEUE_VOICES/kokoro` (else

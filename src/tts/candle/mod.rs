@@ -17,6 +17,7 @@
 //! - `batched` — the request-by-request preparation and model batching every backend shares.
 //! - `sample` — a seeded random source and top-k / top-p sampling.
 //! - `hub` — download from the Hugging Face hub (feature `hub`).
+//! - `fetched` — [`voices_dir`], where fetched weights are found by default.
 //! - `onnx` — the ONNX messages a weight reader needs (Piper and Kokoro ship ONNX files).
 //!
 //! The public items of every family are re-exported here, so
@@ -40,6 +41,7 @@
 mod batched;
 mod device;
 mod error;
+mod fetched;
 #[cfg(feature = "hub")]
 mod hub;
 pub mod kokoro;
@@ -52,6 +54,7 @@ mod time_major;
 
 pub use device::{DeviceChoice, Precision};
 pub use error::LoadError;
+pub use fetched::voices_dir;
 #[cfg(feature = "hub")]
 pub use hub::download_from_hub;
 pub use kokoro::{

@@ -2,7 +2,7 @@
 //! `.ci/fetch-voices` puts the weights, loudness, and a voice speaking through a real
 //! queue and worker.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,14 +17,9 @@ use super::{Prefix, shutdown};
 /// `$VOXQUEUE_VOICES/<relative>` (default `~/.cache/voxqueue/voices`), which must exist:
 /// a missing voice fails the test naming the script that fetches it, never skips it.
 pub(crate) fn fetched(relative: &str, what: &str) -> PathBuf {
-    let dir = std::env::var_os("VOXQUEUE_VOICES")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").expect("HOME is set");
-            Path::new(&home).join(".cache/voxqueue/voices")
-        });
-    let path = dir.join(relative);
+    let path = voxqueue::tts::candle::voices_dir()
+        .expect("HOME is set")
+        .join(relative);
     assert!(
         path.exists(),
         "{what} is missing ({}): run `.ci/fetch-voices`",

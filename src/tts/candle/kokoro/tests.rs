@@ -17,13 +17,8 @@ use super::weights::Weights;
 
 /// Where `.ci/fetch-voices` puts Kokoro.
 fn kokoro_dir() -> PathBuf {
-    let dir = std::env::var_os("VOXQUEUE_VOICES")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").expect("HOME is set");
-            Path::new(&home).join(".cache/voxqueue/voices")
-        })
+    let dir = crate::tts::candle::voices_dir()
+        .expect("HOME is set")
         .join("kokoro");
     assert!(
         dir.join("kokoro-v1.0.int8.onnx").exists(),
