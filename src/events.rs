@@ -115,11 +115,13 @@ impl EventKind {
     }
 }
 
-/// One entry of a queue's event stream.
+/// One event of a queue's event stream.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct JobEvent {
-    /// The stream entry id: pass it back to read from here on.
+    /// The id of the stream entry that holds the event. Events one batch wrote
+    /// together (a claim's `active`, a report's `completed`, a bulk enqueue's
+    /// `queued`) share one entry, and so one id.
     pub stream_id: String,
     /// What happened.
     pub kind: EventKind,
@@ -132,21 +134,30 @@ pub struct JobEvent {
 }
 
 impl JobEvent {
-    fn from_entry(
-        stream_id: String,
-        map: &std::collections::HashMap<String, Value>,
-    ) -> Option<Self> {
+    /// The events of one stream entry. A batch (a claim, a report, a bulk enqueue)
+    /// writes consecutive events of one kind with the same detail as one entry, their
+    /// job ids joined by newlines (ids have no control characters), so they share
+    /// the entry's stream id. A malformed entry gives none.
+    fn from_entry(stream_id: String, map: &std::collections::HashMap<String, Value>) -> Vec<Self> {
         let text = |k: &str| {
             map.get(k)
                 .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
         };
-        Some(JobEvent {
-            kind: EventKind::parse(&text("type")?),
-            job_id: JobId::from_stored(text("id")?),
-            at: ms_to_time(text("at").and_then(|s| s.parse().ok()).unwrap_or(0)),
-            data: text("data"),
-            stream_id,
-        })
+        let (Some(kind), Some(ids)) = (text("type"), text("id")) else {
+            return Vec::new();
+        };
+        let kind = EventKind::parse(&kind);
+        let at = ms_to_time(text("at").and_then(|s| s.parse().ok()).unwrap_or(0));
+        let data = text("data");
+        ids.split('\n')
+            .map(|id| JobEvent {
+                stream_id: stream_id.clone(),
+                kind: kind.clone(),
+                job_id: JobId::from_stored(id.to_owned()),
+                at,
+                data: data.clone(),
+            })
+            .collect()
     }
 }
 
@@ -317,7 +328,7 @@ async fn read_loop(
                     check_gap = stream.ids.len() >= READ_BATCH;
                     for entry in stream.ids {
                         last.clone_from(&entry.id);
-                        if let Some(event) = JobEvent::from_entry(entry.id, &entry.map) {
+                        for event in JobEvent::from_entry(entry.id, &entry.map) {
                             // No subscriber is fine: events are also kept in Redis.
                             let _ = tx.send(event);
                         }

@@ -656,6 +656,32 @@ fn opt_time(ms: u64) -> Option<SystemTime> {
 mod tests {
     use super::*;
 
+    /// enqueue.lua reads a plain record's lane from its first field, unparsed.
+    #[test]
+    fn a_new_record_names_a_priority_other_than_normal_first() {
+        for priority in [Priority::High, Priority::Low] {
+            let record = JobRecord {
+                pri: priority.rank(),
+                max_attempts: 3,
+                timeout_ms: Some(5),
+                result_ttl_ms: 7,
+                dedup_ttl_ms: Some(9),
+                ..JobRecord::default()
+            };
+            let json = serde_json::to_string(&record).unwrap();
+            assert!(
+                json.starts_with(&format!("{{\"pri\":{},", priority.rank())),
+                "{json}"
+            );
+        }
+        let normal = JobRecord {
+            pri: Priority::Normal.rank(),
+            result_ttl_ms: default_result_ttl(),
+            ..JobRecord::default()
+        };
+        assert_eq!(serde_json::to_string(&normal).unwrap(), "{}");
+    }
+
     #[test]
     fn records_written_by_cjson_parse() {
         let raw = br#"{"id":"a","state":"queued","pri":1,"attempts":0,"max_attempts":3,"result_ttl_ms":1000,"errors":{},"seq":7}"#;

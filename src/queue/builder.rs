@@ -76,7 +76,8 @@ impl<J> QueueBuilder<J> {
         self
     }
 
-    /// Approximate cap on the event stream's length (default 10 000).
+    /// Approximate cap on the event stream's length in entries (default 10 000). An
+    /// entry holds one event, or up to 64 of one kind that a batch wrote together.
     pub fn events_max(mut self, len: u64) -> Self {
         self.config.events_max = len.max(1);
         self

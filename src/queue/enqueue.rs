@@ -106,10 +106,12 @@ impl<J: Serialize> Queue<J> {
             dedup_ttl_ms: dedup_ttl.map(safe_ms),
             ..JobRecord::default()
         };
+        let plain = record.ttl_ms.is_none() && record.delay_ms.is_none();
         let record = serde_json::to_string(&record).map_err(Error::Serialize)?;
         Ok(Prepared {
             id,
             record,
+            plain,
             payload,
             dedup_key,
         })
@@ -127,6 +129,13 @@ impl<J: Serialize> Queue<J> {
             None => inv.arg("").arg(0).arg(0),
         };
         inv.arg(jobs.len());
+        // Plain records are stored as written here, with the script's fields appended
+        // as text (no cjson pass inside Redis); see enqueue.lua.
+        inv.arg(if jobs.iter().all(|j| j.plain) {
+            "1"
+        } else {
+            ""
+        });
         for job in jobs {
             inv.arg(job.id.as_str())
                 .arg(&job.record)
@@ -146,8 +155,28 @@ impl<J: Serialize> Queue<J> {
                 retry_after: Duration::from_millis(ms),
             });
         }
-        let reply: Vec<(String, u8, String)> =
+        // Three items per job, flat: id, created (1) or existing (0), state.
+        let items: Vec<redis::Value> =
             redis::from_redis_value(reply).map_err(|e| Error::Protocol(format!("enqueue: {e}")))?;
+        if items.len() != jobs.len() * 3 {
+            return Err(Error::Protocol(format!(
+                "enqueue answered {} items for {} jobs",
+                items.len(),
+                jobs.len()
+            )));
+        }
+        let mut reply: Vec<(String, u8, String)> = Vec::with_capacity(jobs.len());
+        let mut items = items.into_iter();
+        while let (Some(id), Some(created), Some(state)) =
+            (items.next(), items.next(), items.next())
+        {
+            let protocol = |e: redis::ParsingError| Error::Protocol(format!("enqueue: {e}"));
+            reply.push((
+                redis::from_redis_value(id).map_err(protocol)?,
+                redis::from_redis_value(created).map_err(protocol)?,
+                redis::from_redis_value(state).map_err(protocol)?,
+            ));
+        }
         if let (Some((wanted, timeout)), Some(job)) = (replicas, jobs.first())
             && acked < wanted
         {
@@ -183,7 +212,11 @@ impl<J: Serialize> Queue<J> {
 
 struct Prepared {
     id: JobId,
+    /// The record's JSON object. `pri` comes first when it is not normal (the field
+    /// order of [`JobRecord`]): the script reads a plain record's lane from its start.
     record: String,
+    /// No time-to-live or delay: the script needs nothing from the record but `pri`.
+    plain: bool,
     payload: Vec<u8>,
     dedup_key: String,
 }

@@ -263,15 +263,23 @@ async fn invoke(
             }
         }
     }
-    let (outcomes, next): (Vec<String>, Value) = shared.invoke(&inv).await?;
-    if outcomes.len() != batch.len() {
+    // One flat list: an outcome per report, then the claim's reply.
+    let mut reply: Vec<Value> = shared.invoke(&inv).await?;
+    if reply.len() <= batch.len() {
         return Err(Error::Protocol(format!(
-            "report answered {} outcomes for {} reports",
-            outcomes.len(),
+            "report answered {} items for {} reports",
+            reply.len(),
             batch.len()
         )));
     }
-    Ok((outcomes, parse_claim(queue, next)?))
+    let next = reply.split_off(batch.len());
+    let outcomes = reply
+        .into_iter()
+        .map(|v| {
+            redis::from_redis_value(v).map_err(|e| Error::Protocol(format!("report outcome: {e}")))
+        })
+        .collect::<Result<Vec<String>, _>>()?;
+    Ok((outcomes, parse_claim(queue, Value::Array(next))?))
 }
 
 /// `message`, cut to [`MESSAGE_MAX`] bytes at a character boundary, marked when cut.

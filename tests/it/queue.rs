@@ -251,6 +251,34 @@ async fn events_are_published_for_transitions() {
     );
 }
 
+/// A batch writes consecutive events of one kind as shared stream entries (at most 64
+/// ids each); every job still gets its own event, in order.
+#[tokio::test]
+async fn a_batch_shares_event_entries_and_every_job_gets_its_event() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("batch-events").await;
+    let mut events = q.events().await.unwrap();
+    let jobs = q.enqueue_bulk((0..130).map(|n| Echo { n })).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < jobs.len() {
+        let e = crate::common::within("queued events", events.recv())
+            .await
+            .unwrap();
+        assert_eq!(e.kind, EventKind::Queued, "{e:?}");
+        seen.push(e);
+    }
+    let ids: Vec<_> = seen.iter().map(|e| e.job_id.clone()).collect();
+    let want: Vec<_> = jobs.iter().map(|j| j.id.clone()).collect();
+    assert_eq!(ids, want);
+    // 64 + 64 + 2: three entries, and the events of one entry share its id.
+    let mut entries: Vec<&str> = seen.iter().map(|e| e.stream_id.as_str()).collect();
+    entries.dedup();
+    assert_eq!(entries.len(), 3, "{entries:?}");
+    assert_eq!(seen[0].stream_id, seen[63].stream_id);
+    assert_ne!(seen[63].stream_id, seen[64].stream_id);
+    assert_eq!(seen[128].stream_id, seen[129].stream_id);
+}
+
 #[tokio::test]
 async fn wait_times_out_on_a_job_nobody_runs() {
     let p = Prefix::new();
@@ -283,10 +311,9 @@ async fn the_event_stream_is_capped() {
         .connect()
         .await
         .unwrap();
-    for chunk in 0..4 {
-        q.enqueue_bulk((0..250).map(|n| Echo { n: chunk * 250 + n }))
-            .await
-            .unwrap();
+    // One entry per enqueue (a bulk enqueue's events share entries, up to 64 each).
+    for n in 0..300 {
+        q.enqueue(Echo { n }).await.unwrap();
     }
     let client = redis::Client::open(crate::common::redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();

@@ -4,4 +4,8 @@
 -- ARGV[1] '' (Redis's clock), ARGV[2] events max
 -- ARGV[3] worker id, ARGV[4] n, ARGV[5] lease ms, ARGV[6] default max attempts
 -- Returns: {ms until the next wake-up or -1, then id, lease token, record JSON, payload per job}
-return claim(ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
+-- Counters and events are written once for the whole claim (see start_batch).
+start_batch()
+local out = claim(ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
+end_batch()
+return out

@@ -50,9 +50,26 @@
 -- rate-limit times). Every number that becomes text costs a printf, in Lua or in
 -- Redis (a number passed to redis.call is written with %.17g in 7.0): on the per-job
 -- path the scripts pass text made once per call instead (NOW_S, a claim's deadline),
--- which took a sixth of Redis's instructions per job.
+-- which took a sixth of Redis's instructions per job. Only integers come here (times,
+-- tokens, counts): '%d' formats them exactly (Lua's integer format is 64 bits wide) at
+-- half the cost of '%.0f', which goes through the floating-point printf.
 local function int(n)
-  return string.format('%.0f', n)
+  return string.format('%d', n)
+end
+
+-- Small counts as text (how many to pop, to reserve, to add), each made once per
+-- library load rather than once per use (a number passed to redis.call costs Redis a
+-- %.17g printf). Bounded: larger counts are formatted each time.
+local SMALL = {}
+local function small(n)
+  local s = SMALL[n]
+  if not s then
+    s = int(n)
+    if n >= 0 and n <= 1024 then
+      SMALL[n] = s
+    end
+  end
+  return s
 end
 
 local K_JOBS, K_PAYLOADS, K_RESULTS, K_LEASES
@@ -63,6 +80,8 @@ local K_DEDUP, K_DEDUP_EXP, K_LIMITS, K_LIMITS_EXP
 local K_BREAKERS
 local LANES = {}
 local NOW, NOW_S, EVENTS_MAX, STEP_EVENTS
+-- The stream cap as text, as XADD takes it.
+local EVENTS_MAX_S
 -- The earliest time maintenance may be due (see `maintain`), as read in this call
 -- (nil: not read yet), and the retention deadline of a finished job with the default
 -- result TTL, made once per call.
@@ -70,6 +89,15 @@ local due_at, finished_default
 -- Counters a batch script adds up in Lua and writes once at its end (see
 -- `flush_counts`), instead of one HINCRBY per job; nil: written at once.
 local deferred = nil
+-- Events a batch script holds back to write as one stream entry: consecutive events
+-- of one kind with the same detail (`ev_kind`, `ev_data`) share an entry, their job
+-- ids joined by newlines (an id has no control characters). A no-op job's XADDs were
+-- a tenth of its instructions. Only consecutive ones merge, so the stream keeps the
+-- order in which things happened. `ev_ids` is made once (see BATCH below); `ev_n`
+-- says how much of it is this call's; nil `ev_n`: each event is written at once.
+local EV_IDS_MAX = 64
+local ev_ids = {}
+local ev_n, ev_kind, ev_data = nil, nil, nil
 
 local function begin(keys, args)
   K_JOBS, K_PAYLOADS, K_RESULTS, K_LEASES = keys[1], keys[2], keys[3], keys[4]
@@ -99,8 +127,10 @@ local function begin(keys, args)
   EVENTS_MAX = tonumber(args[2])
   STEP_EVENTS = EVENTS_MAX > 0
   EVENTS_MAX = math.abs(EVENTS_MAX)
+  EVENTS_MAX_S = STEP_EVENTS and args[2] or string.sub(args[2], 2)
   -- A library's state outlives a call: a call that failed half-way left nothing here.
   deferred = nil
+  ev_n = nil
 end
 
 local WAKE_MAX = 1000           -- more tokens than this wake nobody new
@@ -211,14 +241,36 @@ local function payload_of(job)
   return job.body or redis.call('HGET', K_PAYLOADS, job.id) or ''
 end
 
-local function emit(kind, id, data)
+-- One stream entry: `ids` is one job id, or several joined by newlines.
+local function write_event(kind, ids, data)
   if data then
-    redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAX, '*',
-      'type', kind, 'id', id, 'at', NOW_S, 'data', data)
+    redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAX_S, '*',
+      'type', kind, 'id', ids, 'at', NOW_S, 'data', data)
   else
-    redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAX, '*',
-      'type', kind, 'id', id, 'at', NOW_S)
+    redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAX_S, '*',
+      'type', kind, 'id', ids, 'at', NOW_S)
   end
+end
+
+-- Writes the events held back (see `ev_ids`).
+local function flush_events()
+  if ev_n and ev_n > 0 then
+    write_event(ev_kind, table.concat(ev_ids, '\n', 1, ev_n), ev_data)
+    ev_n = 0
+  end
+end
+
+local function emit(kind, id, data)
+  if not ev_n then
+    write_event(kind, id, data)
+    return
+  end
+  if ev_n > 0 and (kind ~= ev_kind or data ~= ev_data or ev_n >= EV_IDS_MAX) then
+    flush_events()
+  end
+  ev_kind, ev_data = kind, data
+  ev_n = ev_n + 1
+  ev_ids[ev_n] = id
 end
 
 -- The events of a job's ordinary steps, which a queue may turn off.
@@ -233,7 +285,7 @@ local function count(field, n)
     deferred[field] = (deferred[field] or 0) + (n or 1)
     return
   end
-  redis.call('HINCRBY', K_STATS, field, n or 1)
+  redis.call('HINCRBY', K_STATS, field, small(n or 1))
 end
 
 -- Per-minute outcome counts in a ring of 60 fields of the stats hash ("w:<slot>" =
@@ -260,13 +312,18 @@ local function window(completed, failed, duration_ms)
     int(minute) .. ',' .. int(c + completed) .. ',' .. int(f + failed) .. ',' .. int(d + math.max(duration_ms, 0)))
 end
 
--- Starts adding up counters (see `deferred`); the script must end with flush_counts.
-local function defer_counts()
+-- Starts a batch: counters are added up (see `deferred`) and events held back (see
+-- `ev_ids`) until `end_batch`, which the script must call before it returns.
+local function start_batch()
   deferred = {}
+  ev_n = 0
 end
 
--- Writes the counters a batch added up: one HINCRBY per counter, one window update.
-local function flush_counts()
+-- Writes what a batch held back: its events, one HINCRBY per counter, one window
+-- update.
+local function end_batch()
+  flush_events()
+  ev_n = nil
   local pending = deferred
   deferred = nil
   if not pending then
@@ -399,11 +456,8 @@ end
 -- TTL; any other ending frees the request for a new job at once.
 local function settle_dedup(job)
   if job.dedup then
-    local keep = 0
-    if job.state == 'completed' then
-      keep = job.dedup_ttl_ms or 0
-    end
-    redis.call('ZADD', K_DEDUP_EXP, NOW + keep, job.dedup)
+    local keep = job.state == 'completed' and job.dedup_ttl_ms or 0
+    redis.call('ZADD', K_DEDUP_EXP, keep == 0 and NOW_S or int(NOW + keep), job.dedup)
   end
 end
 
@@ -417,7 +471,7 @@ local function finish(job, state)
   if job.result_ttl_ms then
     local at = NOW + job.result_ttl_ms
     note_due(at)
-    redis.call('ZADD', K_FINISHED, at, job.id)
+    redis.call('ZADD', K_FINISHED, int(at), job.id)
   else
     if not finished_default then
       finished_default = NOW + 86400000
@@ -453,7 +507,7 @@ local function trim_dead()
   if over <= 0 then
     return
   end
-  local oldest = redis.call('ZRANGE', K_DEAD, 0, math.min(over, 100) - 1)
+  local oldest = redis.call('ZRANGE', K_DEAD, '0', small(math.min(over, 100) - 1))
   for _, id in ipairs(oldest) do
     erase(id)
     count('purged')
@@ -491,14 +545,14 @@ local IN_FLIGHT = { queued = true, scheduled = true, active = true }
 -- Deletes finished records whose retention has passed, dedup entries that answer no
 -- more duplicates, and idle rate-limit entries; bounded so no call is slow.
 local function sweep(limit)
-  local ids = redis.call('ZRANGEBYSCORE', K_FINISHED, '-inf', NOW, 'LIMIT', 0, limit)
+  local ids = redis.call('ZRANGEBYSCORE', K_FINISHED, '-inf', NOW_S, 'LIMIT', '0', small(limit))
   if #ids > 0 then
     redis.call('HDEL', K_JOBS, unpack(ids))
     redis.call('HDEL', K_PAYLOADS, unpack(ids))
     redis.call('HDEL', K_RESULTS, unpack(ids))
     redis.call('ZREM', K_FINISHED, unpack(ids))
   end
-  local keys = redis.call('ZRANGEBYSCORE', K_DEDUP_EXP, '-inf', NOW, 'LIMIT', 0, limit)
+  local keys = redis.call('ZRANGEBYSCORE', K_DEDUP_EXP, '-inf', NOW_S, 'LIMIT', '0', small(limit))
   for _, key in ipairs(keys) do
     redis.call('ZREM', K_DEDUP_EXP, key)
     local owner = redis.call('HGET', K_DEDUP, key)
@@ -508,7 +562,7 @@ local function sweep(limit)
       redis.call('HDEL', K_DEDUP, key)
     end
   end
-  keys = redis.call('ZRANGEBYSCORE', K_LIMITS_EXP, '-inf', NOW, 'LIMIT', 0, limit)
+  keys = redis.call('ZRANGEBYSCORE', K_LIMITS_EXP, '-inf', NOW_S, 'LIMIT', '0', small(limit))
   for _, key in ipairs(keys) do
     redis.call('ZREM', K_LIMITS_EXP, key)
     redis.call('HDEL', K_LIMITS, key)
@@ -517,7 +571,7 @@ end
 
 -- Moves due scheduled jobs (delays and retries) to ready.
 local function promote(limit)
-  local ids = redis.call('ZRANGEBYSCORE', K_SCHEDULED, '-inf', NOW, 'LIMIT', 0, limit)
+  local ids = redis.call('ZRANGEBYSCORE', K_SCHEDULED, '-inf', NOW_S, 'LIMIT', '0', small(limit))
   for _, id in ipairs(ids) do
     redis.call('ZREM', K_SCHEDULED, id)
     local job = load(id)
@@ -536,7 +590,7 @@ end
 -- Jobs whose lease passed: their worker died or lost Redis. They go back to ready
 -- (keeping their place) or, with attempts spent, to the dead letters.
 local function recover(limit)
-  local ids = redis.call('ZRANGEBYSCORE', K_ACTIVE, '-inf', NOW, 'LIMIT', 0, limit)
+  local ids = redis.call('ZRANGEBYSCORE', K_ACTIVE, '-inf', NOW_S, 'LIMIT', '0', small(limit))
   -- Latest lease first: each goes to the head of its lane, so the one claimed first
   -- ends up first again.
   for i = #ids, 1, -1 do
@@ -568,7 +622,7 @@ end
 
 -- The score of a zset's first member, or nil when it is empty.
 local function first_score(key)
-  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  local first = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
   if #first > 0 then
     return tonumber(first[2])
   end
@@ -632,7 +686,7 @@ end
 local function pop_ready(want, old)
   local ids = {}
   for l = 1, 3 do
-    local got = redis.call('LPOP', LANES[l], want - #ids)
+    local got = redis.call('LPOP', LANES[l], small(want - #ids))
     if got then
       for _, id in ipairs(got) do
         ids[#ids + 1] = id
@@ -643,7 +697,7 @@ local function pop_ready(want, old)
     end
   end
   if old then
-    local popped = redis.call('ZPOPMIN', K_READY, want - #ids)
+    local popped = redis.call('ZPOPMIN', K_READY, small(want - #ids))
     for i = 1, #popped, 2 do
       ids[#ids + 1] = popped[i]
     end
@@ -655,9 +709,12 @@ end
 -- default_attempts), after the maintenance that is due, so any live worker keeps the
 -- queue healthy. Returns a flat list: ms until the next wake-up (or -1; only computed
 -- when the claim came up short, since a full claim comes back at once), then id,
--- token, record, payload per job.
-local function claim(worker, n, lease_ms, default_attempts)
-  local out = {}
+-- token, record, payload per job; appended to `out` when given (a report's outcomes:
+-- one flat reply).
+local function claim(worker, n, lease_ms, default_attempts, out)
+  out = out or {}
+  local wake_slot = #out + 1
+  out[wake_slot] = -1
   local claimed = 0
   local guard = 0
   local swept = false
@@ -709,7 +766,7 @@ local function claim(worker, n, lease_ms, default_attempts)
         job.started_at = NOW_S
         job.worker = worker
         if next_token > last_token then
-          last_token = redis.call('INCRBY', K_SEQ, n - claimed)
+          last_token = redis.call('INCRBY', K_SEQ, small(n - claimed))
           next_token = last_token - (n - claimed) + 1
         end
         local token = int(next_token)
@@ -753,12 +810,12 @@ local function claim(worker, n, lease_ms, default_attempts)
       if keep == 0 then
         redis.call('DEL', K_WAKE)
       elseif keep < tokens then
-        redis.call('LTRIM', K_WAKE, 0, keep - 1)
+        redis.call('LTRIM', K_WAKE, '0', small(keep - 1))
       end
     end
     wake_in = next_wake()
   end
-  table.insert(out, 1, wake_in)
+  out[wake_slot] = wake_in
   return out
 end
 
@@ -842,7 +899,7 @@ local function fail_one(id, token, kind, message, retry_in)
     job.state = 'scheduled'
     job.run_at = retry_at
     note_due(retry_at)
-    redis.call('ZADD', K_SCHEDULED, retry_at, id)
+    redis.call('ZADD', K_SCHEDULED, int(retry_at), id)
     save(job)
     count('retried')
     emit('retrying', id, message)

@@ -3,28 +3,39 @@
 -- KEYS: the queue's keys (see common.lua)
 -- ARGV[1] '' (Redis's clock), ARGV[2] events max
 -- ARGV[3] rate-limit key ('' for none), ARGV[4] jobs allowed per period, ARGV[5] period ms
--- ARGV[6] number of jobs n, then per job four arguments (the record and payload are
--- stored as one entry: the record, a newline, the payload):
---   id, record JSON (pri, max_attempts, run_at, ttl_ms, ... set by the client),
---   payload, dedup key ('' for none: the sha256 of the request's canonical form)
--- Returns: {'ok', {{id, created (1) or existing (0), state}, ...}}
+-- ARGV[6] number of jobs n
+-- ARGV[7] '1' when every record of the call is plain: the client's own object (pri
+--         first when it is not normal, no `ttl_ms`, `delay_ms` or `run_at`, and none of
+--         the fields the script sets), stored as it came with the script's fields
+--         appended; '' to decode and rebuild each record
+-- then per job four arguments (the record and payload are stored as one entry: the
+-- record, a newline, the payload):
+--   id, record JSON (pri, max_attempts, ttl_ms, ... set by the client),
+--   payload, dedup key ('' for none: the sha256 of the request's canonical form, hex)
+-- Returns: {'ok', {id, created (1) or existing (0), state, ... (three per job, flat:
+--          a table in a reply costs Redis a dozen lookups and a reply node)}}
 --      or  {'limited', ms until the batch would be allowed} (nothing was stored)
 local n = tonumber(ARGV[6])
+local plain = ARGV[7] == '1'
 local out = {}
+-- The answer for the i-th job (from 0): three entries of the flat reply.
+local function answer(i, id, created, state)
+  out[3 * i + 1], out[3 * i + 2], out[3 * i + 3] = id, created, state
+end
 local fresh = {}
--- Counters are added up and written once for the whole batch.
-defer_counts()
+-- Counters are added up and written once for the whole batch, events in shared entries.
+start_batch()
 
 -- Pass 1: which jobs exist already (same caller id, or same request in flight or
 -- completed within its dedup TTL). Those are answered, not created.
 for i = 0, n - 1 do
-  local base = 7 + i * 4
+  local base = 8 + i * 4
   local id, dedup = ARGV[base], ARGV[base + 3]
   local existing = load(id)
   if existing then
     -- A caller-chosen id names one job: a second enqueue returns it, never overwrites it.
     count('deduplicated')
-    out[i + 1] = { id, 0, existing.state }
+    answer(i, id, 0, existing.state)
   else
     local owner = dedup ~= '' and redis.call('HGET', K_DEDUP, dedup)
     local job = owner and load(owner)
@@ -32,7 +43,7 @@ for i = 0, n - 1 do
       and NOW < (tonumber(job.finished_at) or 0) + (job.dedup_ttl_ms or 0)))
     if reusable then
       count('deduplicated')
-      out[i + 1] = { owner, 0, job.state }
+      answer(i, owner, 0, job.state)
     else
       table.insert(fresh, i)
     end
@@ -49,11 +60,13 @@ if limit_key ~= '' and #fresh > 0 then
   local new_tat = tat + interval * #fresh
   if new_tat - NOW > period then
     count('rate_limited')
-    flush_counts()
+    end_batch()
     return { 'limited', int(math.ceil(new_tat - NOW - period)) }
   end
-  redis.call('HSET', K_LIMITS, limit_key, int(new_tat))
-  redis.call('ZADD', K_LIMITS_EXP, int(new_tat), limit_key)
+  -- Rounded (an interval may be a fraction of a millisecond), as it always was.
+  local tat_s = string.format('%.0f', new_tat)
+  redis.call('HSET', K_LIMITS, limit_key, tat_s)
+  redis.call('ZADD', K_LIMITS_EXP, tat_s, limit_key)
 end
 
 -- Pass 2: create the new jobs. Two identical requests in one batch make one job.
@@ -65,59 +78,82 @@ local created_ids = {}
 -- nr: entries used)
 local nr = 0
 for _, i in ipairs(fresh) do
-  local base = 7 + i * 4
+  local base = 8 + i * 4
   local id, dedup = ARGV[base], ARGV[base + 3]
   -- Within one batch, a repeated request or a repeated caller id is one job too.
   local twin = (dedup ~= '' and created_here[dedup]) or created_ids[id]
   if twin then
     count('deduplicated')
-    out[i + 1] = { twin[1], 0, twin[2] }
+    answer(i, twin[1], 0, twin[2])
   else
-    local job = cjson.decode(ARGV[base + 1])
-    job.id = id
-    job.created_at = NOW_S
-    -- A time-to-live counts from now on Redis's clock, not from the caller's.
-    if job.ttl_ms then
-      job.expires_at = NOW + job.ttl_ms
-      job.ttl_ms = nil
-    end
-    if job.delay_ms and job.delay_ms > 0 then
-      job.run_at = NOW + job.delay_ms
-    end
-    job.delay_ms = nil
-    if job.run_at and job.run_at > NOW then
-      job.state = 'scheduled'
-      note_due(job.run_at)
-      redis.call('ZADD', K_SCHEDULED, job.run_at, id)
-    else
-      -- push_ready, its RPUSH joining the batch's.
-      job.state = 'queued'
-      local lane = lane_of(job.pri)
+    local raw, state = ARGV[base + 1], 'queued'
+    if plain then
+      -- The record is stored as the client wrote it, with the script's fields added
+      -- as text: no cjson pass over it (a decode and an encode were a sixth of an
+      -- enqueue's instructions, more for records with numbers, which cjson formats
+      -- with a printf each).
+      local lane = lane_of(tonumber(string.match(raw, '^{"pri":(%d+)')) or 1)
       local m = BATCH_N[lane] + 1
       BATCH_LANES[lane][m] = id
       BATCH_N[lane] = m
+      local added = '"state":"queued","created_at":"' .. NOW_S .. '"'
+      if dedup ~= '' then
+        added = added .. ',"dedup":"' .. dedup .. '"'
+      end
+      if raw == '{}' then
+        raw = '{' .. added .. '}'
+      else
+        raw = string.sub(raw, 1, -2) .. ',' .. added .. '}'
+      end
+    else
+      local job = cjson.decode(raw)
+      -- A time-to-live counts from now on Redis's clock, not from the caller's.
+      if job.ttl_ms then
+        job.expires_at = NOW + job.ttl_ms
+        job.ttl_ms = nil
+      end
+      if job.delay_ms and job.delay_ms > 0 then
+        job.run_at = NOW + job.delay_ms
+      end
+      job.delay_ms = nil
+      job.created_at = NOW_S
+      if job.run_at and job.run_at > NOW then
+        job.state = 'scheduled'
+        note_due(job.run_at)
+        redis.call('ZADD', K_SCHEDULED, int(job.run_at), id)
+      else
+        -- push_ready, its RPUSH joining the batch's.
+        job.state = 'queued'
+        local lane = lane_of(job.pri)
+        local m = BATCH_N[lane] + 1
+        BATCH_LANES[lane][m] = id
+        BATCH_N[lane] = m
+      end
+      if dedup ~= '' then
+        job.dedup = dedup
+      end
+      state = job.state
+      raw = encode(job)
     end
     if dedup ~= '' then
-      job.dedup = dedup
       redis.call('HSET', K_DEDUP, dedup, id)
       redis.call('ZREM', K_DEDUP_EXP, dedup)
-      created_here[dedup] = { id, job.state }
+      created_here[dedup] = { id, state }
     end
-    job.body = ARGV[base + 2]
     BATCH[nr + 1] = id
-    BATCH[nr + 2] = entry(job, encode(job))
+    BATCH[nr + 2] = raw .. '\n' .. ARGV[base + 2]
     nr = nr + 2
     count('enqueued')
-    emit_step(job.state, id)
-    created_ids[id] = { id, job.state }
-    out[i + 1] = { id, 1, job.state }
+    emit_step(state, id)
+    created_ids[id] = { id, state }
+    answer(i, id, 1, state)
     if nr >= 400 then
       nr = write_batch(nr)
     end
   end
 end
 write_batch(nr)
-flush_counts()
+end_batch()
 -- Delayed jobs wake a worker too, so it recomputes how long to sleep.
 -- No sweeping here: claims and heartbeats sweep when a retention comes due.
 wake(#fresh)

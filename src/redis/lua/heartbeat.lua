@@ -34,7 +34,7 @@ for i = 6, #ARGV, 2 do
 end
 -- Bounded memory: a worker that stopped without unregistering (killed) is forgotten,
 -- with its breaker, once it has been silent for forget_ms.
-local stale = redis.call('ZRANGEBYSCORE', K_WORKERS, '-inf', NOW - forget_ms, 'LIMIT', 0, 100)
+local stale = redis.call('ZRANGEBYSCORE', K_WORKERS, '-inf', int(NOW - forget_ms), 'LIMIT', '0', '100')
 for _, worker in ipairs(stale) do
   redis.call('ZREM', K_WORKERS, worker)
   redis.call('HDEL', K_BREAKERS, worker)

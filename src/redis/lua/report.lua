@@ -7,12 +7,14 @@
 --   'c', id, lease token, result bytes, '', ''                      (completed)
 --   'f', id, lease token, error kind, error message, retry in ms    (failed; '' for
 --                                                                    no retry: dead)
--- Returns: {{outcome per report}, claim...}; outcomes are 'completed', 'retrying',
+-- Returns: {outcome per report..., then the claim's reply (see claim.lua), or -1 when
+-- none was asked for} (flat: a table in a reply costs Redis a dozen lookups); outcomes are 'completed', 'retrying',
 -- 'dead', 'cancelled' or 'lost' (the lease is no longer this worker's: nothing changed)
 local n = tonumber(ARGV[7])
 local outcomes = {}
--- Counters and the outcome window are written once for the whole batch.
-defer_counts()
+-- Counters and the outcome window are written once for the whole batch (claim
+-- included), events in shared entries.
+start_batch()
 for i = 0, n - 1 do
   local at = 8 + i * 6
   if ARGV[at] == 'c' then
@@ -21,10 +23,11 @@ for i = 0, n - 1 do
     outcomes[i + 1] = fail_one(ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5])
   end
 end
-flush_counts()
-local next_jobs = { -1 }
 local m = tonumber(ARGV[4])
 if m > 0 then
-  next_jobs = claim(ARGV[3], m, tonumber(ARGV[5]), tonumber(ARGV[6]))
+  claim(ARGV[3], m, tonumber(ARGV[5]), tonumber(ARGV[6]), outcomes)
+else
+  outcomes[n + 1] = -1
 end
-return { outcomes, next_jobs }
+end_batch()
+return outcomes
