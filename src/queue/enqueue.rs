@@ -4,6 +4,7 @@ use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::time::Duration;
 
+use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use super::Queue;
@@ -53,7 +54,10 @@ impl<J: Serialize> Queue<J> {
     }
 
     /// Enqueues many jobs, each with its options, in one round trip per 500 jobs.
-    /// Each chunk is atomic: all of its jobs are stored, or none.
+    /// Each chunk is atomic: all of its jobs are stored, or none. Two chunks travel at
+    /// once, in order on one connection, so this side builds and reads one while Redis
+    /// runs the other; after an error, the chunk that failed is not stored and the
+    /// one sent after it may be.
     pub async fn enqueue_bulk_with(
         &self,
         jobs: impl IntoIterator<Item = (J, JobOptions)>,
@@ -62,11 +66,12 @@ impl<J: Serialize> Queue<J> {
             .into_iter()
             .map(|(job, opts)| self.prepare(&job, &opts, &DedupChoice::Queue))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut out = Vec::with_capacity(prepared.len());
-        for chunk in prepared.chunks(BULK_CHUNK) {
-            out.extend(self.store(chunk, None, None).await?);
-        }
-        Ok(out)
+        let stored: Vec<Vec<Enqueued>> = futures::stream::iter(prepared.chunks(BULK_CHUNK))
+            .map(|chunk| self.store(chunk, None, None))
+            .buffered(2)
+            .try_collect()
+            .await?;
+        Ok(stored.into_iter().flatten().collect())
     }
 
     fn prepare(&self, job: &J, opts: &JobOptions, dedup: &DedupChoice) -> Result<Prepared, Error> {
