@@ -58,9 +58,9 @@ impl<H> Runner<H> {
     /// held (its lease renewed by the heartbeat like any other) until it runs, so the
     /// next job starts while the last one's report (which claims the one after) is
     /// still on its way, and reports need not wait for each other. While attempts end
-    /// within [`QUICK_ATTEMPT`] it keeps up to [`QUICK_AHEAD`] ahead: then round trips,
-    /// not Redis, would set the pace, and the jobs it holds wait a few milliseconds at
-    /// most (one slow attempt brings it back to one). A job ahead that will not run
+    /// within [`QUICK_ATTEMPT`] it keeps up to [`QUICK_AHEAD`] ahead: then a script
+    /// call's fixed cost, not the jobs, would set the pace, and the jobs it holds wait
+    /// a few tens of milliseconds at most (one slow attempt brings it back to one). A job ahead that will not run
     /// (shutdown, breaker, a lingering attempt) is handed back at once, its attempt
     /// uncounted.
     pub(crate) async fn run<J>(self: Arc<Self>, mut job: Claimed, slot: OwnedSemaphorePermit)
