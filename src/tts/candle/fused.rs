@@ -243,7 +243,7 @@ pub(crate) fn round_to_steps(x: &Tensor, scale: &Tensor, zero: &Tensor) -> Resul
             .zip(xs.chunks(per.max(1)))
             .enumerate()
         {
-            let (s, lo, hi) = (scale[item], -zero[item], zero[item] * -1.0 + 255.0);
+            let (s, lo, hi) = (scale[item], -zero[item], 255.0 - zero[item]);
             par_rows(out, 1, |start, out| {
                 let xs = &xs[start..start + out.len()];
                 let mut i = 0;
