@@ -1,15 +1,17 @@
-//! Times Kokoro-82M on the CPU: loads the model once, then synthesises one fixed sentence
-//! (about 4 s of speech) a few times and prints the wall time of each run, so a change to
-//! the network can be compared with the build before it in alternating runs.
+//! Times Kokoro-82M (or, with `piper`, the Piper voice `en_US-joe-medium`) on the CPU: loads
+//! the model once, then synthesises one fixed sentence (about 4 s of speech) a few times and
+//! prints the wall and CPU time of each run, so a change to the network can be compared with
+//! the build before it in alternating runs.
 //!
 //! ```sh
-//! cargo run --example kokoro_timing -- [runs]   # needs .ci/fetch-voices
+//! cargo run --example kokoro_timing -- [runs] [kokoro|piper]   # needs .ci/fetch-voices
 //! ```
 
 use std::time::Instant;
 
 use voxqueue::tts::candle::{
-    DeviceChoice, KOKORO_MODEL_FILE, KokoroOptions, KokoroSynthesizer, voices_dir,
+    DeviceChoice, KOKORO_MODEL_FILE, KokoroOptions, KokoroSynthesizer, PiperOptions,
+    PiperSynthesizer, voices_dir,
 };
 use voxqueue::tts::{SynthesisRequest, Synthesizer};
 
@@ -22,15 +24,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(3);
-    let path = voices_dir()
-        .ok_or("no HOME to find the voices under")?
-        .join("kokoro")
-        .join(KOKORO_MODEL_FILE);
+    let voices = voices_dir().ok_or("no HOME to find the voices under")?;
     let start = Instant::now();
-    let synth =
-        KokoroSynthesizer::load(&path, KokoroOptions::new().with_device(DeviceChoice::Cpu))?;
+    let (synth, voice): (Box<dyn Synthesizer>, &str) = match std::env::args().nth(2).as_deref() {
+        Some("piper") => (
+            Box::new(PiperSynthesizer::load(
+                voices.join("en_US-joe-medium.onnx"),
+                PiperOptions::new().with_device(DeviceChoice::Cpu),
+            )?),
+            "en_US-joe-medium",
+        ),
+        None | Some("kokoro") => (
+            Box::new(KokoroSynthesizer::load(
+                voices.join("kokoro").join(KOKORO_MODEL_FILE),
+                KokoroOptions::new().with_device(DeviceChoice::Cpu),
+            )?),
+            "af_heart",
+        ),
+        Some(other) => return Err(format!("no voice `{other}`: kokoro or piper").into()),
+    };
     println!("load {} ms", start.elapsed().as_millis());
-    let request = SynthesisRequest::new(TEXT, "af_heart");
+    let request = SynthesisRequest::new(TEXT, voice);
     for run in 0..runs {
         let start = Instant::now();
         let cpu = cpu_ms();

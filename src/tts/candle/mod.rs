@@ -19,6 +19,8 @@
 //! - `hub` — download from the Hugging Face hub (feature `hub`).
 //! - `fetched` — [`voices_dir`], where fetched weights are found by default.
 //! - `onnx` — the ONNX messages a weight reader needs (Piper and Kokoro ship ONNX files).
+//! - `time_major`, `fused` — the time-major convolutions and one-pass CPU kernels of the
+//!   Piper and Kokoro decoders.
 //!
 //! The public items of every family are re-exported here, so
 //! `voxqueue::tts::candle::ParlerSynthesizer` and `voxqueue::tts::candle::PiperSynthesizer`
@@ -42,6 +44,7 @@ mod batched;
 mod device;
 mod error;
 mod fetched;
+mod fused;
 #[cfg(feature = "hub")]
 mod hub;
 pub mod kokoro;

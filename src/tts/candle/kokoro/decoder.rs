@@ -22,6 +22,7 @@ use super::error::KokoroError;
 use super::layers::{Conv, fake_quant, leaky_relu};
 use super::prosody::{AdaIn, AdainResBlock};
 use super::weights::Weights;
+use crate::tts::candle::fused::Epilogue;
 
 const SAMPLE_RATE: f64 = 24_000.0;
 const N_FFT: usize = 20;
@@ -55,12 +56,6 @@ struct SnakeLayer {
     conv2: Conv,
     alpha1: Tensor,
     alpha2: Tensor,
-}
-
-/// `x + sin²(αx) / α`.
-fn snake(x: &Tensor, alpha: &Tensor) -> Result<Tensor> {
-    let s = x.broadcast_mul(alpha)?.sin()?.sqr()?;
-    x + s.broadcast_div(alpha)?
 }
 
 impl SnakeResBlock {
@@ -116,11 +111,11 @@ impl SnakeResBlock {
     fn forward(&self, x: &Tensor, style: &Tensor) -> Result<Tensor> {
         let mut x = x.clone();
         for l in &self.layers {
-            let t = snake(&l.adain1.forward_time_major(&x, style)?, &l.alpha1)?;
-            let t = l.conv1.forward_time_major(&t)?;
-            let t = snake(&l.adain2.forward_time_major(&t, style)?, &l.alpha2)?;
-            let t = l.conv2.forward_time_major(&t)?;
-            x = (t + x)?;
+            // Each AdaIN is followed by its snake activation `x + sin²(αx) / α`.
+            let t = l.adain1.forward_time_major(&x, style, Some(&l.alpha1))?;
+            let t = l.conv1.forward_time_major(&t, Epilogue::None)?;
+            let t = l.adain2.forward_time_major(&t, style, Some(&l.alpha2))?;
+            x = l.conv2.forward_time_major(&t, Epilogue::Residual(&x))?;
         }
         Ok(x)
     }

@@ -13,7 +13,8 @@ use candle_core::{D, DType, Result, Tensor};
 
 use super::error::KokoroError;
 use super::weights::Weights;
-use crate::tts::candle::time_major;
+use crate::tts::candle::fused::{self, Epilogue};
+use crate::tts::candle::time_major::{self, Taps};
 
 /// Rounds `x` (`[batch, ...]`) through uint8 per batch item, as `DynamicQuantizeLinear` then
 /// dequantisation would: range `[min(0, min x), max(0, max x)]` over the item's valid
@@ -31,8 +32,14 @@ pub(crate) fn fake_quant_scaled(x: &Tensor, valid: Option<&Tensor>) -> Result<(T
         None => x.clone(),
     };
     let flat = masked.flatten_from(1)?;
-    let lo = flat.min_keepdim(1)?.clamp(f32::MIN, 0f32)?;
-    let hi = flat.max_keepdim(1)?.clamp(0f32, f32::MAX)?;
+    let (lo, hi) = if fused::applies(&flat) {
+        let extremes = fused::item_min_max(&flat, batch)?;
+        (extremes.narrow(1, 0, 1)?, extremes.narrow(1, 1, 1)?)
+    } else {
+        (flat.min_keepdim(1)?, flat.max_keepdim(1)?)
+    };
+    let lo = lo.clamp(f32::MIN, 0f32)?;
+    let hi = hi.clamp(0f32, f32::MAX)?;
     let scale = ((hi - &lo)? / 255.0)?;
     // An all-zero item: any scale works; 1 avoids dividing by zero.
     let scale = (&scale + scale.eq(0f32)?.to_dtype(DType::F32)?)?;
@@ -41,6 +48,13 @@ pub(crate) fn fake_quant_scaled(x: &Tensor, valid: Option<&Tensor>) -> Result<(T
         .broadcast_div(&scale)?
         .round()?
         .clamp(0f32, 255f32)?;
+    if fused::applies(x) {
+        let scale = scale.flatten_all()?;
+        return Ok((
+            fused::round_to_steps(x, &scale, &zero.flatten_all()?)?,
+            scale,
+        ));
+    }
     let mut shape = vec![batch];
     shape.extend(std::iter::repeat_n(1, x.rank() - 1));
     let scale = scale.reshape(shape.as_slice())?;
@@ -156,8 +170,8 @@ pub(crate) struct Conv {
     dilation: usize,
     stride: usize,
     groups: usize,
-    /// Per-tap `[in, out]` matrices for [`Conv::forward_time_major`], made on demand.
-    taps: Option<Vec<Tensor>>,
+    /// The weight prepared for [`Conv::forward_time_major`], made on demand.
+    taps: Option<Taps>,
 }
 
 impl Conv {
@@ -189,8 +203,7 @@ impl Conv {
         })
     }
 
-    /// Prepares [`forward_time_major`](Self::forward_time_major): one `[in, out]` matrix
-    /// per kernel tap.
+    /// Prepares [`forward_time_major`](Self::forward_time_major).
     pub(crate) fn with_taps(mut self) -> std::result::Result<Self, KokoroError> {
         self.taps = Some(time_major::taps(&self.weight)?);
         Ok(self)
@@ -224,24 +237,32 @@ impl Conv {
     }
 
     /// The convolution on one utterance's time-major signal (`[time, in]`), giving
-    /// `[time, out]`: the same numbers as [`forward`](Self::forward) on the transpose, without
-    /// im2col (see [`time_major`]). Falls back to `forward` when there are no taps or the
-    /// convolution is strided or grouped.
-    pub(crate) fn forward_time_major(&self, x: &Tensor) -> Result<Tensor> {
+    /// `[time, out]`, then `epilogue`: the same numbers as [`forward`](Self::forward) on the
+    /// transpose, without im2col (see [`time_major`]). Falls back to `forward` when there are
+    /// no taps or the convolution is strided or grouped.
+    pub(crate) fn forward_time_major(&self, x: &Tensor, epilogue: Epilogue<'_>) -> Result<Tensor> {
         let Some(taps) = self
             .taps
             .as_ref()
             .filter(|_| self.stride == 1 && self.groups == 1)
         else {
             let y = self.forward(&x.t()?.unsqueeze(0)?.contiguous()?, None)?;
-            return y.squeeze(0)?.t()?.contiguous();
+            let y = y.squeeze(0)?.t()?.contiguous()?;
+            return match epilogue {
+                Epilogue::None => Ok(y),
+                Epilogue::Residual(r) => y + r,
+                Epilogue::LeakyRelu(slope) => leaky_relu(&y, slope),
+            };
         };
         let (x, bias) = self.round_input(&x.unsqueeze(0)?)?;
-        let y = time_major::conv1d(&x.squeeze(0)?, taps, self.padding, self.dilation)?;
-        match bias {
-            Some(b) => y.broadcast_add(&b.unsqueeze(0)?),
-            None => Ok(y),
-        }
+        time_major::conv1d(
+            &x.squeeze(0)?,
+            taps,
+            self.padding,
+            self.dilation,
+            bias.as_ref(),
+            epilogue,
+        )
     }
 
     /// `x` (`[batch, channels, len]`); `valid` (`[batch, 1, len]`) bounds the rounding range.
@@ -295,6 +316,46 @@ pub(crate) fn channel_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) 
 
 /// Leaky ReLU with the given negative slope.
 pub(crate) fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    if fused::applies(x) {
+        return fused::leaky_relu(x, slope);
+    }
     let negative = x.clamp(f32::MIN, 0f32)?;
     x.relu()? + (negative * slope)?
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::{fake_quant_scaled, leaky_relu};
+    use crate::tts::candle::fused::chain_only;
+    use crate::tts::candle::fused::testing::{same, tensor, values};
+
+    #[test]
+    fn leaky_relu_is_the_candle_ops_bit_for_bit() {
+        let x = tensor(&[37, 129], 1, 4.0);
+        for slope in [0.1, 0.2, 0.01] {
+            same(
+                &leaky_relu(&x, slope).unwrap(),
+                &chain_only(|| leaky_relu(&x, slope)).unwrap(),
+            );
+        }
+    }
+
+    #[test]
+    fn eight_bit_rounding_is_the_candle_ops_bit_for_bit() {
+        // Items of different ranges: one all positive (zero point 0), one all zero.
+        let mut v = values(3 * 4 * 500, 2, 3.0);
+        v[2000..4000].iter_mut().for_each(|x| *x = x.abs() + 0.5);
+        v[4000..].iter_mut().for_each(|x| *x = 0.0);
+        let x = Tensor::from_vec(v, (3, 4, 500), &Device::Cpu).unwrap();
+        let valid = tensor(&[3, 1, 500], 3, 1.0).ge(0f32).unwrap();
+        let valid = valid.to_dtype(DType::F32).unwrap();
+        for mask in [None, Some(&valid)] {
+            let (fused, fused_scale) = fake_quant_scaled(&x, mask).unwrap();
+            let (chain, chain_scale) = chain_only(|| fake_quant_scaled(&x, mask)).unwrap();
+            same(&fused, &chain);
+            same(&fused_scale, &chain_scale);
+        }
+    }
 }

@@ -14,6 +14,7 @@ use super::layers::{Conv, Linear, leaky_relu};
 use super::lstm::BiLstm;
 use super::predictor::STYLE;
 use super::weights::Weights;
+use crate::tts::candle::fused;
 
 const SLOPE: f64 = 0.2;
 const EPS: f64 = 1e-5;
@@ -58,20 +59,58 @@ impl AdaIn {
         normed.broadcast_mul(&(gamma + 1.0)?)?.broadcast_add(&beta)
     }
 
-    /// [`forward`](Self::forward) on one utterance's time-major signal (`[frames, channels]`).
-    pub(crate) fn forward_time_major(&self, x: &Tensor, style_rounded: &Tensor) -> Result<Tensor> {
+    /// [`forward`](Self::forward) on one utterance's time-major signal (`[frames, channels]`),
+    /// then the snake activation `y + sin²(αy) / α` when `snake` gives its α (`[1, channels]`).
+    pub(crate) fn forward_time_major(
+        &self,
+        x: &Tensor,
+        style_rounded: &Tensor,
+        snake: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let h = self.fc.forward_rounded(style_rounded)?;
         let gamma = h.narrow(1, 0, self.channels)?;
         let beta = h.narrow(1, self.channels, self.channels)?;
-        // Means over time as a row of ones times the signal: candle reduces a leading
-        // dimension one element at a time, a matrix product runs vectorised on all threads.
-        let frames = x.dim(0)?;
-        let ones = Tensor::ones((1, frames), x.dtype(), x.device())?;
-        let mean = (ones.matmul(x)? / frames as f64)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = (ones.matmul(&centred.sqr()?)? / frames as f64)?;
-        let normed = centred.broadcast_div(&(var + EPS)?.sqrt()?)?;
-        normed.broadcast_mul(&(gamma + 1.0)?)?.broadcast_add(&beta)
+        instance_norm_time_major(x, &gamma, &beta, snake)
+    }
+}
+
+/// Instance norm over time of `x` (`[frames, channels]`) scaled by `1 + gamma` and shifted
+/// by `beta` (`[1, channels]` each), then the snake activation when `snake` gives its α.
+pub(crate) fn instance_norm_time_major(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    snake: Option<&Tensor>,
+) -> Result<Tensor> {
+    // Means over time as a row of ones times the signal: candle reduces a leading
+    // dimension one element at a time, a matrix product runs vectorised on all threads.
+    let frames = x.dim(0)?;
+    let ones = Tensor::ones((1, frames), x.dtype(), x.device())?;
+    let mean = (ones.matmul(x)? / frames as f64)?;
+    if fused::applies(x) {
+        let squares = fused::centred_squares(x, &mean)?;
+        let var = (ones.matmul(&squares)? / frames as f64)?;
+        return fused::norm_affine(
+            x,
+            &fused::NormAffine {
+                mean: &mean,
+                std: &(var + EPS)?.sqrt()?,
+                gain: &(gamma + 1.0)?,
+                shift: beta,
+                snake,
+            },
+        );
+    }
+    let centred = x.broadcast_sub(&mean)?;
+    let var = (ones.matmul(&centred.sqr()?)? / frames as f64)?;
+    let normed = centred.broadcast_div(&(var + EPS)?.sqrt()?)?;
+    let y = normed.broadcast_mul(&(gamma + 1.0)?)?.broadcast_add(beta)?;
+    match snake {
+        Some(alpha) => {
+            let s = y.broadcast_mul(alpha)?.sin()?.sqr()?;
+            y + s.broadcast_div(alpha)?
+        }
+        None => Ok(y),
     }
 }
 
@@ -255,5 +294,26 @@ impl PitchEnergy {
             proj.forward(&y, None)?.squeeze(1)
         };
         Ok((run(&self.f0, &self.f0_proj)?, run(&self.n, &self.n_proj)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::instance_norm_time_major;
+    use crate::tts::candle::fused::chain_only;
+    use crate::tts::candle::fused::testing::{same, tensor};
+
+    #[test]
+    fn adain_and_snake_are_the_candle_ops_bit_for_bit() {
+        let x = tensor(&[1000, 64], 4, 2.0);
+        let gamma = tensor(&[1, 64], 5, 0.5);
+        let beta = tensor(&[1, 64], 6, 0.5);
+        let alpha = (tensor(&[1, 64], 7, 0.9).abs().unwrap() + 0.1).unwrap();
+        for snake in [None, Some(&alpha)] {
+            same(
+                &instance_norm_time_major(&x, &gamma, &beta, snake).unwrap(),
+                &chain_only(|| instance_norm_time_major(&x, &gamma, &beta, snake)).unwrap(),
+            );
+        }
     }
 }

@@ -7,6 +7,7 @@ use candle_core::{Result, Tensor};
 use super::error::PiperError;
 use super::layers::{Conv, leaky_relu};
 use super::onnx::Weights;
+use crate::tts::candle::fused::Epilogue;
 
 /// HiFi-GAN's slope inside the network (the last activation uses PyTorch's default, 0.01).
 const LRELU_SLOPE: f64 = 0.1;
@@ -52,14 +53,19 @@ impl ResBlock {
         match self {
             Self::One(pairs) => {
                 for (c1, c2) in pairs {
-                    let y = c1.forward_time_major(&leaky_relu(&x, LRELU_SLOPE)?)?;
-                    let y = c2.forward_time_major(&leaky_relu(&y, LRELU_SLOPE)?)?;
-                    x = (x + y)?;
+                    let y = c1.forward_time_major(
+                        &leaky_relu(&x, LRELU_SLOPE)?,
+                        Epilogue::LeakyRelu(LRELU_SLOPE),
+                    )?;
+                    x = c2.forward_time_major(&y, Epilogue::Residual(&x))?;
                 }
             }
             Self::Two(convs) => {
                 for c in convs {
-                    x = (c.forward_time_major(&leaky_relu(&x, LRELU_SLOPE)?)? + x)?;
+                    x = c.forward_time_major(
+                        &leaky_relu(&x, LRELU_SLOPE)?,
+                        Epilogue::Residual(&x),
+                    )?;
                 }
             }
         }
@@ -174,7 +180,7 @@ impl Decoder {
         let x = leaky_relu(&x, 0.01)?;
         // [time, 1] -> [1, 1, time]
         self.conv_post
-            .forward_time_major(&x)?
+            .forward_time_major(&x, Epilogue::None)?
             .tanh()?
             .t()?
             .unsqueeze(0)?

@@ -2,7 +2,8 @@
 //! channel-wise layer norm and length masks.
 
 use crate::tts::candle::error::LoadError;
-use crate::tts::candle::time_major;
+use crate::tts::candle::fused::{self, Epilogue};
+use crate::tts::candle::time_major::{self, Taps};
 use candle_core::{D, DType, Device, Result, Tensor};
 
 use super::error::PiperError;
@@ -16,8 +17,8 @@ pub(crate) struct Conv {
     bias: Option<Tensor>,
     attrs: ConvAttrs,
     transposed: bool,
-    /// Per-tap `[in, out]` matrices for [`Conv::forward_time_major`], made on demand.
-    taps: Option<Vec<Tensor>>,
+    /// The weight prepared for [`Conv::forward_time_major`], made on demand.
+    taps: Option<Taps>,
 }
 
 impl Conv {
@@ -125,18 +126,17 @@ impl Conv {
 }
 
 impl Conv {
-    /// Prepares [`forward_time_major`](Self::forward_time_major): one `[in, out]` matrix
-    /// per kernel tap.
+    /// Prepares [`forward_time_major`](Self::forward_time_major).
     pub(crate) fn with_taps(mut self) -> std::result::Result<Self, PiperError> {
-        let taps = time_major::taps(&self.weight)?;
-        self.taps = Some(taps);
+        self.taps = Some(time_major::taps(&self.weight)?);
         Ok(self)
     }
 
-    /// The convolution on a time-major `[time, in]` signal, giving `[time, out]`.
+    /// The convolution on a time-major `[time, in]` signal, giving `[time, out]`, then
+    /// `epilogue`.
     ///
     /// See [`time_major`] for why.
-    pub(crate) fn forward_time_major(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward_time_major(&self, x: &Tensor, epilogue: Epilogue<'_>) -> Result<Tensor> {
         let a = &self.attrs;
         let Some(taps) = self
             .taps
@@ -144,13 +144,15 @@ impl Conv {
             .filter(|_| a.stride == 1 && a.groups == 1)
         else {
             let y = self.forward(&x.t()?.unsqueeze(0)?.contiguous()?)?;
-            return y.squeeze(0)?.t()?.contiguous();
+            let y = y.squeeze(0)?.t()?.contiguous()?;
+            return match epilogue {
+                Epilogue::None => Ok(y),
+                Epilogue::Residual(r) => y + r,
+                Epilogue::LeakyRelu(slope) => leaky_relu(&y, slope),
+            };
         };
-        let y = time_major::conv1d(x, taps, a.padding, a.dilation)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count()))?),
-            None => Ok(y),
-        }
+        let bias = self.bias.as_ref().map(Tensor::flatten_all).transpose()?;
+        time_major::conv1d(x, taps, a.padding, a.dilation, bias.as_ref(), epilogue)
     }
 
     /// A depthwise convolution (one filter per channel, as in the duration predictor) as a
@@ -231,10 +233,31 @@ pub(crate) fn flip_channels(x: &Tensor) -> Result<Tensor> {
 
 /// Leaky ReLU.
 pub(crate) fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    if fused::applies(x) {
+        return fused::leaky_relu(x, slope);
+    }
     candle_nn::ops::leaky_relu(x, slope)
 }
 
 /// Softmax over the last dimension.
 pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax(x, D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::leaky_relu;
+    use crate::tts::candle::fused::chain_only;
+    use crate::tts::candle::fused::testing::{same, tensor};
+
+    #[test]
+    fn leaky_relu_is_the_candle_ops_bit_for_bit() {
+        let x = tensor(&[37, 129], 1, 4.0);
+        for slope in [0.1, 0.01] {
+            same(
+                &leaky_relu(&x, slope).unwrap(),
+                &chain_only(|| leaky_relu(&x, slope)).unwrap(),
+            );
+        }
+    }
 }

@@ -1,0 +1,422 @@
+//! One-pass CPU kernels for the element-wise chains of the HiFi-GAN style decoders (Kokoro
+//! and Piper).
+//!
+//! On the CPU Candle runs every element-wise op as its own single-threaded pass that reads
+//! the whole tensor and writes a fresh one. The decoders' last stages hold 128–256 channels
+//! over tens of thousands of samples, so a chain such as AdaIN (subtract, divide, scale,
+//! shift), the snake activation (five ops) or the 8-bit input rounding (five ops) costs more
+//! memory traffic than the matrix products between them. These kernels compute the same
+//! floats as those chains, op for op in the same order, in one pass split by rows over
+//! Candle's own thread pool (rayon). They read the tensors' host memory, so they only run on
+//! the CPU with f32 tensors ([`applies`]); elsewhere the callers keep the Candle ops, which
+//! CUDA and Metal run as kernels of their own.
+
+use candle_core::{DType, Device, Result, Storage, Tensor, bail};
+use rayon::prelude::*;
+
+/// Elements per parallel task: enough to outweigh the scheduling.
+const TASK_ELEMENTS: usize = 32 * 1024;
+
+/// Whether the fused kernels run on `x`: f32 on the CPU, in a build without debug
+/// assertions (or a unit test).
+pub(crate) fn applies(x: &Tensor) -> bool {
+    #[cfg(test)]
+    if CHAIN_ONLY.with(std::cell::Cell::get) {
+        return false;
+    }
+    // A debug build keeps Candle's ops: they come optimised as a dependency, and the
+    // kernels, loops of this crate, lose to them unoptimised (Kokoro took a tenth more
+    // CPU time at opt-level 0, 15 % less at 3). Unit tests run the kernels in any build.
+    (cfg!(test) || !cfg!(debug_assertions)) && x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Set by [`chain_only`]: the callers run their Candle ops, as on a GPU.
+    static CHAIN_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the fused kernels off on this thread, so a test can hold the Candle ops the
+/// kernels replace (what CUDA and Metal run) against the kernels.
+#[cfg(test)]
+pub(crate) fn chain_only<R>(f: impl FnOnce() -> R) -> R {
+    CHAIN_ONLY.with(|c| c.set(true));
+    let r = f();
+    CHAIN_ONLY.with(|c| c.set(false));
+    r
+}
+
+/// Runs `f` on `x`'s elements in row-major order (made contiguous first if need be).
+fn with_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("a fused kernel got a tensor that is not on the CPU")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("a fused kernel got a tensor that is not contiguous")
+    };
+    match cpu.as_slice::<f32>()?.get(start..end) {
+        Some(values) => f(values),
+        None => bail!("a fused kernel's tensor is out of its storage's bounds"),
+    }
+}
+
+/// A small tensor (per-channel parameters) as a vector on the host.
+fn host(x: &Tensor) -> Result<Vec<f32>> {
+    x.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Fills `out` (rows of `row` elements) by `f(first row, rows)` over the thread pool.
+fn par_rows(out: &mut [f32], row: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    let row = row.max(1);
+    let rows = (TASK_ELEMENTS / row).max(1);
+    out.par_chunks_mut(rows * row)
+        .enumerate()
+        .for_each(|(i, chunk)| f(i * rows, chunk));
+}
+
+/// Leaky ReLU, `max(x, 0) + (min(x, 0) · slope + 0)` as Candle's `relu`, `clamp` (or
+/// `maximum`, `minimum`) and `affine` compute it.
+pub(crate) fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    let slope = slope as f32;
+    with_slice(x, |xs| {
+        let mut out = vec![0f32; xs.len()];
+        par_rows(&mut out, 1, |start, out| {
+            let xs = &xs[start..start + out.len()];
+            // Indexed loops: this crate's own code may be built unoptimised (the dev
+            // profile), where iterator adapters cost a call per element.
+            let mut i = 0;
+            while i < out.len() {
+                out[i] = lrelu(xs[i], slope);
+                i += 1;
+            }
+        });
+        Tensor::from_vec(out, x.shape(), &Device::Cpu)
+    })
+}
+
+fn lrelu(v: f32, slope: f32) -> f32 {
+    let positive = if v < 0.0 { 0.0 } else { v };
+    let negative = if v > 0.0 { 0.0 } else { v };
+    positive + (negative * slope + 0.0)
+}
+
+/// `(x − mean)²` of a time-major `x` (`[time, channels]`) and a per-channel `mean`
+/// (`[1, channels]`): the squares whose mean over time is an instance norm's variance.
+pub(crate) fn centred_squares(x: &Tensor, mean: &Tensor) -> Result<Tensor> {
+    let (_, channels) = x.dims2()?;
+    let mean = host(mean)?;
+    if mean.len() != channels {
+        bail!(
+            "centred_squares: {} means for {channels} channels",
+            mean.len()
+        )
+    }
+    let mean = mean.as_slice();
+    with_slice(x, |xs| {
+        let mut out = vec![0f32; xs.len()];
+        par_rows(&mut out, channels, |row, out| {
+            let xs = &xs[row * channels..row * channels + out.len()];
+            let (mut i, mut c) = (0, 0);
+            while i < out.len() {
+                let d = xs[i] - mean[c];
+                out[i] = d * d;
+                i += 1;
+                c += 1;
+                if c == channels {
+                    c = 0;
+                }
+            }
+        });
+        Tensor::from_vec(out, x.shape(), &Device::Cpu)
+    })
+}
+
+/// The per-channel parameters (`[1, channels]` each) of [`norm_affine`].
+#[derive(Debug)]
+pub(crate) struct NormAffine<'a> {
+    /// The mean over time.
+    pub(crate) mean: &'a Tensor,
+    /// `sqrt(variance + eps)`.
+    pub(crate) std: &'a Tensor,
+    /// The scale after normalising (AdaIN's `1 + gamma`).
+    pub(crate) gain: &'a Tensor,
+    /// The shift after scaling.
+    pub(crate) shift: &'a Tensor,
+    /// A snake activation's α after the shift, when there is one.
+    pub(crate) snake: Option<&'a Tensor>,
+}
+
+/// `(x − mean) / std · gain + shift` on a time-major `x` (`[time, channels]`), then
+/// optionally the snake activation `y + sin²(αy) / α`: an instance norm with a style's scale
+/// and shift (AdaIN), and the activation that follows it in Kokoro's generator.
+pub(crate) fn norm_affine(x: &Tensor, p: &NormAffine<'_>) -> Result<Tensor> {
+    let (_, channels) = x.dims2()?;
+    let mean = host(p.mean)?;
+    let std = host(p.std)?;
+    let gain = host(p.gain)?;
+    let shift = host(p.shift)?;
+    let alpha = p.snake.map(host).transpose()?;
+    if [&mean, &std, &gain, &shift]
+        .into_iter()
+        .chain(alpha.as_ref())
+        .any(|v| v.len() != channels)
+    {
+        bail!("norm_affine: parameters of the wrong length for {channels} channels")
+    }
+    let (mean, std, gain, shift) = (&mean[..], &std[..], &gain[..], &shift[..]);
+    let alpha = alpha.as_deref();
+    with_slice(x, |xs| {
+        let mut out = vec![0f32; xs.len()];
+        par_rows(&mut out, channels, |row, out| {
+            let xs = &xs[row * channels..row * channels + out.len()];
+            let (mut i, mut c) = (0, 0);
+            while i < out.len() {
+                let y = (xs[i] - mean[c]) / std[c] * gain[c] + shift[c];
+                out[i] = match alpha {
+                    Some(a) => {
+                        let s = (y * a[c]).sin();
+                        y + s * s / a[c]
+                    }
+                    None => y,
+                };
+                i += 1;
+                c += 1;
+                if c == channels {
+                    c = 0;
+                }
+            }
+        });
+        Tensor::from_vec(out, x.shape(), &Device::Cpu)
+    })
+}
+
+/// The least and greatest of `xs`.
+fn min_max(xs: &[f32]) -> (f32, f32) {
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    let mut i = 0;
+    while i < xs.len() {
+        let v = xs[i];
+        if v < lo {
+            lo = v;
+        }
+        if v > hi {
+            hi = v;
+        }
+        i += 1;
+    }
+    (lo, hi)
+}
+
+/// The least and greatest value of each of `x`'s `items` equal slices (a batch's items),
+/// `[items, 2]`, as `min_keepdim` and `max_keepdim` over each flattened item find them.
+pub(crate) fn item_min_max(x: &Tensor, items: usize) -> Result<Tensor> {
+    with_slice(x, |xs| {
+        let per = xs.len() / items.max(1);
+        let mut out = Vec::with_capacity(2 * items);
+        for item in xs.chunks_exact(per.max(1)).take(items) {
+            let (lo, hi) = item.par_chunks(TASK_ELEMENTS).map(min_max).reduce(
+                || (f32::INFINITY, f32::NEG_INFINITY),
+                |a, b| (a.0.min(b.0), a.1.max(b.1)),
+            );
+            out.extend([lo, hi]);
+        }
+        Tensor::from_vec(out, (items, 2), &Device::Cpu)
+    })
+}
+
+/// `min(max(round(x / scale), −zero), 255 − zero) · scale` per item of `x`, with one scale
+/// and zero point per item (`[items]` each): the 8-bit rounding of Kokoro's quantised
+/// layers' inputs, op for op as its Candle chain computes it.
+pub(crate) fn round_to_steps(x: &Tensor, scale: &Tensor, zero: &Tensor) -> Result<Tensor> {
+    let scale = host(scale)?;
+    let zero = host(zero)?;
+    let items = scale.len();
+    if zero.len() != items || items == 0 {
+        bail!(
+            "round_to_steps: {items} scales and {} zero points",
+            zero.len()
+        )
+    }
+    with_slice(x, |xs| {
+        let per = xs.len() / items;
+        let mut out = vec![0f32; xs.len()];
+        for (item, (out, xs)) in out
+            .chunks_mut(per.max(1))
+            .zip(xs.chunks(per.max(1)))
+            .enumerate()
+        {
+            let (s, lo, hi) = (scale[item], -zero[item], 255.0 - zero[item]);
+            par_rows(out, 1, |start, out| {
+                let xs = &xs[start..start + out.len()];
+                let mut i = 0;
+                while i < out.len() {
+                    let r = (xs[i] / s).round();
+                    let r = if r < lo { lo } else { r };
+                    let r = if r > hi { hi } else { r };
+                    out[i] = r * s;
+                    i += 1;
+                }
+            });
+        }
+        Tensor::from_vec(out, x.shape(), &Device::Cpu)
+    })
+}
+
+/// What a time-major convolution does to its output after the bias.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Epilogue<'a> {
+    /// Nothing.
+    None,
+    /// Adds a residual of the output's shape (`y + residual`).
+    Residual(&'a Tensor),
+    /// A leaky ReLU with this slope (as [`leaky_relu`]).
+    LeakyRelu(f64),
+}
+
+/// Floats per block of [`conv1d`]'s unfolded input: a few megabytes, so a block's copy is
+/// still in the caches when the matrix product reads it.
+const BLOCK_FLOATS: usize = 1 << 20;
+
+/// A stride-1 convolution of a time-major `x` (`[time, in]`) with `stacked` (`[taps × in,
+/// out]`: every tap's `[in, out]` matrix stacked in tap order), plus `bias` (`[out]`) and
+/// then `epilogue`: `[time', out]`, `time' = time + 2 padding − dilation (taps − 1)`.
+///
+/// Each block of output rows copies its `taps` shifted input rows side by side (and a 1 for
+/// the bias) and takes one matrix product with the stacked taps (and the bias as a last
+/// row): the product per tap and the addition per tap of the Candle ops become one product
+/// whose sums stay in registers, and no padded copy of the whole input is made. The copies
+/// are whole rows (`memcpy`), fast whatever this crate's optimisation level.
+pub(crate) fn conv1d(
+    x: &Tensor,
+    stacked: &Tensor,
+    taps: usize,
+    padding: usize,
+    dilation: usize,
+    bias: Option<&Tensor>,
+    epilogue: Epilogue<'_>,
+) -> Result<Tensor> {
+    let (len, cin) = x.dims2()?;
+    let (depth, out_ch) = stacked.dims2()?;
+    if taps == 0 || depth != taps * cin {
+        bail!("conv1d: {depth} weight rows for {taps} taps of {cin} channels")
+    }
+    let out_len = (len + 2 * padding).saturating_sub(dilation * (taps - 1));
+    if let Epilogue::Residual(r) = epilogue
+        && r.dims() != [out_len, out_ch]
+    {
+        bail!(
+            "conv1d: a residual of shape {:?}, not [{out_len}, {out_ch}]",
+            r.dims()
+        )
+    }
+    let (weights, width) = match bias {
+        Some(b) => (
+            Tensor::cat(&[stacked, &b.reshape((1, out_ch))?], 0)?,
+            depth + 1,
+        ),
+        None => (stacked.clone(), depth),
+    };
+    let block = (BLOCK_FLOATS / width).max(16);
+    let mut out = Vec::with_capacity(out_len * out_ch);
+    with_slice(x, |xs| {
+        let mut t0 = 0;
+        while t0 < out_len {
+            let t1 = (t0 + block).min(out_len);
+            let mut unfolded = vec![0f32; (t1 - t0) * width];
+            par_rows(&mut unfolded, width, |first, chunk| {
+                for (r, row) in chunk.chunks_exact_mut(width).enumerate() {
+                    let t = t0 + first + r;
+                    for tap in 0..taps {
+                        let Some(i) = (t + tap * dilation)
+                            .checked_sub(padding)
+                            .filter(|&i| i < len)
+                        else {
+                            continue;
+                        };
+                        row[tap * cin..(tap + 1) * cin]
+                            .copy_from_slice(&xs[i * cin..(i + 1) * cin]);
+                    }
+                    if width > depth {
+                        row[depth] = 1.0;
+                    }
+                }
+            });
+            let y = Tensor::from_vec(unfolded, (t1 - t0, width), &Device::Cpu)?.matmul(&weights)?;
+            let y = match epilogue {
+                Epilogue::None => y,
+                Epilogue::Residual(r) => (y + r.narrow(0, t0, t1 - t0)?)?,
+                Epilogue::LeakyRelu(slope) => leaky_relu(&y, slope)?,
+            };
+            with_slice(&y, |ys| {
+                out.extend_from_slice(ys);
+                Ok(())
+            })?;
+            t0 = t1;
+        }
+        Ok(())
+    })?;
+    Tensor::from_vec(out, (out_len, out_ch), &Device::Cpu)
+}
+
+/// Inputs and comparisons for the tests that hold each kernel against its Candle ops.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{Device, Tensor};
+
+    /// `n` values in [−scale, scale) from a fixed xorshift sequence, a few exact zeros among
+    /// them (the leaky ReLU's and the rounding's edge).
+    pub(crate) fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                if i % 97 == 0 {
+                    0.0
+                } else {
+                    ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+                }
+            })
+            .collect()
+    }
+
+    /// A CPU tensor of [`values`].
+    pub(crate) fn tensor(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(values(n, seed, scale), shape, &Device::Cpu).unwrap()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f32::to_bits)
+            .collect()
+    }
+
+    /// The largest difference between `a` and `b` relative to `b`'s largest magnitude.
+    pub(crate) fn relative_difference(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        worst / scale.max(f32::MIN_POSITIVE)
+    }
+
+    /// The same shape and bits from a kernel as from the Candle ops it replaces.
+    pub(crate) fn same(fused: &Tensor, chain: &Tensor) {
+        assert_eq!(fused.dims(), chain.dims());
+        let (a, b) = (bits(fused), bits(chain));
+        let differ = a.iter().zip(&b).filter(|(a, b)| a != b).count();
+        assert_eq!(differ, 0, "{differ} of {} values differ", a.len());
+    }
+}
