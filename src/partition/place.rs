@@ -140,10 +140,45 @@ mod tests {
         assert_eq!(home(&id, 3), 2);
         // A mark beyond the count, or not a plain number, is no mark: the hash decides.
         assert_eq!(marked("job@7", 3), None);
+        assert_eq!(marked("job@3", 3), None);
         assert_eq!(marked("job@+1", 3), None);
         assert_eq!(marked("job@", 3), None);
         assert_eq!(marked("job", 3), None);
         assert_eq!(home("job@7", 3), by_key("job@7", 3));
+    }
+
+    #[test]
+    fn fnv1a_matches_the_published_test_vectors() {
+        // From the FNV reference's test suite (64-bit FNV-1a): the placement of every
+        // keyed job rests on this hash staying what it is.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn each_partition_takes_the_first_name_in_the_middle_of_its_stretch() {
+        // The middle half of each of `count` equal stretches of the 16384 slots.
+        let cases: [(u32, &[(u16, u16)]); 2] = [
+            (3, &[(1365, 4096), (6826, 9557), (12_288, 15_018)]),
+            (
+                4,
+                &[(1024, 3072), (5120, 7168), (9216, 11_264), (13_312, 15_360)],
+            ),
+        ];
+        for (count, bands) in cases {
+            let names = partition_names("speech", count);
+            assert_eq!(names.len(), bands.len());
+            for (i, (name, &(lo, hi))) in names.iter().zip(bands).enumerate() {
+                let inside = |tag: &str| (lo..hi).contains(&slot(tag));
+                // The plain name if it fits, else the first `.k` that does.
+                let plain = format!("speech#{i}");
+                let first = std::iter::once(plain.clone())
+                    .chain((1..100_000).map(|k| format!("{plain}.{k}")))
+                    .find(|tag| inside(tag));
+                assert_eq!(first.as_deref(), Some(name.as_str()), "{count} partitions");
+            }
+        }
     }
 
     #[test]

@@ -243,4 +243,34 @@ mod tests {
         assert_eq!(merged.recent.error_rate, Some(5.0 / 8.0));
         assert_eq!(merged.recent.window, Duration::from_secs(900));
     }
+
+    #[test]
+    fn stats_sum_every_state_and_take_the_most_open_breakers() {
+        let merged = merge_stats(vec![
+            QueueStats {
+                scheduled: 2,
+                active: 3,
+                dead: 4,
+                open_breakers: 2,
+                ..stats(1, 1, 0, 0, 0)
+            },
+            QueueStats {
+                scheduled: 5,
+                active: 6,
+                dead: 7,
+                open_breakers: 1,
+                ..stats(1, 1, 0, 0, 0)
+            },
+        ]);
+        assert_eq!((merged.scheduled, merged.active, merged.dead), (7, 9, 11));
+        assert_eq!(merged.open_breakers, 2);
+    }
+
+    #[test]
+    fn stats_of_idle_partitions_have_no_mean_or_rate() {
+        let merged = merge_stats(vec![stats(1, 0, 0, 0, 0), stats(1, 0, 0, 0, 0)]);
+        assert_eq!((merged.recent.completed, merged.recent.failed), (0, 0));
+        assert_eq!(merged.recent.mean_duration, None);
+        assert_eq!(merged.recent.error_rate, None);
+    }
 }

@@ -560,3 +560,163 @@ async fn a_worker_over_partitions_claims_no_more_jobs_than_it_has_slots() {
     let _ = stop.send(());
     worker.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_jobs_results_and_waits_span_the_partitions() {
+    let p = Prefix::new();
+    let q = open(&p, "reads", 2).await;
+    assert_eq!(q.name(), "reads");
+    // Opening it again with the count it has is no mismatch.
+    let again = builder(&p, "reads").partitions(2).connect().await.unwrap();
+    assert_eq!(again.partitions().len(), 2);
+    // One job in each partition (the ids name them).
+    let a = q
+        .enqueue(Echo { n: 7 })
+        .id(JobId::new("a@0").unwrap())
+        .await
+        .unwrap();
+    let b = q
+        .enqueue(Echo { n: 8 })
+        .id(JobId::new("b@1").unwrap())
+        .await
+        .unwrap();
+    let (open_tx, go) = tokio::sync::watch::channel(false);
+    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
+        let mut go = go.clone();
+        async move {
+            let _ = go.wait_for(|&open| open).await;
+            Ok::<_, JobError>(job.n)
+        }
+    });
+    let (stop, signal) = shutdown();
+    let worker = q.worker().id("spanner").concurrency(2).build(handler);
+    let running = tokio::spawn(worker.run_until(signal));
+    let active = eventually(Duration::from_secs(10), "both jobs running", || async {
+        let jobs = q.active_jobs(10).await.unwrap();
+        (jobs.len() == 2).then_some(jobs)
+    })
+    .await;
+    let ids: HashSet<JobId> = active.iter().map(|s| s.id.clone()).collect();
+    assert_eq!(ids, HashSet::from([a.id.clone(), b.id.clone()]));
+    assert!(
+        active
+            .iter()
+            .all(|s| s.state == JobState::Active && s.worker.as_deref() == Some("spanner")),
+        "{active:?}"
+    );
+    assert_eq!(q.active_jobs(1).await.unwrap().len(), 1);
+    open_tx.send_replace(true);
+    for (e, n) in [(&a, b"7"), (&b, b"8")] {
+        let status = q.wait(&e.id, Duration::from_secs(10)).await.unwrap();
+        assert_eq!((&status.id, status.state), (&e.id, JobState::Completed));
+        // The result as the worker stored it: the handler's output as JSON.
+        assert_eq!(q.result_bytes(&e.id).await.unwrap(), Some(n.to_vec()));
+    }
+    let missing = JobId::new("never-enqueued").unwrap();
+    assert_eq!(q.result_bytes(&missing).await.unwrap(), None);
+    assert!(q.active_jobs(10).await.unwrap().is_empty());
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}
+
+/// Runs a worker that fails every job for good until `dead` jobs are dead.
+async fn bury(q: &PartitionedQueue<Echo>, dead: u64) {
+    let (stop, signal) = shutdown();
+    let worker = q
+        .worker()
+        .build(handler_fn(|_job: Echo, _ctx: JobContext| async move {
+            Err::<u32, _>(JobError::Permanent("no".into()))
+        }));
+    let running = tokio::spawn(worker.run_until(signal));
+    let dl = q.dead_letter();
+    eventually(Duration::from_secs(10), "jobs dead", || async {
+        (dl.count().await.unwrap() == dead).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_of_all_partitions_are_requeued_and_purged_with_exact_counts() {
+    let p = Prefix::new();
+    let q = open(&p, "graves", 3).await;
+    let id = |s: &str| JobId::new(s).unwrap();
+    // Eight jobs that die at once: d<i> in partition i mod 3.
+    let jobs = (0..8).map(|i| {
+        let options = JobOptions::new()
+            .id(id(&format!("d{i}@{}", i % 3)))
+            .max_attempts(1);
+        (Echo { n: i }, options)
+    });
+    q.enqueue_bulk_with(jobs).await.unwrap();
+    bury(&q, 8).await;
+    let dl = q.dead_letter();
+    assert!(!dl.requeue(&id("ghost")).await.unwrap());
+    assert!(dl.requeue(&id("d0@0")).await.unwrap());
+    assert!(!dl.requeue(&id("d0@0")).await.unwrap(), "queued, not dead");
+    let in_partition_1 = |s: &voxqueue::JobStatus| s.id.as_str().ends_with("@1");
+    assert_eq!(dl.requeue_where(in_partition_1).await.unwrap(), 3);
+    // d3 (partition 0) and d2 (partition 2) died an hour ago.
+    let hour_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        - 3_600_000;
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for (job, part) in [("d3@0", 0), ("d2@2", 2)] {
+        let dead = format!("{}:{{{}}}:dead", p.name, q.partitions()[part].name());
+        let _: () = redis::cmd("ZADD")
+            .arg(dead)
+            .arg("XX")
+            .arg(hour_ago)
+            .arg(job)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        dl.purge_older_than(Duration::from_secs(1800))
+            .await
+            .unwrap(),
+        2
+    );
+    // Left: d6 (partition 0) and d5 (partition 2).
+    assert_eq!(dl.requeue_all().await.unwrap(), 2);
+    assert_eq!(dl.count().await.unwrap(), 0);
+    // The six requeued jobs die again, and go for good.
+    bury(&q, 6).await;
+    assert_eq!(dl.purge_all().await.unwrap(), 6);
+    assert_eq!(dl.count().await.unwrap(), 0);
+    assert!(matches!(
+        q.status(&id("d5@2")).await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_learns_how_many_events_it_missed_in_every_partition() {
+    let p = Prefix::new();
+    let q = open(&p, "slow", 2).await;
+    let mut slow = q.events().await.unwrap();
+    let mut reading = q.events().await.unwrap();
+    // 4100 queued events in each partition: a subscriber keeps the last 4096 of each.
+    q.enqueue_bulk((0..8200).map(|n| Echo { n })).await.unwrap();
+    // Once another subscriber has seen (or skipped) every event, all were delivered.
+    let mut seen = 0;
+    while seen + reading.missed() < 8200 {
+        within("an event", reading.recv()).await.unwrap();
+        seen += 1;
+    }
+    let mut seen = 0;
+    while seen + slow.missed() < 8200 {
+        within("an event", slow.recv()).await.unwrap();
+        seen += 1;
+    }
+    assert_eq!(slow.missed(), 8, "4 in each partition");
+    assert_eq!(seen, 8192);
+}

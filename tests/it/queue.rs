@@ -118,6 +118,47 @@ async fn delayed_jobs_are_scheduled() {
     );
 }
 
+/// Jobs an older version queued sit in one sorted set, the priority rank as the
+/// score's leading digit: stats count each in its own priority, beside the lanes.
+#[tokio::test]
+async fn stats_count_old_layout_jobs_by_the_priority_their_score_names() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("oldstats").await;
+    q.enqueue(Echo { n: 0 })
+        .priority(Priority::Low)
+        .await
+        .unwrap();
+    // One high, two normal and three low jobs by score (rank × 10^13 + sequence).
+    let mut pipe = redis::pipe();
+    for (id, score) in [
+        ("h1", 7u64),
+        ("n1", 10_000_000_000_001),
+        ("n2", 19_999_999_999_999),
+        ("l1", 20_000_000_000_000),
+        ("l2", 20_000_000_000_002),
+        ("l3", 29_999_999_999_999),
+    ] {
+        pipe.zadd(format!("{}:{{oldstats}}:ready", p.name), id, score)
+            .ignore();
+    }
+    let mut conn = redis::Client::open(crate::common::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+    let stats = q.stats().await.unwrap();
+    assert_eq!(
+        stats.queued_by_priority,
+        vec![
+            (Priority::High, 1),
+            (Priority::Normal, 2),
+            (Priority::Low, 4)
+        ]
+    );
+    assert_eq!(stats.queued, 7);
+}
+
 #[tokio::test]
 async fn bulk_enqueue_stores_every_job_in_order() {
     let p = Prefix::new();
