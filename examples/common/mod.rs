@@ -114,9 +114,12 @@ pub(crate) fn load_piper(
 /// Where `.ci/fetch-voices` puts the Piper voice: `en_US-joe-medium.onnx` in
 /// [`voices_dir`](voxqueue::tts::candle::voices_dir).
 pub(crate) fn fetched_piper_voice() -> PathBuf {
-    voxqueue::tts::candle::voices_dir()
-        .unwrap_or_default()
-        .join("en_US-joe-medium.onnx")
+    // Without the `candle` feature there are no neural voices to look for.
+    #[cfg(feature = "candle")]
+    let dir = voxqueue::tts::candle::voices_dir();
+    #[cfg(not(feature = "candle"))]
+    let dir: Option<PathBuf> = None;
+    dir.unwrap_or_default().join("en_US-joe-medium.onnx")
 }
 
 /// Where `.ci/fetch-voices` puts Kokoro: `$VOXQUEUE_VOICES/kokoro` (else
