@@ -87,7 +87,7 @@ local EVENTS_MAX_S
 -- result TTL, made once per call.
 local due_at, finished_default
 -- Counters a batch script adds up in Lua and writes once at its end (see
--- `flush_counts`), instead of one HINCRBY per job; nil: written at once.
+-- `end_batch`), instead of one HINCRBY per job; nil: written at once.
 local deferred = nil
 -- Events a batch script holds back to write as one stream entry: consecutive events
 -- of one kind with the same detail (`ev_kind`, `ev_data`) share an entry, their job
@@ -127,7 +127,8 @@ local function begin(keys, args)
   EVENTS_MAX = tonumber(args[2])
   STEP_EVENTS = EVENTS_MAX > 0
   EVENTS_MAX = math.abs(EVENTS_MAX)
-  EVENTS_MAX_S = STEP_EVENTS and args[2] or string.sub(args[2], 2)
+  -- The cap's own text, without the sign that says step events are off.
+  EVENTS_MAX_S = string.byte(args[2], 1) == 45 and string.sub(args[2], 2) or args[2]
   -- A library's state outlives a call: a call that failed half-way left nothing here.
   deferred = nil
   ev_n = nil
