@@ -114,14 +114,26 @@ pub(crate) fn centred_squares(x: &Tensor, mean: &Tensor) -> Result<Tensor> {
         )
     }
     let mean = mean.as_slice();
+    map_channels(x, channels, |v, c| {
+        let d = v - mean[c];
+        d * d
+    })
+}
+
+/// `f(value, channel)` for every element of a time-major `x` (`[time, channels]`), in one
+/// pass over whole rows split across the pool (the channel counted, not divided out).
+fn map_channels(
+    x: &Tensor,
+    channels: usize,
+    f: impl Fn(f32, usize) -> f32 + Sync + Send,
+) -> Result<Tensor> {
     with_slice(x, |xs| {
         let mut out = vec![0f32; xs.len()];
         par_rows(&mut out, channels, |row, out| {
             let xs = &xs[row * channels..row * channels + out.len()];
             let (mut i, mut c) = (0, 0);
             while i < out.len() {
-                let d = xs[i] - mean[c];
-                out[i] = d * d;
+                out[i] = f(xs[i], c);
                 i += 1;
                 c += 1;
                 if c == channels {
@@ -167,28 +179,15 @@ pub(crate) fn norm_affine(x: &Tensor, p: &NormAffine<'_>) -> Result<Tensor> {
     }
     let (mean, std, gain, shift) = (&mean[..], &std[..], &gain[..], &shift[..]);
     let alpha = alpha.as_deref();
-    with_slice(x, |xs| {
-        let mut out = vec![0f32; xs.len()];
-        par_rows(&mut out, channels, |row, out| {
-            let xs = &xs[row * channels..row * channels + out.len()];
-            let (mut i, mut c) = (0, 0);
-            while i < out.len() {
-                let y = (xs[i] - mean[c]) / std[c] * gain[c] + shift[c];
-                out[i] = match alpha {
-                    Some(a) => {
-                        let s = (y * a[c]).sin();
-                        y + s * s / a[c]
-                    }
-                    None => y,
-                };
-                i += 1;
-                c += 1;
-                if c == channels {
-                    c = 0;
-                }
+    map_channels(x, channels, |v, c| {
+        let y = (v - mean[c]) / std[c] * gain[c] + shift[c];
+        match alpha {
+            Some(a) => {
+                let s = (y * a[c]).sin();
+                y + s * s / a[c]
             }
-        });
-        Tensor::from_vec(out, x.shape(), &Device::Cpu)
+            None => y,
+        }
     })
 }
 
