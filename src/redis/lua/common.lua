@@ -79,7 +79,7 @@ local K_SEQ, K_STATS
 local K_DEDUP, K_DEDUP_EXP, K_LIMITS, K_LIMITS_EXP
 local K_BREAKERS
 local LANES = {}
-local NOW, NOW_S, EVENTS_MAX, STEP_EVENTS
+local NOW, NOW_S, STEP_EVENTS
 -- The stream cap as text, as XADD takes it.
 local EVENTS_MAX_S
 -- The earliest time maintenance may be due (see `maintain`), as read in this call
@@ -124,9 +124,7 @@ local function begin(keys, args)
   -- A negative cap says the queue keeps only the events that matter to waiters and
   -- operators (outcomes, retries, stalls, ...), not the steps of every job's life
   -- (queued, scheduled, active): two stream writes fewer per job on the hot path.
-  EVENTS_MAX = tonumber(args[2])
-  STEP_EVENTS = EVENTS_MAX > 0
-  EVENTS_MAX = math.abs(EVENTS_MAX)
+  STEP_EVENTS = tonumber(args[2]) > 0
   -- The cap's own text, without the sign that says step events are off.
   EVENTS_MAX_S = string.byte(args[2], 1) == 45 and string.sub(args[2], 2) or args[2]
   -- A library's state outlives a call: a call that failed half-way left nothing here.
