@@ -17,17 +17,19 @@ use rayon::prelude::*;
 /// Elements per parallel task: enough to outweigh the scheduling.
 const TASK_ELEMENTS: usize = 32 * 1024;
 
-/// Whether the fused kernels run on `x`: f32 on the CPU, in a build without debug
-/// assertions (or a unit test).
+/// Whether the fused kernels run on `x`: f32 on the CPU, in an optimised build (or a
+/// unit test).
 pub(crate) fn applies(x: &Tensor) -> bool {
     #[cfg(test)]
     if CHAIN_ONLY.with(std::cell::Cell::get) {
         return false;
     }
-    // A debug build keeps Candle's ops: they come optimised as a dependency, and the
-    // kernels, loops of this crate, lose to them unoptimised (Kokoro took a tenth more
-    // CPU time at opt-level 0, 15 % less at 3). Unit tests run the kernels in any build.
-    (cfg!(test) || !cfg!(debug_assertions)) && x.device().is_cpu() && x.dtype() == DType::F32
+    // An unoptimised build keeps Candle's ops: they come optimised as a dependency, and
+    // the kernels, loops of this crate, lose to them at opt-level 0 (Kokoro took a tenth
+    // more CPU time, 15 % less at 3). `build.rs` sets the cfg from the profile's
+    // opt-level, so the benches' dev profile at opt-level 3 runs the kernels too. Unit
+    // tests run them in any build.
+    (cfg!(test) || cfg!(voxqueue_optimized)) && x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 #[cfg(test)]
