@@ -229,7 +229,7 @@ async fn an_idle_worker_of_several_queues_is_woken_by_any_of_them() {
 
 /// Calls a private server has had so far from clients (scripts' own commands not
 /// counted): script calls and blocking pops, the only commands a worker sends idle.
-async fn client_calls(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+pub(crate) async fn client_calls(c: &mut redis::aio::MultiplexedConnection) -> u64 {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(c)
