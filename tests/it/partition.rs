@@ -10,7 +10,7 @@ use voxqueue::{
     JobOptions, JobState, PartitionedBuilder, PartitionedQueue, handler_fn,
 };
 
-use crate::common::{Prefix, RedisCluster, eventually, redis_url, shutdown, within};
+use crate::common::{Prefix, RedisCluster, RedisServer, eventually, redis_url, shutdown, within};
 use crate::queue::Echo;
 
 fn builder(p: &Prefix, name: &str) -> PartitionedBuilder<Echo> {
@@ -359,6 +359,52 @@ async fn a_worker_with_a_slot_per_partition_serves_them_all_at_once() {
         first.iter().all(|&n| n >= 5),
         "first 30 starts by partition: {first:?}"
     );
+}
+
+/// With a slot per partition, a slot's report claims its next job from the same
+/// partition for a while (a run): about one script call per job, not a report and a
+/// claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_per_partition_claims_its_next_jobs_with_its_reports() {
+    let server = RedisServer::start(&[]);
+    let p = Prefix::on(&server.url());
+    let q = PartitionedQueue::<Echo>::builder("runs")
+        .url(server.url())
+        .prefix(&p.name)
+        .partitions(2)
+        .connect()
+        .await
+        .unwrap();
+    let n = 200;
+    q.enqueue_bulk((0..n).map(|n| Echo { n })).await.unwrap();
+    let (started, handler) = recorder(&q, Duration::from_millis(1));
+    let mut c = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let before = crate::worker::client_calls(&mut c).await;
+    let (stop, signal) = shutdown();
+    let worker = q
+        .worker()
+        .concurrency(2)
+        .heartbeat(Duration::from_secs(10))
+        .build(handler);
+    let running = tokio::spawn(worker.run_until(signal));
+    eventually(Duration::from_secs(20), "all jobs run", || async {
+        (started.lock().unwrap().len() == n as usize).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    let sent = crate::worker::client_calls(&mut c).await - before;
+    assert_eq!(
+        q.stats().await.unwrap().totals.get("completed"),
+        Some(&(n as u64))
+    );
+    // About 215 here (a report per job, a claim per slot per run, heartbeats); a
+    // claim of its own for every job would make it 400 and more.
+    assert!(sent <= 300, "{sent} script calls and pops for {n} jobs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

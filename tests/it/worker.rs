@@ -229,7 +229,7 @@ async fn an_idle_worker_of_several_queues_is_woken_by_any_of_them() {
 
 /// Calls a private server has had so far from clients (scripts' own commands not
 /// counted): script calls and blocking pops, the only commands a worker sends idle.
-async fn client_calls(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+pub(crate) async fn client_calls(c: &mut redis::aio::MultiplexedConnection) -> u64 {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(c)
@@ -357,6 +357,40 @@ async fn an_attempt_that_outlives_its_timeout_fails_with_timeout() {
     let st = q.wait(&job.id, WAIT).await.unwrap();
     assert_eq!(st.state, JobState::Dead);
     assert_eq!(st.last_error().unwrap().kind, "timeout");
+    stop(w).await;
+}
+
+/// A job that sets no time limit gets the worker's; one that sets its own keeps it. A
+/// handler that stops when its time is up, even with a result, fails with timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workers_timeout_limits_jobs_that_set_none_and_a_jobs_own_wins() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("worker-timeout").await;
+    // Job n takes n ms unless asked to stop first; then it returns 0 at once.
+    let handler = handler_fn(|job: Echo, ctx: JobContext| async move {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(job.n.into())) => Ok::<_, JobError>(job.n),
+            _ = ctx.cancelled() => Ok(0),
+        }
+    });
+    let unlimited = q.enqueue(Echo { n: 60_000 }).max_attempts(1).await.unwrap();
+    let own = q
+        .enqueue(Echo { n: 600 })
+        .timeout(Duration::from_secs(30))
+        .max_attempts(1)
+        .await
+        .unwrap();
+    let w = spawn(
+        Worker::builder(q.clone())
+            .concurrency(2)
+            .timeout(Duration::from_millis(200))
+            .cancel_grace(Duration::from_secs(60))
+            .build(handler),
+    );
+    let st = q.wait(&unlimited.id, WAIT).await.unwrap();
+    assert_eq!(st.state, JobState::Dead);
+    assert_eq!(st.last_error().unwrap().kind, "timeout");
+    assert_eq!(q.wait_result::<u32>(&own.id, WAIT).await.unwrap(), 600);
     stop(w).await;
 }
 
