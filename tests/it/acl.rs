@@ -345,3 +345,47 @@ async fn a_user_who_may_not_load_functions_waits_for_replicas_through_scripts() 
         .unwrap();
     assert_eq!(q.status(&id).await.unwrap().state, JobState::Queued);
 }
+
+#[tokio::test]
+async fn a_replica_wait_refused_by_the_acl_names_wait_and_the_job_is_stored() {
+    // The library's rules leave out `wait`: the script runs, `WAIT` is refused. On a
+    // fresh server (no library loaded yet) as on one that has it.
+    let server = RedisServer::start(&[]);
+    let p = Prefix::on(&server.url());
+    let url = user_on(&server, &p, "no-wait", COMMANDS);
+    let q = connect(&p, &url).await.unwrap();
+    for n in ["first", "second"] {
+        let id = JobId::new(n).unwrap();
+        let err = q
+            .enqueue(Greet { name: n.into() })
+            .id(id.clone())
+            .wait_for_replicas(1, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        match &err {
+            Error::NoPermission { missing, .. } => {
+                assert_eq!(*missing, AclMissing::Command("wait".into()), "{n}")
+            }
+            other => panic!("{n}: {other:?}"),
+        }
+        assert_eq!(q.status(&id).await.unwrap().state, JobState::Queued, "{n}");
+    }
+    // The refusal was about `WAIT`, not about functions: the queue still calls its
+    // scripts by FCALL and nothing ran by SHA. Three calls: one found no library (a
+    // fresh server), then one run per enqueue.
+    let mut admin = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut admin)
+        .unwrap();
+    assert!(!stats.contains("cmdstat_evalsha"), "{stats}");
+    let fcall = stats
+        .lines()
+        .find(|l| l.starts_with("cmdstat_fcall:"))
+        .unwrap_or_else(|| panic!("{stats}"));
+    assert!(fcall.starts_with("cmdstat_fcall:calls=3,"), "{fcall}");
+    assert!(fcall.ends_with(",failed_calls=1"), "{fcall}");
+}
