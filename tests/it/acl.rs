@@ -347,6 +347,25 @@ async fn a_user_who_may_not_load_functions_waits_for_replicas_through_scripts() 
 }
 
 #[tokio::test]
+async fn a_user_refused_fcall_waits_for_replicas_through_scripts() {
+    // This user may load the library but not call it: the refusal is read as
+    // "functions unavailable", not as a missing library to load again and again.
+    let server = RedisServer::start(&[]);
+    let p = Prefix::on(&server.url());
+    let mut commands: Vec<&str> = COMMANDS.iter().copied().filter(|&c| c != "fcall").collect();
+    commands.push("wait");
+    let url = user_on(&server, &p, "no-fcall", &commands);
+    let q = connect(&p, &url).await.unwrap();
+    let id = JobId::new("waited").unwrap();
+    q.enqueue(Greet { name: "Ada".into() })
+        .id(id.clone())
+        .wait_for_replicas(0, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(q.status(&id).await.unwrap().state, JobState::Queued);
+}
+
+#[tokio::test]
 async fn a_replica_wait_refused_by_the_acl_names_wait_and_the_job_is_stored() {
     // The library's rules leave out `wait`: the script runs, `WAIT` is refused. On a
     // fresh server (no library loaded yet) as on one that has it.
