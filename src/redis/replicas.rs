@@ -54,7 +54,12 @@ impl Shared {
                 .arg(ms);
             let failed = match pipe.query_async::<(T, u32)>(&mut conn).await {
                 Ok(v) => return Ok(v),
-                Err(e) => first_server_error(e),
+                Err(e) => match first_server_error(e) {
+                    // `WAIT` itself was refused (an ACL without `+wait`): the script
+                    // ran, so nothing below applies; running it again would not help.
+                    (Some(command), e) if command > 0 => return Err(e.into()),
+                    (_, e) => e,
+                },
             };
             // A pipeline loads nothing by itself; nothing ran when these come back.
             if self.scripts.functions() && scripts::is_function_missing(&failed) {
@@ -83,16 +88,17 @@ impl Shared {
     }
 }
 
-/// A pipeline's failure as the error of its first failing command: redis-rs wraps
-/// server errors of a pipeline so that only their kind shows, not their text, and
-/// "Function not found" is told apart by its text.
-fn first_server_error(e: redis::RedisError) -> redis::RedisError {
+/// A pipeline's failure as the error of its first failing command, with that
+/// command's place in the pipeline (`None` when no command answered an error): redis-rs
+/// wraps server errors of a pipeline so that only their kind shows, not their text,
+/// and "Function not found" is told apart by its text.
+fn first_server_error(e: redis::RedisError) -> (Option<usize>, redis::RedisError) {
     match e.clone().into_server_errors() {
         Some(items) => match items.first() {
-            Some((_, first)) => first.clone().into(),
-            None => e,
+            Some((command, first)) => (Some(*command), first.clone().into()),
+            None => (None, e),
         },
-        None => e,
+        None => (None, e),
     }
 }
 

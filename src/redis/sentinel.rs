@@ -338,6 +338,13 @@ mod tests {
         let t = SentinelTarget::parse("redis+sentinel://:secret@h:1/mymaster").unwrap();
         assert_eq!((t.username, t.password.as_deref()), (None, Some("secret")));
         assert_eq!(t.db, 0);
+
+        // Escapes of every hex digit, either case; a slash after the service with no
+        // database is database 0.
+        let t = SentinelTarget::parse("redis+sentinel://u%3Ax:%2c%3a%7E@h/mymaster/").unwrap();
+        assert_eq!(t.username.as_deref(), Some("u:x"));
+        assert_eq!(t.password.as_deref(), Some(",:~"));
+        assert_eq!((t.service.as_str(), t.db), ("mymaster", 0));
     }
 
     #[test]
@@ -362,8 +369,15 @@ mod tests {
         let server = |code: &str| redis::make_extension_error(code.to_owned(), None);
         assert!(means_not_primary(&server("READONLY")));
         assert!(means_not_primary(&server("MASTERDOWN")));
-        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
-        assert!(means_not_primary(&io));
+        // Any failure of the link, not only the kinds redis-rs calls "dropped".
+        for kind in [
+            std::io::ErrorKind::ConnectionReset,
+            std::io::ErrorKind::InvalidData,
+            std::io::ErrorKind::Other,
+        ] {
+            let io = RedisError::from(std::io::Error::from(kind));
+            assert!(means_not_primary(&io), "{kind:?}");
+        }
         // The server's answer about the command, not about its role: keep the link.
         for code in ["ERR", "NOPERM", "LOADING", "NOSCRIPT", "BUSY"] {
             assert!(!means_not_primary(&server(code)), "{code}");

@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use voxqueue::{AclMissing, Error, JobError, Queue, Worker, handler_fn};
+use voxqueue::{AclMissing, Error, JobError, JobId, JobState, Queue, Worker, handler_fn};
 
-use crate::common::{Prefix, redis_url, shutdown};
+use crate::common::{Prefix, RedisServer, redis_url, shutdown};
 
 /// Every command voxqueue's queue, worker and scripts send (scripts run with the caller's
 /// permissions, so the commands inside the Lua scripts count too). Kept in step with the
@@ -282,22 +282,18 @@ async fn a_key_outside_the_pattern_is_refused_naming_the_pattern() {
     );
 }
 
-#[tokio::test]
-async fn a_user_who_may_not_load_functions_runs_a_queue_through_scripts() {
-    // A fresh server has no library yet, and this user may call functions but not
-    // load them: the first call falls back to scripts by SHA.
-    let server = crate::common::RedisServer::start(&[]);
-    let p = Prefix::on(&server.url());
+/// A user on `server` allowed `commands` on `p`'s keys only; its URL.
+fn user_on(server: &RedisServer, p: &Prefix, name: &str, commands: &[&str]) -> String {
     let mut cmd = redis::cmd("ACL");
     cmd.arg("SETUSER")
-        .arg("no-function-load")
+        .arg(name)
         .arg("reset")
         .arg("on")
         .arg(">pw")
         .arg(format!("~{}:*", p.name))
         .arg("resetchannels")
         .arg("-@all");
-    for c in COMMANDS.iter().filter(|&&c| c != "function|load") {
+    for c in commands {
         cmd.arg(format!("+{c}"));
     }
     let mut admin = redis::Client::open(server.url())
@@ -305,9 +301,110 @@ async fn a_user_who_may_not_load_functions_runs_a_queue_through_scripts() {
         .get_connection()
         .unwrap();
     let _: () = cmd.query(&mut admin).expect("ACL SETUSER");
-    let url = server
+    server
         .url()
-        .replacen("redis://", "redis://no-function-load:pw@", 1);
+        .replacen("redis://", &format!("redis://{name}:pw@"), 1)
+}
+
+#[tokio::test]
+async fn a_user_who_may_not_load_functions_runs_a_queue_through_scripts() {
+    // A fresh server has no library yet, and this user may call functions but not
+    // load them: the first call falls back to scripts by SHA.
+    let server = RedisServer::start(&[]);
+    let p = Prefix::on(&server.url());
+    let commands: Vec<&str> = COMMANDS
+        .iter()
+        .copied()
+        .filter(|&c| c != "function|load")
+        .collect();
+    let url = user_on(&server, &p, "no-function-load", &commands);
     let q = connect(&p, &url).await.unwrap();
     greets_ada(&q).await;
+}
+
+#[tokio::test]
+async fn a_user_who_may_not_load_functions_waits_for_replicas_through_scripts() {
+    // The replica wait runs the script in a pipeline, which loads nothing by itself:
+    // on a fresh server the library is missing, loading it is refused, and the
+    // script by SHA is missing too before it runs.
+    let server = RedisServer::start(&[]);
+    let p = Prefix::on(&server.url());
+    let mut commands: Vec<&str> = COMMANDS
+        .iter()
+        .copied()
+        .filter(|&c| c != "function|load")
+        .collect();
+    commands.push("wait");
+    let url = user_on(&server, &p, "no-function-load", &commands);
+    let q = connect(&p, &url).await.unwrap();
+    let id = JobId::new("waited").unwrap();
+    q.enqueue(Greet { name: "Ada".into() })
+        .id(id.clone())
+        .wait_for_replicas(0, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(q.status(&id).await.unwrap().state, JobState::Queued);
+}
+
+#[tokio::test]
+async fn a_user_refused_fcall_waits_for_replicas_through_scripts() {
+    // This user may load the library but not call it: the refusal is read as
+    // "functions unavailable", not as a missing library to load again and again.
+    let server = RedisServer::start(&[]);
+    let p = Prefix::on(&server.url());
+    let mut commands: Vec<&str> = COMMANDS.iter().copied().filter(|&c| c != "fcall").collect();
+    commands.push("wait");
+    let url = user_on(&server, &p, "no-fcall", &commands);
+    let q = connect(&p, &url).await.unwrap();
+    let id = JobId::new("waited").unwrap();
+    q.enqueue(Greet { name: "Ada".into() })
+        .id(id.clone())
+        .wait_for_replicas(0, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(q.status(&id).await.unwrap().state, JobState::Queued);
+}
+
+#[tokio::test]
+async fn a_replica_wait_refused_by_the_acl_names_wait_and_the_job_is_stored() {
+    // The library's rules leave out `wait`: the script runs, `WAIT` is refused. On a
+    // fresh server (no library loaded yet) as on one that has it.
+    let server = RedisServer::start(&[]);
+    let p = Prefix::on(&server.url());
+    let url = user_on(&server, &p, "no-wait", COMMANDS);
+    let q = connect(&p, &url).await.unwrap();
+    for n in ["first", "second"] {
+        let id = JobId::new(n).unwrap();
+        let err = q
+            .enqueue(Greet { name: n.into() })
+            .id(id.clone())
+            .wait_for_replicas(1, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        match &err {
+            Error::NoPermission { missing, .. } => {
+                assert_eq!(*missing, AclMissing::Command("wait".into()), "{n}")
+            }
+            other => panic!("{n}: {other:?}"),
+        }
+        assert_eq!(q.status(&id).await.unwrap().state, JobState::Queued, "{n}");
+    }
+    // The refusal was about `WAIT`, not about functions: the queue still calls its
+    // scripts by FCALL and nothing ran by SHA. Three calls: one found no library (a
+    // fresh server), then one run per enqueue.
+    let mut admin = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut admin)
+        .unwrap();
+    assert!(!stats.contains("cmdstat_evalsha"), "{stats}");
+    let fcall = stats
+        .lines()
+        .find(|l| l.starts_with("cmdstat_fcall:"))
+        .unwrap_or_else(|| panic!("{stats}"));
+    assert!(fcall.starts_with("cmdstat_fcall:calls=3,"), "{fcall}");
+    assert!(fcall.ends_with(",failed_calls=1"), "{fcall}");
 }

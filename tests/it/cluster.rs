@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use voxqueue::{Connector, Deduplicator, JobContext, JobError, Queue, Worker, handler_fn};
 
-use crate::common::{RedisCluster, shutdown};
+use crate::common::{RedisCluster, eventually, shutdown};
 use crate::queue::Echo;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,6 +98,33 @@ async fn queues_on_a_cluster_run_jobs_across_slots() {
             .unwrap(),
         399
     );
+    // Idle again, it blocks in Redis (no polling) on every queue: one BLPOP on each
+    // queue's master, since one BLPOP cannot span the slots.
+    for (node, wanted) in [(0, 2), (1, 1), (2, 1)] {
+        let port = cluster.nodes[node].port;
+        eventually(
+            Duration::from_secs(10),
+            "the idle worker blocked on every queue",
+            || async move {
+                let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                    .ok()?
+                    .get_multiplexed_async_connection()
+                    .await
+                    .ok()?;
+                let clients: String = redis::cmd("CLIENT")
+                    .arg("LIST")
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                let blocked = clients
+                    .lines()
+                    .filter(|l| l.contains(" flags=b ") && l.contains(" cmd=blpop "))
+                    .count();
+                (blocked == wanted).then_some(())
+            },
+        )
+        .await;
+    }
     let _ = stop.send(());
     running.await.unwrap().unwrap();
     for (i, q) in queues.iter().enumerate() {

@@ -301,6 +301,35 @@ async fn requeue_where_requeues_only_the_matching_jobs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeues_leave_the_jobs_that_die_after_they_start() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("later").await;
+    let w = spawn(&q, rejecting());
+    bury_in_order(&q, &["a", "b", "later"]).await;
+    stop(w).await;
+    // As far as the dead letters say, "later" dies a minute after both calls start
+    // (by Redis's clock): a job that dies again at once cannot keep them going.
+    let mut conn = raw_conn().await;
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let _: u64 = redis::cmd("ZADD")
+        .arg(key(&p, "later", "dead"))
+        .arg("XX")
+        .arg(secs * 1000 + micros / 1000 + 60_000)
+        .arg("later")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let dl = q.dead_letter();
+    assert_eq!(dl.requeue_where(|s| s.id.as_str() != "b").await.unwrap(), 1);
+    assert_eq!(dl.requeue_all().await.unwrap(), 1);
+    assert_eq!(ids(&dl.list(0, 10).await.unwrap()), ["later"]);
+    for id in ["a", "b"] {
+        let st = q.status(&JobId::new(id).unwrap()).await.unwrap();
+        assert_eq!(st.state, JobState::Queued, "{id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_deletes_one_all_or_the_older_ones_and_never_a_live_job() {
     let p = Prefix::new();
     let q = p.queue::<Echo>("purge").await;

@@ -5,12 +5,13 @@
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use voxqueue::{Error, JobContext, JobError, JobId, JobState, Queue, Worker, handler_fn};
 
-use crate::common::{RedisServer, eventually, shutdown};
+use crate::common::{RedisServer, eventually, shutdown, within};
 use crate::queue::Echo;
 
 const SERVICE: &str = "vqprimary";
@@ -505,4 +506,73 @@ async fn a_graceful_failover_moves_producers_off_the_demoted_primary() {
     )
     .unwrap();
     assert!(on_new, "the job is not on the new primary");
+}
+
+/// A sentinel's address that closes its first `drop_first` connections unanswered (a
+/// sentinel not up yet, or restarting) and forwards the later ones to the sentinel at
+/// `to`. Counts the connections it was offered.
+async fn late_sentinel(to: u16, drop_first: usize) -> (u16, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let offered = Arc::new(AtomicUsize::new(0));
+    let seen = offered.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            if seen.fetch_add(1, Ordering::SeqCst) < drop_first {
+                continue; // dropped: closed unanswered
+            }
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                }
+            });
+        }
+    });
+    (port, offered)
+}
+
+fn total_connections(port: u16) -> u64 {
+    let info: String = query(port, redis::cmd("INFO").arg("stats")).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("total_connections_received")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_asks_again_until_the_sentinels_answer_and_keeps_the_primary_it_found() {
+    let primary = RedisServer::start(&[]);
+    let sentinel = SentinelNode::start(primary.port);
+    let (port, offered) = late_sentinel(sentinel.port, 2).await;
+    let q = within(
+        "the connect",
+        Queue::<Echo>::builder("late")
+            .url(format!("redis+sentinel://127.0.0.1:{port}/{SERVICE}"))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    assert!(offered.load(Ordering::SeqCst) > 2);
+    // One connection to the primary serves every command: the sentinels are not
+    // asked again while it works. (The sentinel's own links may come and go.)
+    let before = total_connections(primary.port);
+    for n in 0..20 {
+        q.enqueue(Echo { n }).await.unwrap();
+    }
+    let new = total_connections(primary.port) - before;
+    assert!(new <= 2, "{new} new connections for 20 commands");
+}
+
+#[tokio::test]
+async fn a_connect_to_sentinels_that_never_answer_fails() {
+    let (port, _) = late_sentinel(free_port(), usize::MAX).await;
+    let err = within(
+        "the connect to give up",
+        Queue::<Echo>::builder("nobody")
+            .url(format!("redis+sentinel://127.0.0.1:{port}/{SERVICE}"))
+            .connect(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Connect(_)), "{err:?}");
 }
