@@ -116,10 +116,10 @@ pub(crate) fn load_piper(
 pub(crate) fn fetched_piper_voice() -> PathBuf {
     // Without the `candle` feature there are no neural voices to look for.
     #[cfg(feature = "candle")]
-    let dir = voxqueue::tts::candle::voices_dir();
+    let dir = voxqueue::tts::candle::voices_dir().unwrap_or_default();
     #[cfg(not(feature = "candle"))]
-    let dir: Option<PathBuf> = None;
-    dir.unwrap_or_default().join("en_US-joe-medium.onnx")
+    let dir = PathBuf::new();
+    dir.join("en_US-joe-medium.onnx")
 }
 
 /// Where `.ci/fetch-voices` puts Kokoro: `$VOXQUEUE_VOICES/kokoro` (else
