@@ -327,34 +327,24 @@ async fn a_user_who_may_not_load_functions_waits_for_replicas_through_scripts() 
     // The replica wait runs the script in a pipeline, which loads nothing by itself:
     // on a fresh server the library is missing, loading it is refused, and the
     // script by SHA is missing too before it runs.
-    let server = RedisServer::start(&[]);
-    let p = Prefix::on(&server.url());
-    let mut commands: Vec<&str> = COMMANDS
-        .iter()
-        .copied()
-        .filter(|&c| c != "function|load")
-        .collect();
-    commands.push("wait");
-    let url = user_on(&server, &p, "no-function-load", &commands);
-    let q = connect(&p, &url).await.unwrap();
-    let id = JobId::new("waited").unwrap();
-    q.enqueue(Greet { name: "Ada".into() })
-        .id(id.clone())
-        .wait_for_replicas(0, Duration::from_millis(100))
-        .await
-        .unwrap();
-    assert_eq!(q.status(&id).await.unwrap().state, JobState::Queued);
+    waits_for_replicas_without("function|load", "no-function-load").await;
 }
 
 #[tokio::test]
 async fn a_user_refused_fcall_waits_for_replicas_through_scripts() {
     // This user may load the library but not call it: the refusal is read as
     // "functions unavailable", not as a missing library to load again and again.
+    waits_for_replicas_without("fcall", "no-fcall").await;
+}
+
+/// A user with the library's rules less `refused`, plus `wait`, enqueues with a
+/// replica wait on a fresh server and the job is stored.
+async fn waits_for_replicas_without(refused: &str, user: &str) {
     let server = RedisServer::start(&[]);
     let p = Prefix::on(&server.url());
-    let mut commands: Vec<&str> = COMMANDS.iter().copied().filter(|&c| c != "fcall").collect();
+    let mut commands: Vec<&str> = COMMANDS.iter().copied().filter(|&c| c != refused).collect();
     commands.push("wait");
-    let url = user_on(&server, &p, "no-fcall", &commands);
+    let url = user_on(&server, &p, user, &commands);
     let q = connect(&p, &url).await.unwrap();
     let id = JobId::new("waited").unwrap();
     q.enqueue(Greet { name: "Ada".into() })
