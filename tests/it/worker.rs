@@ -230,6 +230,16 @@ async fn an_idle_worker_of_several_queues_is_woken_by_any_of_them() {
 /// Calls a private server has had so far from clients (scripts' own commands not
 /// counted): script calls and blocking pops, the only commands a worker sends idle.
 pub(crate) async fn client_calls(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+    calls_of(c, &["fcall", "evalsha", "blpop"]).await
+}
+
+/// Script calls a private server has had so far.
+async fn script_calls(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+    calls_of(c, &["fcall", "evalsha"]).await
+}
+
+/// Calls of the given commands a server has had so far (`INFO commandstats`).
+async fn calls_of(c: &mut redis::aio::MultiplexedConnection, commands: &[&str]) -> u64 {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(c)
@@ -237,9 +247,11 @@ pub(crate) async fn client_calls(c: &mut redis::aio::MultiplexedConnection) -> u
         .unwrap();
     info.lines()
         .filter(|l| {
-            ["cmdstat_fcall:", "cmdstat_evalsha:", "cmdstat_blpop:"]
-                .iter()
-                .any(|p| l.starts_with(p))
+            commands.iter().any(|c| {
+                l.strip_prefix("cmdstat_")
+                    .and_then(|l| l.strip_prefix(c))
+                    .is_some_and(|l| l.starts_with(':'))
+            })
         })
         .filter_map(|l| {
             l.split("calls=")
@@ -1703,5 +1715,131 @@ async fn a_retry_run_by_the_same_worker_is_renewed_under_its_new_lease() {
     let kinds: Vec<&str> = st.errors.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["transient"]);
     assert_eq!(cancelled.load(Ordering::SeqCst), 0);
+    stop(w).await;
+}
+
+/// A handler that counts the jobs started and holds each until `go` turns true.
+fn held(
+    started: Arc<AtomicUsize>,
+    go: tokio::sync::watch::Receiver<bool>,
+) -> impl Handler<Echo, Output = u32> {
+    handler_fn(move |job: Echo, _ctx: JobContext| {
+        let (started, mut go) = (started.clone(), go.clone());
+        async move {
+            started.fetch_add(1, Ordering::SeqCst);
+            let _ = go.wait_for(|&open| open).await;
+            Ok::<_, JobError>(job.n)
+        }
+    })
+}
+
+/// Free slots are filled by one claim, not one round trip per slot: eight jobs
+/// arrive at an idle worker with eight slots and all start after a single script
+/// call besides the enqueue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_slots_are_filled_by_one_claim() {
+    let server = RedisServer::start(&[]);
+    let p = Prefix::on(&server.url());
+    let q = p.queue::<Echo>("one-claim").await;
+    let mut c = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let started = Arc::new(AtomicUsize::new(0));
+    let (go, gate) = tokio::sync::watch::channel(false);
+    let w = spawn(
+        Worker::builder(q.clone())
+            .concurrency(8)
+            .heartbeat(Duration::from_secs(3600))
+            .build(held(started.clone(), gate)),
+    );
+    eventually(WAIT, "worker registered", || async {
+        (q.stats().await.unwrap().workers == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = script_calls(&mut c).await;
+    q.enqueue_bulk((0..8).map(|n| Echo { n })).await.unwrap();
+    eventually(WAIT, "all eight started", || async {
+        (started.load(Ordering::SeqCst) == 8).then_some(())
+    })
+    .await;
+    let sent = script_calls(&mut c).await - before;
+    assert_eq!(sent, 2, "script calls for one bulk enqueue and the claim");
+    go.send_replace(true);
+    stop(w).await;
+}
+
+/// A worker whose claims fail backs off, doubling its pause: an outage is not met
+/// with a tight loop of refused calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_claims_back_off() {
+    let server = RedisServer::start(&[]);
+    let p = Prefix::on(&server.url());
+    let q = p.queue::<Echo>("claim-backoff").await;
+    let mut c = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // An hourly heartbeat: once the worker is idle, claims are its only writes.
+    let w = spawn(
+        Worker::builder(q.clone())
+            .heartbeat(Duration::from_secs(3600))
+            .build(echo()),
+    );
+    eventually(WAIT, "worker registered", || async {
+        (q.stats().await.unwrap().workers == 1).then_some(())
+    })
+    .await;
+    let blocked = eventually(WAIT, "the worker waiting in BLPOP", || {
+        let mut c = c.clone();
+        async move {
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            list.lines()
+                .find(|l| l.contains(" cmd=blpop "))
+                .and_then(|l| l.split_whitespace().find_map(|f| f.strip_prefix("id=")))
+                .map(str::to_owned)
+        }
+    })
+    .await;
+    // Out of memory, then the worker's wait is cut short: its claims are refused.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("UNBLOCK")
+        .arg(&blocked)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    eventually(WAIT, "a claim refused", || {
+        let mut c = c.clone();
+        async move { (refused_for_memory(&mut c).await >= 1).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refused = refused_for_memory(&mut c).await;
+    // Pauses of 50, 100, 200, 400 and 800 ms: five or six refusals in about 2 s.
+    assert!(
+        (4..=7).contains(&refused),
+        "{refused} claims refused in 2 s"
+    );
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     stop(w).await;
 }
