@@ -53,8 +53,9 @@ impl ResBlock {
         match self {
             Self::One(pairs) => {
                 for (c1, c2) in pairs {
-                    let y = c1.forward_time_major(
-                        &leaky_relu(&x, LRELU_SLOPE)?,
+                    let y = c1.forward_time_major_activated(
+                        &x,
+                        Some(LRELU_SLOPE),
                         Epilogue::LeakyRelu(LRELU_SLOPE),
                     )?;
                     x = c2.forward_time_major(&y, Epilogue::Residual(&x))?;
@@ -62,8 +63,9 @@ impl ResBlock {
             }
             Self::Two(convs) => {
                 for c in convs {
-                    x = c.forward_time_major(
-                        &leaky_relu(&x, LRELU_SLOPE)?,
+                    x = c.forward_time_major_activated(
+                        &x,
+                        Some(LRELU_SLOPE),
                         Epilogue::Residual(&x),
                     )?;
                 }
@@ -177,10 +179,9 @@ impl Decoder {
                 x = (sum / group.len() as f64)?;
             }
         }
-        let x = leaky_relu(&x, 0.01)?;
         // [time, 1] -> [1, 1, time]
         self.conv_post
-            .forward_time_major(&x, Epilogue::None)?
+            .forward_time_major_activated(&x, Some(0.01), Epilogue::None)?
             .tanh()?
             .t()?
             .unsqueeze(0)?

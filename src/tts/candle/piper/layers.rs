@@ -137,12 +137,28 @@ impl Conv {
     ///
     /// See [`time_major`] for why.
     pub(crate) fn forward_time_major(&self, x: &Tensor, epilogue: Epilogue<'_>) -> Result<Tensor> {
+        self.forward_time_major_activated(x, None, epilogue)
+    }
+
+    /// [`forward_time_major`](Self::forward_time_major) of `leaky_relu(x, pre)` when `pre`
+    /// is a slope: HiFi-GAN activates the input of almost every convolution, and the CPU
+    /// kernel applies it while unfolding the input rather than in a pass of its own.
+    pub(crate) fn forward_time_major_activated(
+        &self,
+        x: &Tensor,
+        pre: Option<f64>,
+        epilogue: Epilogue<'_>,
+    ) -> Result<Tensor> {
         let a = &self.attrs;
         let Some(taps) = self
             .taps
             .as_ref()
             .filter(|_| a.stride == 1 && a.groups == 1)
         else {
+            let x = match pre {
+                Some(slope) => leaky_relu(x, slope)?,
+                None => x.clone(),
+            };
             let y = self.forward(&x.t()?.unsqueeze(0)?.contiguous()?)?;
             let y = y.squeeze(0)?.t()?.contiguous()?;
             return match epilogue {
@@ -152,7 +168,7 @@ impl Conv {
             };
         };
         let bias = self.bias.as_ref().map(Tensor::flatten_all).transpose()?;
-        time_major::conv1d(x, taps, a.padding, a.dilation, bias.as_ref(), epilogue)
+        time_major::conv1d_activated(x, taps, a.padding, a.dilation, bias.as_ref(), pre, epilogue)
     }
 
     /// A depthwise convolution (one filter per channel, as in the duration predictor) as a
