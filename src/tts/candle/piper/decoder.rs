@@ -5,7 +5,7 @@ use crate::tts::candle::error::LoadError;
 use candle_core::{Result, Tensor};
 
 use super::error::PiperError;
-use super::layers::{Conv, leaky_relu};
+use super::layers::Conv;
 use super::onnx::Weights;
 use crate::tts::candle::fused::Epilogue;
 
@@ -101,7 +101,8 @@ impl Decoder {
         };
         let mut ups = Vec::new();
         while w.contains(&format!("dec.ups.{}.weight", ups.len())) {
-            let up = Conv::load_transposed(w, &format!("dec.ups.{}", ups.len()), width)?;
+            let up =
+                Conv::load_transposed(w, &format!("dec.ups.{}", ups.len()), width)?.with_taps()?;
             width = up.out_channels();
             ups.push(up);
         }
@@ -159,14 +160,10 @@ impl Decoder {
         if let (Some(cond), Some(g)) = (&self.cond, g) {
             x = x.broadcast_add(&cond.forward(g)?)?;
         }
+        // [1, channels, frames] -> [frames, channels]: time-major from here on.
+        let mut x = x.squeeze(0)?.t()?.contiguous()?;
         for (up, group) in self.ups.iter().zip(&self.resblocks) {
-            let channel_major = if x.rank() == 2 {
-                x.t()?.unsqueeze(0)?.contiguous()?
-            } else {
-                x
-            };
-            let up_out = up.forward(&leaky_relu(&channel_major, LRELU_SLOPE)?)?;
-            x = up_out.squeeze(0)?.t()?.contiguous()?;
+            x = up.forward_time_major_activated(&x, Some(LRELU_SLOPE), Epilogue::None)?;
             let mut sum: Option<Tensor> = None;
             for block in group {
                 let y = block.forward(&x)?;
