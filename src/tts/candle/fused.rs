@@ -276,9 +276,20 @@ pub(crate) enum Epilogue<'a> {
     LeakyRelu(f64),
 }
 
-/// Floats per block of [`conv1d`]'s unfolded input: a few megabytes, so a block's copy is
-/// still in the caches when the matrix product reads it.
+/// Floats per block of [`conv1d_activated`]'s unfolded input: a few megabytes, so a
+/// block's copy is still in the caches when the matrix product reads it.
 const BLOCK_FLOATS: usize = 1 << 20;
+
+/// The taps, padding and dilation of a [`conv1d_activated`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Conv1dShape {
+    /// Kernel taps.
+    pub(crate) taps: usize,
+    /// Zeros on each side of the input.
+    pub(crate) padding: usize,
+    /// Input rows between two taps.
+    pub(crate) dilation: usize,
+}
 
 /// A stride-1 convolution of a time-major `x` (`[time, in]`) with `stacked` (`[taps × in,
 /// out]`: every tap's `[in, out]` matrix stacked in tap order), plus `bias` (`[out]`) and
@@ -289,15 +300,26 @@ const BLOCK_FLOATS: usize = 1 << 20;
 /// row): the product per tap and the addition per tap of the Candle ops become one product
 /// whose sums stay in registers, and no padded copy of the whole input is made. The copies
 /// are whole rows (`memcpy`), fast whatever this crate's optimisation level.
-pub(crate) fn conv1d(
+///
+/// With `pre` a slope it convolves `leaky_relu(x, pre)`: the activation before a HiFi-GAN
+/// convolution is applied while the input rows are unfolded (the same floats as
+/// [`leaky_relu`]), so the activated signal is never written out as a tensor of its own.
+///
+/// The epilogue is applied as each block's product is copied into the output, split by
+/// rows over the pool: the block's sum, activation and copy are one pass.
+pub(crate) fn conv1d_activated(
     x: &Tensor,
     stacked: &Tensor,
-    taps: usize,
-    padding: usize,
-    dilation: usize,
+    shape: Conv1dShape,
     bias: Option<&Tensor>,
+    pre: Option<f64>,
     epilogue: Epilogue<'_>,
 ) -> Result<Tensor> {
+    let Conv1dShape {
+        taps,
+        padding,
+        dilation,
+    } = shape;
     let (len, cin) = x.dims2()?;
     let (depth, out_ch) = stacked.dims2()?;
     if taps == 0 || depth != taps * cin {
@@ -319,8 +341,13 @@ pub(crate) fn conv1d(
         ),
         None => (stacked.clone(), depth),
     };
+    let residual = match epilogue {
+        Epilogue::Residual(r) => Some(r.contiguous()?),
+        _ => None,
+    };
+    let pre = pre.map(|s| s as f32);
     let block = (BLOCK_FLOATS / width).max(16);
-    let mut out = Vec::with_capacity(out_len * out_ch);
+    let mut out = vec![0f32; out_len * out_ch];
     with_slice(x, |xs| {
         let mut t0 = 0;
         while t0 < out_len {
@@ -336,8 +363,18 @@ pub(crate) fn conv1d(
                         else {
                             continue;
                         };
-                        row[tap * cin..(tap + 1) * cin]
-                            .copy_from_slice(&xs[i * cin..(i + 1) * cin]);
+                        let dst = &mut row[tap * cin..(tap + 1) * cin];
+                        let src = &xs[i * cin..(i + 1) * cin];
+                        match pre {
+                            None => dst.copy_from_slice(src),
+                            Some(slope) => {
+                                let mut c = 0;
+                                while c < cin {
+                                    dst[c] = lrelu(src[c], slope);
+                                    c += 1;
+                                }
+                            }
+                        }
                     }
                     if width > depth {
                         row[depth] = 1.0;
@@ -345,14 +382,37 @@ pub(crate) fn conv1d(
                 }
             });
             let y = Tensor::from_vec(unfolded, (t1 - t0, width), &Device::Cpu)?.matmul(&weights)?;
-            let y = match epilogue {
-                Epilogue::None => y,
-                Epilogue::Residual(r) => (y + r.narrow(0, t0, t1 - t0)?)?,
-                Epilogue::LeakyRelu(slope) => leaky_relu(&y, slope)?,
-            };
-            with_slice(&y, |ys| {
-                out.extend_from_slice(ys);
-                Ok(())
+            let block_out = &mut out[t0 * out_ch..t1 * out_ch];
+            with_slice(&y, |ys| match (&residual, epilogue) {
+                (Some(r), _) => with_slice(r, |rs| {
+                    let rs = &rs[t0 * out_ch..t1 * out_ch];
+                    par_rows(block_out, out_ch, |row, o| {
+                        let at = row * out_ch;
+                        let (ys, rs) = (&ys[at..at + o.len()], &rs[at..at + o.len()]);
+                        let mut i = 0;
+                        while i < o.len() {
+                            o[i] = ys[i] + rs[i];
+                            i += 1;
+                        }
+                    });
+                    Ok(())
+                }),
+                (None, Epilogue::LeakyRelu(slope)) => {
+                    let slope = slope as f32;
+                    par_rows(block_out, out_ch, |row, o| {
+                        let ys = &ys[row * out_ch..row * out_ch + o.len()];
+                        let mut i = 0;
+                        while i < o.len() {
+                            o[i] = lrelu(ys[i], slope);
+                            i += 1;
+                        }
+                    });
+                    Ok(())
+                }
+                (None, _) => {
+                    block_out.copy_from_slice(ys);
+                    Ok(())
+                }
             })?;
             t0 = t1;
         }

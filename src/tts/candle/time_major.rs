@@ -6,7 +6,7 @@
 //! larger than the caches. Time-major, each tap's shifted window is a contiguous block of
 //! rows, so a convolution is a sum of one matrix product per tap with nothing copied. On the
 //! CPU, blocks of rows copied side by side tap by tap make it one product (see
-//! [`fused::conv1d`]).
+//! [`fused::conv1d_activated`]).
 
 use candle_core::{Result, Tensor};
 
@@ -42,17 +42,37 @@ pub(crate) fn conv1d(
     bias: Option<&Tensor>,
     epilogue: Epilogue<'_>,
 ) -> Result<Tensor> {
+    conv1d_activated(x, taps, padding, dilation, bias, None, epilogue)
+}
+
+/// [`conv1d`] of `leaky_relu(x, pre)` when `pre` is a slope. On the CPU the activation is
+/// applied as the input is unfolded (see [`fused::conv1d_activated`]), which saves a pass
+/// over the signal and a tensor of its size.
+pub(crate) fn conv1d_activated(
+    x: &Tensor,
+    taps: &Taps,
+    padding: usize,
+    dilation: usize,
+    bias: Option<&Tensor>,
+    pre: Option<f64>,
+    epilogue: Epilogue<'_>,
+) -> Result<Tensor> {
     if fused::applies(x) {
-        return fused::conv1d(
-            x,
-            &taps.stacked,
-            taps.split.len(),
+        let shape = fused::Conv1dShape {
+            taps: taps.split.len(),
             padding,
             dilation,
-            bias,
-            epilogue,
-        );
+        };
+        return fused::conv1d_activated(x, &taps.stacked, shape, bias, pre, epilogue);
     }
+    let activated;
+    let x = match pre {
+        Some(slope) => {
+            activated = candle_nn::ops::leaky_relu(x, slope)?;
+            &activated
+        }
+        None => x,
+    };
     let len = x.dim(0)?;
     let padded = x.pad_with_zeros(0, padding, padding)?;
     let k = taps.split.len();
@@ -78,10 +98,9 @@ pub(crate) fn conv1d(
 
 #[cfg(test)]
 mod tests {
-    use super::{conv1d, taps};
-    use crate::tts::candle::fused::Epilogue;
-    use crate::tts::candle::fused::chain_only;
-    use crate::tts::candle::fused::testing::{relative_difference, tensor};
+    use super::{conv1d, conv1d_activated, taps};
+    use crate::tts::candle::fused::testing::{relative_difference, same, tensor};
+    use crate::tts::candle::fused::{Epilogue, chain_only, leaky_relu};
 
     /// The fused path sums each output in one product rather than one per tap, so the floats
     /// differ in their last bits (observed: at most 2.4e-7 of the largest output).
@@ -105,6 +124,55 @@ mod tests {
                     let d = relative_difference(&run().unwrap(), &chain_only(run).unwrap());
                     assert!(d < 3e-7, "{len} {padding} {dilation} {epilogue:?}: {d}");
                 }
+            }
+        }
+    }
+
+    /// The activation applied while unfolding is the same floats as a leaky ReLU pass
+    /// before the convolution, so the outputs are equal bit for bit.
+    #[test]
+    fn activation_while_unfolding_is_the_activation_before() {
+        let weight = tensor(&[8, 6, 3], 11, 0.5);
+        let bias = tensor(&[8], 12, 0.5);
+        let taps = taps(&weight).unwrap();
+        for (len, padding, dilation) in [(2, 3, 2), (50, 2, 2), (40_000, 1, 1)] {
+            let x = tensor(&[len, 6], len as u64 + 1, 2.0);
+            let out_len = len + 2 * padding - dilation * 2;
+            let residual = tensor(&[out_len, 8], 13, 1.0);
+            for epilogue in [
+                Epilogue::None,
+                Epilogue::Residual(&residual),
+                Epilogue::LeakyRelu(0.1),
+            ] {
+                let activated = conv1d_activated(
+                    &x,
+                    &taps,
+                    padding,
+                    dilation,
+                    Some(&bias),
+                    Some(0.1),
+                    epilogue,
+                )
+                .unwrap();
+                let before = leaky_relu(&x, 0.1).unwrap();
+                let plain =
+                    conv1d(&before, &taps, padding, dilation, Some(&bias), epilogue).unwrap();
+                same(&activated, &plain);
+                // And within rounding of the Candle ops (a leaky ReLU, then the convolution).
+                let chain = chain_only(|| {
+                    conv1d_activated(
+                        &x,
+                        &taps,
+                        padding,
+                        dilation,
+                        Some(&bias),
+                        Some(0.1),
+                        epilogue,
+                    )
+                })
+                .unwrap();
+                let d = relative_difference(&activated, &chain);
+                assert!(d < 3e-7, "{len} {padding} {dilation} {epilogue:?}: {d}");
             }
         }
     }

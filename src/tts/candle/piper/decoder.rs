@@ -5,7 +5,7 @@ use crate::tts::candle::error::LoadError;
 use candle_core::{Result, Tensor};
 
 use super::error::PiperError;
-use super::layers::{Conv, leaky_relu};
+use super::layers::Conv;
 use super::onnx::Weights;
 use crate::tts::candle::fused::Epilogue;
 
@@ -53,8 +53,9 @@ impl ResBlock {
         match self {
             Self::One(pairs) => {
                 for (c1, c2) in pairs {
-                    let y = c1.forward_time_major(
-                        &leaky_relu(&x, LRELU_SLOPE)?,
+                    let y = c1.forward_time_major_activated(
+                        &x,
+                        Some(LRELU_SLOPE),
                         Epilogue::LeakyRelu(LRELU_SLOPE),
                     )?;
                     x = c2.forward_time_major(&y, Epilogue::Residual(&x))?;
@@ -62,8 +63,9 @@ impl ResBlock {
             }
             Self::Two(convs) => {
                 for c in convs {
-                    x = c.forward_time_major(
-                        &leaky_relu(&x, LRELU_SLOPE)?,
+                    x = c.forward_time_major_activated(
+                        &x,
+                        Some(LRELU_SLOPE),
                         Epilogue::Residual(&x),
                     )?;
                 }
@@ -99,7 +101,8 @@ impl Decoder {
         };
         let mut ups = Vec::new();
         while w.contains(&format!("dec.ups.{}.weight", ups.len())) {
-            let up = Conv::load_transposed(w, &format!("dec.ups.{}", ups.len()), width)?;
+            let up =
+                Conv::load_transposed(w, &format!("dec.ups.{}", ups.len()), width)?.with_taps()?;
             width = up.out_channels();
             ups.push(up);
         }
@@ -157,14 +160,10 @@ impl Decoder {
         if let (Some(cond), Some(g)) = (&self.cond, g) {
             x = x.broadcast_add(&cond.forward(g)?)?;
         }
+        // [1, channels, frames] -> [frames, channels]: time-major from here on.
+        let mut x = x.squeeze(0)?.t()?.contiguous()?;
         for (up, group) in self.ups.iter().zip(&self.resblocks) {
-            let channel_major = if x.rank() == 2 {
-                x.t()?.unsqueeze(0)?.contiguous()?
-            } else {
-                x
-            };
-            let up_out = up.forward(&leaky_relu(&channel_major, LRELU_SLOPE)?)?;
-            x = up_out.squeeze(0)?.t()?.contiguous()?;
+            x = up.forward_time_major_activated(&x, Some(LRELU_SLOPE), Epilogue::None)?;
             let mut sum: Option<Tensor> = None;
             for block in group {
                 let y = block.forward(&x)?;
@@ -177,10 +176,9 @@ impl Decoder {
                 x = (sum / group.len() as f64)?;
             }
         }
-        let x = leaky_relu(&x, 0.01)?;
         // [time, 1] -> [1, 1, time]
         self.conv_post
-            .forward_time_major(&x, Epilogue::None)?
+            .forward_time_major_activated(&x, Some(0.01), Epilogue::None)?
             .tanh()?
             .t()?
             .unsqueeze(0)?

@@ -19,6 +19,9 @@ pub(crate) struct Conv {
     transposed: bool,
     /// The weight prepared for [`Conv::forward_time_major`], made on demand.
     taps: Option<Taps>,
+    /// A transposed convolution's bias repeated once per output phase (see
+    /// [`Conv::with_taps`]).
+    phase_bias: Option<Tensor>,
 }
 
 impl Conv {
@@ -91,6 +94,7 @@ impl Conv {
             attrs,
             transposed,
             taps: None,
+            phase_bias: None,
         })
     }
 
@@ -127,8 +131,41 @@ impl Conv {
 
 impl Conv {
     /// Prepares [`forward_time_major`](Self::forward_time_major).
+    ///
+    /// A transposed convolution of stride `s` and kernel `k` becomes a plain one over its
+    /// input with `ceil(k / s)` taps and `s × out` channels: output sample `q s + r` (phase
+    /// `r`) is the sum over `m` of input row `q − m` times tap `r + m s`, so one product per
+    /// input row gives `s` consecutive output rows, time-major, and the padding only crops
+    /// rows. Candle's CPU kernel instead scatters a product `k` times larger than the
+    /// output, channel-major, in one thread.
     pub(crate) fn with_taps(mut self) -> std::result::Result<Self, PiperError> {
-        self.taps = Some(time_major::taps(&self.weight)?);
+        if !self.transposed {
+            self.taps = Some(time_major::taps(&self.weight)?);
+            return Ok(self);
+        }
+        let (cin, cout, k) = self.weight.dims3()?;
+        let s = self.attrs.stride.max(1);
+        let m = k.div_ceil(s);
+        // [in, out, m s] → [in, out, m, s], taps in the order the rows are unfolded (the
+        // latest input row last), then [s × out, in, m]: a plain convolution's weight.
+        let weight = self
+            .weight
+            .pad_with_zeros(2, 0, m * s - k)?
+            .reshape((cin, cout, m, s))?
+            .flip(&[2])?
+            .permute((3, 1, 0, 2))?
+            .contiguous()?
+            .reshape((s * cout, cin, m))?;
+        self.taps = Some(time_major::taps(&weight)?);
+        self.phase_bias = match &self.bias {
+            Some(b) => Some(
+                b.flatten_all()?
+                    .unsqueeze(0)?
+                    .repeat((s, 1))?
+                    .flatten_all()?,
+            ),
+            None => None,
+        };
         Ok(self)
     }
 
@@ -137,12 +174,56 @@ impl Conv {
     ///
     /// See [`time_major`] for why.
     pub(crate) fn forward_time_major(&self, x: &Tensor, epilogue: Epilogue<'_>) -> Result<Tensor> {
+        self.forward_time_major_activated(x, None, epilogue)
+    }
+
+    /// [`forward_time_major`](Self::forward_time_major) of `leaky_relu(x, pre)` when `pre`
+    /// is a slope: HiFi-GAN activates the input of almost every convolution, and the CPU
+    /// kernel applies it while unfolding the input rather than in a pass of its own.
+    pub(crate) fn forward_time_major_activated(
+        &self,
+        x: &Tensor,
+        pre: Option<f64>,
+        epilogue: Epilogue<'_>,
+    ) -> Result<Tensor> {
         let a = &self.attrs;
+        if self.transposed
+            && a.groups == 1
+            && a.dilation == 1
+            && let Some(taps) = &self.taps
+        {
+            let (len, _) = x.dims2()?;
+            let (_, cout, k) = self.weight.dims3()?;
+            let s = a.stride.max(1);
+            let m = k.div_ceil(s);
+            let phases = time_major::conv1d_activated(
+                x,
+                taps,
+                m - 1,
+                1,
+                self.phase_bias.as_ref(),
+                pre,
+                Epilogue::None,
+            )?;
+            let out_len = ((len.saturating_sub(1)) * s + k).saturating_sub(2 * a.padding);
+            let y = phases
+                .reshape(((len + m - 1) * s, cout))?
+                .narrow(0, a.padding, out_len)?;
+            return match epilogue {
+                Epilogue::None => Ok(y),
+                Epilogue::Residual(r) => y + r,
+                Epilogue::LeakyRelu(slope) => leaky_relu(&y, slope),
+            };
+        }
         let Some(taps) = self
             .taps
             .as_ref()
-            .filter(|_| a.stride == 1 && a.groups == 1)
+            .filter(|_| !self.transposed && a.stride == 1 && a.groups == 1)
         else {
+            let x = match pre {
+                Some(slope) => leaky_relu(x, slope)?,
+                None => x.clone(),
+            };
             let y = self.forward(&x.t()?.unsqueeze(0)?.contiguous()?)?;
             let y = y.squeeze(0)?.t()?.contiguous()?;
             return match epilogue {
@@ -152,7 +233,7 @@ impl Conv {
             };
         };
         let bias = self.bias.as_ref().map(Tensor::flatten_all).transpose()?;
-        time_major::conv1d(x, taps, a.padding, a.dilation, bias.as_ref(), epilogue)
+        time_major::conv1d_activated(x, taps, a.padding, a.dilation, bias.as_ref(), pre, epilogue)
     }
 
     /// A depthwise convolution (one filter per channel, as in the duration predictor) as a
@@ -258,6 +339,54 @@ mod tests {
                 &leaky_relu(&x, slope).unwrap(),
                 &chain_only(|| leaky_relu(&x, slope)).unwrap(),
             );
+        }
+    }
+
+    /// The polyphase form of a transposed convolution is Candle's `conv_transpose1d` (with
+    /// the padding cropped) within rounding: each output sums the same products in another
+    /// order.
+    #[test]
+    fn transposed_convolution_time_major_is_candles() {
+        use super::{Conv, Epilogue};
+        use crate::tts::candle::fused::testing::relative_difference;
+        use crate::tts::candle::onnx::ConvAttrs;
+        // Piper's upsamplers (kernel 16 stride 8 pads 4, kernel 8 stride 4 pads 2), and a
+        // kernel that is not a multiple of the stride.
+        for (k, stride, padding, len) in [(16, 8, 4, 37), (8, 4, 2, 1000), (5, 2, 1, 9)] {
+            let conv = Conv {
+                weight: tensor(&[6, 5, k], k as u64, 0.5),
+                bias: Some(tensor(&[5], 3, 0.5).reshape((1, 5, 1)).unwrap()),
+                attrs: ConvAttrs {
+                    padding,
+                    stride,
+                    dilation: 1,
+                    groups: 1,
+                },
+                transposed: true,
+                taps: None,
+                phase_bias: None,
+            }
+            .with_taps()
+            .unwrap();
+            let x = tensor(&[len, 6], len as u64, 2.0);
+            let time_major = conv
+                .forward_time_major_activated(&x, Some(0.1), Epilogue::None)
+                .unwrap();
+            let channel_major = leaky_relu(&x, 0.1)
+                .unwrap()
+                .t()
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let candle = conv
+                .forward(&channel_major)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .t()
+                .unwrap();
+            let d = relative_difference(&time_major, &candle);
+            assert!(d < 3e-7, "{k} {stride} {padding} {len}: {d}");
         }
     }
 }
