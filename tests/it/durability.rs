@@ -306,11 +306,7 @@ async fn a_server_that_lost_its_functions_is_given_them_again() {
         .await
         .unwrap();
     let first = q.enqueue(Echo { n: 1 }).await.unwrap();
-    let mut c = redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut c = server.connection().await;
     // The transitions run as the functions of one library, loaded on first use.
     let libraries = function_libraries(&mut c).await;
     assert_eq!(libraries.len(), 1, "{libraries:?}");

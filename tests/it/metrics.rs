@@ -6,9 +6,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-use voxqueue::{JobContext, JobError, JobId, JobState, Worker, handler_fn};
+use voxqueue::{JobContext, JobError, JobId, JobState, RetryPolicy, Worker, handler_fn};
 
-use crate::common::{Prefix, shutdown};
+use crate::common::{Prefix, eventually, shutdown};
 use crate::queue::Echo;
 
 /// One recorder for the whole test binary (a global can be set once). Only this
@@ -102,4 +102,58 @@ async fn counters_histograms_and_gauges_move_with_the_jobs() {
     assert_eq!((stats.recent.completed, stats.recent.failed), (1, 1));
     assert_eq!(stats.recent.error_rate, Some(0.5));
     assert!(stats.recent.mean_duration.is_some());
+}
+
+/// A retried attempt and a cancelled one are counted under their own names: a
+/// dashboard tells a flaky GPU from users cancelling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_and_cancellations_are_counted() {
+    snapshotter();
+    let p = Prefix::new();
+    let name = format!("metrics-rc-{}", &p.name[7..15]);
+    let q = p.queue::<Echo>(&name).await;
+    let flaky = q.enqueue(Echo { n: 1 }).await.unwrap();
+    let held = q.enqueue(Echo { n: 2 }).await.unwrap();
+    let handler = handler_fn(|job: Echo, ctx: JobContext| async move {
+        match (job.n, ctx.attempt()) {
+            (1, 1) => Err(JobError::transient("GPU busy")),
+            (2, _) => {
+                ctx.cancelled().await;
+                Err(JobError::Cancelled)
+            }
+            _ => Ok(job.n),
+        }
+    });
+    let (stop, signal) = shutdown();
+    let w = tokio::spawn(
+        Worker::builder(q.clone())
+            .concurrency(2)
+            .heartbeat(Duration::from_millis(50))
+            .retry(RetryPolicy::fixed(Duration::from_millis(10)).max_attempts(3))
+            .build(handler)
+            .run_until(signal),
+    );
+    q.wait_result::<u32>(&flaky.id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the held job running", || async {
+        (q.status(&held.id).await.unwrap().state == JobState::Active).then_some(())
+    })
+    .await;
+    q.cancel(&held.id).await.unwrap();
+    let st = q.wait(&held.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(st.state, JobState::Cancelled);
+    let _ = stop.send(());
+    w.await.unwrap().unwrap();
+
+    let m = read(&name);
+    assert_eq!(
+        m.get("voxqueue_jobs_failed_total{transient}"),
+        Some(&1.0),
+        "{m:?}"
+    );
+    assert_eq!(m.get("voxqueue_jobs_retried_total"), Some(&1.0));
+    assert_eq!(m.get("voxqueue_jobs_completed_total"), Some(&1.0));
+    assert_eq!(m.get("voxqueue_jobs_cancelled_total"), Some(&1.0));
+    assert_eq!(m.get("voxqueue_jobs_dead_total"), None);
 }

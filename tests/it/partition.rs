@@ -378,11 +378,7 @@ async fn a_slot_per_partition_claims_its_next_jobs_with_its_reports() {
     let n = 200;
     q.enqueue_bulk((0..n).map(|n| Echo { n })).await.unwrap();
     let (started, handler) = recorder(&q, Duration::from_millis(1));
-    let mut c = redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut c = server.connection().await;
     let before = crate::worker::client_calls(&mut c).await;
     let (stop, signal) = shutdown();
     let worker = q

@@ -269,11 +269,7 @@ async fn an_idle_worker_sends_only_its_heartbeats() {
     let server = RedisServer::start(&[]);
     let p = Prefix::on(&server.url());
     let q = p.queue::<Echo>("quiet").await;
-    let mut c = redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut c = server.connection().await;
     let w = spawn(
         Worker::builder(q.clone())
             .heartbeat(Duration::from_millis(500))
@@ -1569,8 +1565,7 @@ async fn a_report_redis_refuses_for_good_is_not_retried_and_the_job_runs_again_l
     })
     .await;
     // Out of memory: every script that writes is refused, and that is no passing state.
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = server.connection().await;
     let config = |value: &'static str| {
         redis::cmd("CONFIG")
             .arg("SET")
@@ -1658,8 +1653,7 @@ async fn a_probe_whose_claim_fails_does_not_wedge_the_breaker() {
     let good = q.enqueue(Echo { n: 1 }).await.unwrap();
     // Out of memory: after the cool-down, the half-open event and the probe's claim
     // (scripts that write) are refused.
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = server.connection().await;
     let maxmemory = |v: &'static str| {
         redis::cmd("CONFIG")
             .arg("SET")
@@ -1741,11 +1735,7 @@ async fn free_slots_are_filled_by_one_claim() {
     let server = RedisServer::start(&[]);
     let p = Prefix::on(&server.url());
     let q = p.queue::<Echo>("one-claim").await;
-    let mut c = redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut c = server.connection().await;
     let started = Arc::new(AtomicUsize::new(0));
     let (go, gate) = tokio::sync::watch::channel(false);
     let w = spawn(
@@ -1778,11 +1768,7 @@ async fn failing_claims_back_off() {
     let server = RedisServer::start(&[]);
     let p = Prefix::on(&server.url());
     let q = p.queue::<Echo>("claim-backoff").await;
-    let mut c = redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut c = server.connection().await;
     // An hourly heartbeat: once the worker is idle, claims are its only writes.
     let w = spawn(
         Worker::builder(q.clone())
@@ -1793,21 +1779,7 @@ async fn failing_claims_back_off() {
         (q.stats().await.unwrap().workers == 1).then_some(())
     })
     .await;
-    let blocked = eventually(WAIT, "the worker waiting in BLPOP", || {
-        let mut c = c.clone();
-        async move {
-            let list: String = redis::cmd("CLIENT")
-                .arg("LIST")
-                .query_async(&mut c)
-                .await
-                .unwrap();
-            list.lines()
-                .find(|l| l.contains(" cmd=blpop "))
-                .and_then(|l| l.split_whitespace().find_map(|f| f.strip_prefix("id=")))
-                .map(str::to_owned)
-        }
-    })
-    .await;
+    let blocked = waiting_in_blpop(&c).await;
     // Out of memory, then the worker's wait is cut short: its claims are refused.
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
@@ -1842,4 +1814,56 @@ async fn failing_claims_back_off() {
         .await
         .unwrap();
     stop(w).await;
+}
+
+/// The connections a server has, one `CLIENT LIST` line each.
+async fn clients(c: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(c)
+        .await
+        .unwrap();
+    list.lines().map(str::to_owned).collect()
+}
+
+/// Waits for a client blocked in BLPOP (an idle worker) and gives its client id.
+async fn waiting_in_blpop(c: &redis::aio::MultiplexedConnection) -> String {
+    eventually(WAIT, "the worker waiting in BLPOP", || {
+        let mut c = c.clone();
+        async move {
+            clients(&mut c)
+                .await
+                .iter()
+                .find(|l| l.contains(" cmd=blpop "))
+                .and_then(|l| l.split_whitespace().find_map(|f| f.strip_prefix("id=")))
+                .map(str::to_owned)
+        }
+    })
+    .await
+}
+
+/// An idle worker on one node blocks on a single connection for all its queues,
+/// besides its heartbeat's: idle workers cost Redis no spare connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_waits_on_one_connection() {
+    let server = RedisServer::start(&[]);
+    let p = Prefix::on(&server.url());
+    let a = p.queue::<Echo>("conns-a").await;
+    let b = p.queue::<Echo>("conns-b").await;
+    let mut c = server.connection().await;
+    let before = clients(&mut c).await.len();
+    let w = spawn(
+        Worker::builder(a.clone())
+            .queue(b.clone())
+            .heartbeat(Duration::from_secs(3600))
+            .build(echo()),
+    );
+    waiting_in_blpop(&c).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let during = clients(&mut c).await;
+    let blocked = during.iter().filter(|l| l.contains(" cmd=blpop ")).count();
+    stop(w).await;
+    assert_eq!(blocked, 1, "one BLPOP over both queues");
+    // The heartbeat thread's connection per queue, and the one it blocks on.
+    assert_eq!(during.len() - before, 3, "the worker's own connections");
 }

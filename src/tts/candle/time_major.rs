@@ -144,22 +144,7 @@ mod tests {
                 Epilogue::Residual(&residual),
                 Epilogue::LeakyRelu(0.1),
             ] {
-                let activated = conv1d_activated(
-                    &x,
-                    &taps,
-                    padding,
-                    dilation,
-                    Some(&bias),
-                    Some(0.1),
-                    epilogue,
-                )
-                .unwrap();
-                let before = leaky_relu(&x, 0.1).unwrap();
-                let plain =
-                    conv1d(&before, &taps, padding, dilation, Some(&bias), epilogue).unwrap();
-                same(&activated, &plain);
-                // And within rounding of the Candle ops (a leaky ReLU, then the convolution).
-                let chain = chain_only(|| {
+                let run = || {
                     conv1d_activated(
                         &x,
                         &taps,
@@ -169,8 +154,14 @@ mod tests {
                         Some(0.1),
                         epilogue,
                     )
-                })
-                .unwrap();
+                };
+                let activated = run().unwrap();
+                let before = leaky_relu(&x, 0.1).unwrap();
+                let plain =
+                    conv1d(&before, &taps, padding, dilation, Some(&bias), epilogue).unwrap();
+                same(&activated, &plain);
+                // And within rounding of the Candle ops (a leaky ReLU, then the convolution).
+                let chain = chain_only(run).unwrap();
                 let d = relative_difference(&activated, &chain);
                 assert!(d < 3e-7, "{len} {padding} {dilation} {epilogue:?}: {d}");
             }

@@ -139,6 +139,16 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// A plain connection of the test's own, for reading the server's counters and
+    /// changing its configuration behind the code under test.
+    pub(crate) async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("server url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the private server")
+    }
+
     /// Starts the server; `may_move` lets it take another free port if this one is
     /// taken (not on restart, whose clients know the port).
     fn spawn(&mut self, may_move: bool) {
