@@ -267,6 +267,36 @@ mod tests {
         assert_eq!(store.cleanup_older_than(Duration::ZERO).await.unwrap(), 1);
         assert_eq!(store.get(&r).await.unwrap(), None);
         assert!(!store.delete(&r).await.unwrap());
+        store.put(&r, b"three", Duration::ZERO).await.unwrap();
+        assert!(store.delete(&r).await.unwrap());
+        assert_eq!(store.get(&r).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn cleanup_skips_stray_files_and_a_store_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path().join("never"));
+        assert_eq!(store.cleanup_older_than(Duration::ZERO).await.unwrap(), 0);
+        let store = FileStore::new(dir.path());
+        std::fs::write(dir.path().join("README"), b"not a shard").unwrap();
+        store.put("xy.wav", b"a", Duration::ZERO).await.unwrap();
+        assert_eq!(store.cleanup_older_than(Duration::ZERO).await.unwrap(), 1);
+        assert!(dir.path().join("README").exists());
+    }
+
+    #[test]
+    fn keys_are_short_plain_names() {
+        let long = "k".repeat(200);
+        for key in ["a", "abc-1_2.wav", long.as_str()] {
+            assert!(check_key(key).is_ok(), "{key}");
+        }
+        let longer = "k".repeat(201);
+        for key in ["", ".wav", "a b", "ä", "a/b", "a\\b", longer.as_str()] {
+            assert!(
+                matches!(check_key(key), Err(StoreError::InvalidKey(k)) if k == key),
+                "{key}"
+            );
+        }
     }
 
     #[tokio::test]

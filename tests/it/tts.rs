@@ -231,3 +231,46 @@ async fn progress_is_reported_per_sentence_and_cancel_stops_between_sentences() 
         "cancellation did not stop the synthesis: {spoken} chunks of 20"
     );
 }
+
+/// Audio in Redis lives beside the queue's keys, expires with the result TTL, and is
+/// deleted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_store_keeps_audio_beside_the_queue_for_its_ttl() {
+    let p = Prefix::new();
+    let q = p.queue::<SynthesisRequest>("speech-store").await;
+    let store = RedisStore::new(&q);
+    let r = store
+        .put("abc.wav", b"RIFF\0\xff", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(r, "abc.wav");
+    assert_eq!(
+        store.get(&r).await.unwrap().as_deref(),
+        Some(&b"RIFF\0\xff"[..])
+    );
+    let mut c = redis::Client::open(crate::common::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*:audio:*", p.name))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys[0].ends_with(":audio:abc.wav"), "{keys:?}");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&keys[0])
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!((59_000..=60_000).contains(&ttl), "{ttl} ms");
+    assert!(store.delete(&r).await.unwrap());
+    assert!(!store.delete(&r).await.unwrap());
+    assert_eq!(store.get(&r).await.unwrap(), None);
+    assert!(matches!(
+        store.put("../x", b"", Duration::from_secs(1)).await,
+        Err(voxqueue::tts::StoreError::InvalidKey(_))
+    ));
+}
