@@ -11,7 +11,7 @@ use voxqueue::{
     handler_fn,
 };
 
-use crate::common::{Prefix, redis_url, shutdown};
+use crate::common::{Prefix, shutdown};
 use crate::queue::Echo;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -55,11 +55,7 @@ async fn bury_in_order(queue: &Queue<Echo>, ids: &[&str]) {
 }
 
 async fn raw_conn() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+    crate::common::connection().await
 }
 
 fn key(p: &Prefix, queue: &str, name: &str) -> String {

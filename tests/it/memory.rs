@@ -14,7 +14,7 @@ use voxqueue::{
     CancelOutcome, Deduplicator, Error, JobError, JobState, Queue, RateLimit, Worker, handler_fn,
 };
 
-use crate::common::{Prefix, eventually, redis_url, shutdown};
+use crate::common::{Prefix, eventually, shutdown};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Task {
@@ -77,11 +77,7 @@ async fn every_ending_leaves_only_capped_traces_after_its_retention() {
         .connect()
         .await
         .unwrap();
-    let mut conn = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = crate::common::connection().await;
     let before = footprint(&mut conn, &p.name).await;
 
     let worker = Worker::builder(q.clone())
@@ -221,11 +217,7 @@ async fn a_killed_worker_is_forgotten_with_its_breaker_after_its_silence() {
     let q: Queue<Task> = p.queue("forget").await;
     let workers = format!("{}:{{forget}}:workers", p.name);
     let breakers = format!("{}:{{forget}}:breakers", p.name);
-    let mut conn = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = crate::common::connection().await;
     let probe = conn.clone();
     let registered = |id: &'static str| {
         let mut conn = probe.clone();

@@ -705,11 +705,7 @@ async fn dead_letters_of_all_partitions_are_requeued_and_purged_with_exact_count
         .unwrap()
         .as_millis() as u64
         - 3_600_000;
-    let mut conn = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = crate::common::connection().await;
     for (job, part) in [("d3@0", 0), ("d2@2", 2)] {
         let dead = format!("{}:{{{}}}:dead", p.name, q.partitions()[part].name());
         let _: () = redis::cmd("ZADD")

@@ -91,11 +91,7 @@ async fn delayed_jobs_are_scheduled() {
             |job: Echo, _ctx| async move { Ok::<_, voxqueue::JobError>(job.n) },
         )),
     );
-    let conn = redis::Client::open(crate::common::redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let conn = crate::common::connection().await;
     let key = format!("{}:{{delay}}:stats", p.name);
     crate::common::eventually(Duration::from_secs(10), "a due time kept", || {
         let (mut conn, key) = (conn.clone(), key.clone());
@@ -141,11 +137,7 @@ async fn stats_count_old_layout_jobs_by_the_priority_their_score_names() {
         pipe.zadd(format!("{}:{{oldstats}}:ready", p.name), id, score)
             .ignore();
     }
-    let mut conn = redis::Client::open(crate::common::redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = crate::common::connection().await;
     let _: () = pipe.query_async(&mut conn).await.unwrap();
     let stats = q.stats().await.unwrap();
     assert_eq!(
@@ -174,8 +166,7 @@ async fn bulk_enqueue_stores_every_job_in_order() {
     assert_eq!(stats.queued_by_priority[1], (Priority::Normal, 1200));
     assert_eq!(stats.totals.get("enqueued"), Some(&1200));
     // In line in the order given, each with its own payload.
-    let client = redis::Client::open(crate::common::redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = crate::common::connection().await;
     let ready: Vec<String> = redis::cmd("LRANGE")
         .arg(format!("{}:{{bulk}}:ready:normal", p.name))
         .arg(0)
@@ -356,8 +347,7 @@ async fn the_event_stream_is_capped() {
     for n in 0..300 {
         q.enqueue(Echo { n }).await.unwrap();
     }
-    let client = redis::Client::open(crate::common::redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = crate::common::connection().await;
     let len: u64 = redis::cmd("XLEN")
         .arg(format!("{}:{{capped}}:events", p.name))
         .query_async(&mut conn)

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use voxqueue::{Error, JobId, Periodic, Schedule};
 
-use crate::common::{Prefix, eventually, redis_url, shutdown};
+use crate::common::{Prefix, eventually, shutdown};
 use crate::queue::Echo;
 
 const TICK_MS: u64 = 200;
@@ -48,11 +48,7 @@ async fn each_tick_enqueues_exactly_once_across_processes() {
         task.await.expect("periodic task");
     }
 
-    let mut conn = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = crate::common::connection().await;
     let ids: Vec<String> = redis::cmd("HKEYS")
         .arg(format!("{}:{{cron}}:jobs", p.name))
         .query_async(&mut conn)

@@ -197,11 +197,7 @@ async fn no_lease_left(p: &Prefix, id: &JobId, ending: Ending) {
 }
 
 async fn conn() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(crate::common::redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+    crate::common::connection().await
 }
 
 async fn nothing_happened(ending: Ending, attempts: u32) -> (Prefix, voxqueue::JobStatus) {

@@ -1003,8 +1003,7 @@ async fn a_corrupt_record_is_dead_lettered_with_the_reason_and_the_queue_goes_on
     let broken = q.enqueue(Echo { n: 1 }).await.unwrap();
     let fine = q.enqueue(Echo { n: 2 }).await.unwrap();
     // Something outside voxqueue scribbled over the record.
-    let client = redis::Client::open(crate::common::redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = crate::common::connection().await;
     let key = format!("{}:{{corrupt}}:jobs", p.name);
     let _: () = redis::cmd("HSET")
         .arg(&key)
@@ -1595,8 +1594,7 @@ async fn active_jobs_leave_out_a_job_that_ended_after_the_index_was_read() {
     assert_eq!(q.wait_result::<u32>(&job.id, WAIT).await.unwrap(), 1);
     stop(w).await;
     // As if the index was read just before the job ended: its id is still there.
-    let client = redis::Client::open(crate::common::redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = crate::common::connection().await;
     let _: () = redis::cmd("ZADD")
         .arg(format!("{}:{{active-ended}}:active", p.name))
         .arg(1)

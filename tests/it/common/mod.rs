@@ -19,6 +19,15 @@ pub(crate) fn redis_url() -> String {
     std::env::var("VOXQUEUE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
+/// A plain connection to the shared Redis, for looking at keys behind the library.
+pub(crate) async fn connection() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .expect("test Redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to test Redis")
+}
+
 /// A key prefix only this test uses; every key under it is deleted on drop.
 pub(crate) struct Prefix {
     pub(crate) name: String,
