@@ -522,6 +522,51 @@ async fn stale_workers_and_their_breakers_are_forgotten() {
     stop(w).await;
 }
 
+/// However short a worker's forget setting, it forgets another worker only after
+/// three of its own heartbeats of silence: a live peer is never dropped between beats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_are_forgotten_no_sooner_than_three_heartbeats() {
+    let p = Prefix::new();
+    let q = p.queue::<N>("forget-floor").await;
+    let mut c = conn(&crate::common::redis_url()).await;
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut c).await.unwrap();
+    let now_ms = secs * 1000 + micros / 1000;
+    let workers = format!("{}:{{forget-floor}}:workers", p.name);
+    let _: () = redis::cmd("ZADD")
+        .arg(&workers)
+        .arg(now_ms - 1_000)
+        .arg("quiet")
+        .arg(now_ms - 10_000)
+        .arg("gone")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let w = spawn(
+        Worker::builder(q.clone())
+            .heartbeat(Duration::from_secs(1))
+            .forget_silent_after(Duration::from_millis(1))
+            .build(echo()),
+    );
+    let seen = eventually(WAIT, "the long-silent worker forgotten", || {
+        let mut c = c.clone();
+        let workers = workers.clone();
+        async move {
+            let ids: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&workers)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            (!ids.iter().any(|id| id == "gone")).then_some(ids)
+        }
+    })
+    .await;
+    // Silent 1 s, under three beats of 1 s: kept by the same sweep.
+    assert!(seen.iter().any(|id| id == "quiet"), "{seen:?}");
+    stop(w).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_history_and_messages_are_capped() {
     let p = Prefix::new();
