@@ -331,20 +331,46 @@ mod tests {
             1000
         }
         fn synthesize(&self, request: &SynthesisRequest) -> Result<Audio, TtsError> {
+            if request.text == "fail" {
+                return Err(TtsError::EmptyText);
+            }
             Ok(Audio::new(vec![0.5; request.text.len()], 1000))
         }
     }
 
-    #[test]
-    fn the_tap_forwards_each_chunk_with_the_pause_before_all_but_the_first() {
-        let (sink, mut chunks) = tokio::sync::mpsc::unbounded_channel();
+    fn tap(rate: Option<u32>) -> (Tap, tokio::sync::mpsc::UnboundedReceiver<Audio>) {
+        let (sink, chunks) = tokio::sync::mpsc::unbounded_channel();
         let tap = Tap {
             inner: Arc::new(Fixed),
             sink,
             pause: Duration::from_millis(3),
-            rate: None,
+            rate,
             sent: Default::default(),
         };
+        (tap, chunks)
+    }
+
+    #[test]
+    fn the_tap_sends_chunks_at_the_requested_rate() {
+        let (tap, mut chunks) = tap(Some(2000));
+        tap.synthesize(&SynthesisRequest::new("abcd", "v")).unwrap();
+        let chunk = chunks.try_recv().unwrap();
+        assert_eq!((chunk.sample_rate, chunk.samples.len()), (2000, 8));
+    }
+
+    #[test]
+    fn the_tap_stops_at_the_first_failure_of_a_batch() {
+        let (tap, mut chunks) = tap(None);
+        let requests = ["ab", "fail", "abc"].map(|t| SynthesisRequest::new(t, "v"));
+        let results = tap.synthesize_batch(&requests);
+        assert_eq!(results.len(), 3);
+        assert_eq!(chunks.try_recv().unwrap().samples, vec![0.5; 2]);
+        assert!(chunks.try_recv().is_err(), "no audio after the gap");
+    }
+
+    #[test]
+    fn the_tap_forwards_each_chunk_with_the_pause_before_all_but_the_first() {
+        let (tap, mut chunks) = tap(None);
         tap.synthesize(&SynthesisRequest::new("abcd", "v")).unwrap();
         tap.synthesize_batch(&[SynthesisRequest::new("ab", "v")]);
         assert_eq!(chunks.try_recv().unwrap().samples, vec![0.5; 4]);

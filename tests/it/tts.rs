@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use voxqueue::tts::{
-    Audio, EspeakSynthesizer, FileStore, RedisStore, ResultStore, SpeechResult, SynthesisRequest,
-    Synthesizer, TtsError, TtsHandler, Voice, decode_wav,
+    Audio, AudioFormat, AudioStream, EspeakSynthesizer, FileStore, RedisStore, ResultStore,
+    SpeechResult, StreamEvent, SynthesisRequest, Synthesizer, TtsError, TtsHandler, Voice,
+    decode_wav,
 };
-use voxqueue::{EventKind, JobState, Queue, Worker};
+use voxqueue::{EventKind, JobId, JobState, Queue, Worker};
 
 use crate::common::{Prefix, shutdown};
 
@@ -294,4 +295,49 @@ async fn the_redis_store_keeps_audio_beside_the_queue_for_its_ttl() {
         store.put("../x", b"", Duration::from_secs(1)).await,
         Err(voxqueue::tts::StoreError::InvalidKey(_))
     ));
+}
+
+/// A job's audio stream gives every reader all its entries in order, from the first,
+/// and lives for its TTL after the last write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audio_stream_replays_its_entries_in_order_to_every_reader() {
+    let p = Prefix::new();
+    let q = p.queue::<SynthesisRequest>("speech-stream").await;
+    let stream = AudioStream::new(&q).ttl(Duration::from_secs(30));
+    let id = JobId::new("streamed").unwrap();
+    assert!(!stream.exists(&id).await.unwrap());
+    let mut early = stream.reader(&id).await.unwrap();
+    assert_eq!(early.next(Duration::from_millis(10)).await.unwrap(), []);
+    let audio = Audio::new(vec![0.5, -1.0, 0.25], 16_000);
+    stream.start(&id, 1, 16_000).await.unwrap();
+    stream.push(&id, &audio).await.unwrap();
+    stream.fail(&id, "GPU fell off the bus").await.unwrap();
+    stream.start(&id, 2, 24_000).await.unwrap();
+    stream.finish(&id).await.unwrap();
+    assert!(stream.exists(&id).await.unwrap());
+    let expected = vec![
+        StreamEvent::Started {
+            attempt: 1,
+            sample_rate: 16_000,
+        },
+        StreamEvent::Audio(audio.encode(AudioFormat::PcmI16).unwrap()),
+        StreamEvent::Failed("GPU fell off the bus".into()),
+        StreamEvent::Started {
+            attempt: 2,
+            sample_rate: 24_000,
+        },
+        StreamEvent::Done,
+    ];
+    assert_eq!(early.next(Duration::from_secs(5)).await.unwrap(), expected);
+    // Read on from where it was: nothing new.
+    assert_eq!(early.next(Duration::from_millis(10)).await.unwrap(), []);
+    let mut late = stream.reader(&id).await.unwrap();
+    assert_eq!(late.next(Duration::from_secs(5)).await.unwrap(), expected);
+    let mut c = crate::common::connection().await;
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(format!("{}:{{speech-stream}}:stream:streamed", p.name))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!((25_000..=30_000).contains(&ttl), "{ttl} ms");
 }
