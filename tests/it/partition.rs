@@ -2,6 +2,7 @@
 //! on the shared Redis and on a private 3-master cluster.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -401,6 +402,51 @@ async fn a_slot_per_partition_claims_its_next_jobs_with_its_reports() {
     // About 215 here (a report per job, a claim per slot per run, heartbeats); a
     // claim of its own for every job would make it 400 and more.
     assert!(sent <= 300, "{sent} script calls and pops for {n} jobs");
+}
+
+/// A spread claim asks each partition for its share, then asks again only those that
+/// gave it in full: jobs in one partition fill the slots, and a partition found empty
+/// is not asked twice in one round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spread_claim_asks_again_only_partitions_that_gave_their_share() {
+    let server = RedisServer::start(&[]);
+    let p = Prefix::on(&server.url());
+    let q = PartitionedQueue::<Echo>::builder("share")
+        .url(server.url())
+        .prefix(&p.name)
+        .partitions(2)
+        .connect()
+        .await
+        .unwrap();
+    let mut c = server.connection().await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let (go, gate) = tokio::sync::watch::channel(false);
+    let (stop, signal) = shutdown();
+    let worker = q
+        .worker()
+        .concurrency(4)
+        .heartbeat(Duration::from_secs(3600))
+        .build(crate::worker::held(started.clone(), gate));
+    let running = tokio::spawn(worker.run_until(signal));
+    crate::worker::waiting_in_blpop(&c).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = crate::worker::script_calls(&mut c).await;
+    q.partitions()[0]
+        .enqueue_bulk((0..3).map(|n| Echo { n }))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "three started", || async {
+        (started.load(Ordering::SeqCst) == 3).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = crate::worker::script_calls(&mut c).await - before;
+    // The enqueue; a round of 2 + 0 and 2 more from the full partition (1 came);
+    // then a round of 1 + 1 for the free slot, both empty, and the worker waits.
+    assert_eq!(sent, 6, "script calls");
+    go.send_replace(true);
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

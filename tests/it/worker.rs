@@ -234,7 +234,7 @@ pub(crate) async fn client_calls(c: &mut redis::aio::MultiplexedConnection) -> u
 }
 
 /// Script calls a private server has had so far.
-async fn script_calls(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+pub(crate) async fn script_calls(c: &mut redis::aio::MultiplexedConnection) -> u64 {
     calls_of(c, &["fcall", "evalsha"]).await
 }
 
@@ -1711,7 +1711,7 @@ async fn a_retry_run_by_the_same_worker_is_renewed_under_its_new_lease() {
 }
 
 /// A handler that counts the jobs started and holds each until `go` turns true.
-fn held(
+pub(crate) fn held(
     started: Arc<AtomicUsize>,
     go: tokio::sync::watch::Receiver<bool>,
 ) -> impl Handler<Echo, Output = u32> {
@@ -1825,7 +1825,7 @@ async fn clients(c: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
 }
 
 /// Waits for a client blocked in BLPOP (an idle worker) and gives its client id.
-async fn waiting_in_blpop(c: &redis::aio::MultiplexedConnection) -> String {
+pub(crate) async fn waiting_in_blpop(c: &redis::aio::MultiplexedConnection) -> String {
     eventually(WAIT, "the worker waiting in BLPOP", || {
         let mut c = c.clone();
         async move {
