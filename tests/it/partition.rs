@@ -404,49 +404,114 @@ async fn a_slot_per_partition_claims_its_next_jobs_with_its_reports() {
     assert!(sent <= 300, "{sent} script calls and pops for {n} jobs");
 }
 
+/// A worker with four slots over a two-partition queue on a private server, its
+/// jobs held until the returned sender says go; and the server's script calls so far.
+struct SpreadWorker {
+    _server: RedisServer,
+    _prefix: Prefix,
+    q: PartitionedQueue<Echo>,
+    conn: redis::aio::MultiplexedConnection,
+    started: Arc<AtomicUsize>,
+    go: tokio::sync::watch::Sender<bool>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    running: Option<tokio::task::JoinHandle<Result<(), Error>>>,
+}
+
+impl SpreadWorker {
+    async fn open() -> Self {
+        let server = RedisServer::start(&[]);
+        let prefix = Prefix::on(&server.url());
+        let q = PartitionedQueue::<Echo>::builder("share")
+            .url(server.url())
+            .prefix(&prefix.name)
+            .partitions(2)
+            .connect()
+            .await
+            .unwrap();
+        let conn = server.connection().await;
+        let (go, _) = tokio::sync::watch::channel(false);
+        SpreadWorker {
+            _server: server,
+            _prefix: prefix,
+            q,
+            conn,
+            started: Arc::new(AtomicUsize::new(0)),
+            go,
+            stop: None,
+            running: None,
+        }
+    }
+
+    fn start(&mut self) {
+        let (stop, signal) = shutdown();
+        let worker = self
+            .q
+            .worker()
+            .concurrency(4)
+            .heartbeat(Duration::from_secs(3600))
+            .build(crate::worker::held(
+                self.started.clone(),
+                self.go.subscribe(),
+            ));
+        self.stop = Some(stop);
+        self.running = Some(tokio::spawn(worker.run_until(signal)));
+    }
+
+    async fn calls(&mut self) -> u64 {
+        crate::worker::script_calls(&mut self.conn).await
+    }
+
+    /// Waits for `n` jobs started and the worker settled.
+    async fn started(&self, n: usize) {
+        eventually(Duration::from_secs(10), "jobs started", || async {
+            (self.started.load(Ordering::SeqCst) == n).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    async fn stop(mut self) {
+        self.go.send_replace(true);
+        let _ = self.stop.take().unwrap().send(());
+        self.running.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
 /// A spread claim asks each partition for its share, then asks again only those that
 /// gave it in full: jobs in one partition fill the slots, and a partition found empty
 /// is not asked twice in one round.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spread_claim_asks_again_only_partitions_that_gave_their_share() {
-    let server = RedisServer::start(&[]);
-    let p = Prefix::on(&server.url());
-    let q = PartitionedQueue::<Echo>::builder("share")
-        .url(server.url())
-        .prefix(&p.name)
-        .partitions(2)
-        .connect()
-        .await
-        .unwrap();
-    let mut c = server.connection().await;
-    let started = Arc::new(AtomicUsize::new(0));
-    let (go, gate) = tokio::sync::watch::channel(false);
-    let (stop, signal) = shutdown();
-    let worker = q
-        .worker()
-        .concurrency(4)
-        .heartbeat(Duration::from_secs(3600))
-        .build(crate::worker::held(started.clone(), gate));
-    let running = tokio::spawn(worker.run_until(signal));
-    crate::worker::waiting_in_blpop(&c).await;
+    let mut w = SpreadWorker::open().await;
+    w.start();
+    crate::worker::waiting_in_blpop(&w.conn).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = crate::worker::script_calls(&mut c).await;
-    q.partitions()[0]
+    let before = w.calls().await;
+    w.q.partitions()[0]
         .enqueue_bulk((0..3).map(|n| Echo { n }))
         .await
         .unwrap();
-    eventually(Duration::from_secs(10), "three started", || async {
-        (started.load(Ordering::SeqCst) == 3).then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let sent = crate::worker::script_calls(&mut c).await - before;
+    w.started(3).await;
+    let sent = w.calls().await - before;
     // The enqueue; a round of 2 + 0 and 2 more from the full partition (1 came);
     // then a round of 1 + 1 for the free slot, both empty, and the worker waits.
     assert_eq!(sent, 6, "script calls");
-    go.send_replace(true);
-    let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    w.stop().await;
+}
+
+/// Once the partitions' shares fill every slot, the claim round ends: no partition is
+/// asked for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spread_claim_that_fills_every_slot_asks_no_more() {
+    let mut w = SpreadWorker::open().await;
+    w.q.enqueue_bulk((0..4).map(|n| Echo { n })).await.unwrap();
+    let before = w.calls().await;
+    w.start();
+    w.started(4).await;
+    let sent = w.calls().await - before;
+    // Per partition: the heartbeat's first beat, and one claim of two jobs.
+    assert_eq!(sent, 4, "script calls");
+    w.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
