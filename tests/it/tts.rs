@@ -10,7 +10,7 @@ use voxqueue::tts::{
     SpeechResult, StreamEvent, SynthesisRequest, Synthesizer, TtsError, TtsHandler, Voice,
     decode_wav,
 };
-use voxqueue::{EventKind, JobId, JobState, Queue, Worker};
+use voxqueue::{EventKind, JobId, JobState, Queue, RetryPolicy, Worker};
 
 use crate::common::{Prefix, shutdown};
 
@@ -340,4 +340,59 @@ async fn an_audio_stream_replays_its_entries_in_order_to_every_reader() {
         .await
         .unwrap();
     assert!((25_000..=30_000).contains(&ttl), "{ttl} ms");
+}
+
+/// A voice whose first call fails as a backend error (a GPU out of memory, say).
+#[derive(Debug, Default)]
+struct FailsOnce {
+    calls: AtomicUsize,
+}
+
+impl Synthesizer for FailsOnce {
+    fn voices(&self) -> Vec<Voice> {
+        vec![Voice::new("flaky", "Flaky")]
+    }
+    fn sample_rate(&self) -> u32 {
+        8_000
+    }
+    fn synthesize(&self, _request: &SynthesisRequest) -> Result<Audio, TtsError> {
+        match self.calls.fetch_add(1, Ordering::SeqCst) {
+            0 => Err(TtsError::Backend("CUDA out of memory".into())),
+            _ => Ok(Audio::new(vec![0.25; 800], 8_000)),
+        }
+    }
+}
+
+/// A backend error is transient: the job is retried and the retry's audio is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_error_is_retried() {
+    let p = Prefix::new();
+    let q = p.queue::<SynthesisRequest>("speech-retry").await;
+    let store = RedisStore::new(&q);
+    let handler = TtsHandler::new(FailsOnce::default(), store.clone());
+    let (stop, signal) = shutdown();
+    let worker = tokio::spawn(
+        Worker::builder(q.clone())
+            .retry(RetryPolicy::fixed(Duration::from_millis(10)).max_attempts(3))
+            .build(handler)
+            .run_until(signal),
+    );
+    let job = q
+        .enqueue(SynthesisRequest::new("Again.", "flaky"))
+        .await
+        .unwrap();
+    let result: SpeechResult = q.wait_result(&job.id, WAIT).await.unwrap();
+    let st = q.status(&job.id).await.unwrap();
+    assert_eq!((st.state, st.attempts), (JobState::Completed, 2));
+    assert_eq!(st.errors.len(), 1);
+    assert_eq!(st.errors[0].kind, "transient");
+    assert!(
+        st.errors[0].message.contains("CUDA out of memory"),
+        "{:?}",
+        st.errors
+    );
+    assert_eq!(result.duration_ms, 100);
+    assert!(store.get(&result.audio).await.unwrap().is_some());
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
 }
