@@ -915,7 +915,9 @@ async fn the_circuit_breaker_opens_holds_jobs_untouched_and_closes() {
         Worker::builder(q.clone())
             .id("flaky-gpu")
             .retry(RetryPolicy::fixed(Duration::from_millis(10)).max_attempts(20))
-            .circuit_breaker(voxqueue::CircuitBreaker::new(3, Duration::from_millis(500)))
+            // A cool-down long enough that no probe runs before the test mends the
+            // GPU, even on a loaded machine (500 ms once let a failing probe in).
+            .circuit_breaker(voxqueue::CircuitBreaker::new(3, Duration::from_secs(2)))
             .build(handler),
     );
     // The breaker's state reaches Redis on its own task, so the jobs the slot held
