@@ -284,6 +284,31 @@ mod tests {
         assert!(dir.path().join("README").exists());
     }
 
+    #[tokio::test]
+    async fn only_a_missing_file_is_absent_other_io_errors_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        // A directory where the audio should be: neither readable nor removable as a file.
+        std::fs::create_dir_all(dir.path().join("ab").join("ab.wav")).unwrap();
+        assert!(matches!(
+            store.get("ab.wav").await,
+            Err(StoreError::Io { .. })
+        ));
+        assert!(matches!(
+            store.delete("ab.wav").await,
+            Err(StoreError::Io { .. })
+        ));
+        // A store "directory" that is a file cannot be cleaned up.
+        let file = dir.path().join("plain");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            FileStore::new(&file)
+                .cleanup_older_than(Duration::ZERO)
+                .await,
+            Err(StoreError::Io { .. })
+        ));
+    }
+
     #[test]
     fn keys_are_short_plain_names() {
         let long = "k".repeat(200);
