@@ -353,6 +353,9 @@ mod tests {
     #[test]
     fn the_tap_sends_chunks_at_the_requested_rate() {
         let (tap, mut chunks) = tap(Some(2000));
+        // What the long-text driver asks of it is the inner voice's own.
+        assert_eq!(tap.voices(), Fixed.voices());
+        assert_eq!(tap.sample_rate(), 1000);
         tap.synthesize(&SynthesisRequest::new("abcd", "v")).unwrap();
         let chunk = chunks.try_recv().unwrap();
         assert_eq!((chunk.sample_rate, chunk.samples.len()), (2000, 8));
