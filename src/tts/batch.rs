@@ -189,6 +189,22 @@ mod tests {
     }
 
     #[test]
+    fn a_call_within_the_window_joins_the_waiting_batch() {
+        let inner = Arc::new(Counting::default());
+        let batcher =
+            Arc::new(BatchingSynthesizer::new(inner.clone(), 2, Duration::from_secs(5)).unwrap());
+        let b = batcher.clone();
+        let first =
+            std::thread::spawn(move || b.synthesize(&SynthesisRequest::new("a", "v")).unwrap());
+        std::thread::sleep(Duration::from_millis(100));
+        batcher
+            .synthesize(&SynthesisRequest::new("bb", "v"))
+            .unwrap();
+        first.join().unwrap();
+        assert_eq!(*inner.batches.lock().unwrap(), vec![2]);
+    }
+
+    #[test]
     fn a_full_batch_does_not_wait_for_the_window() {
         let inner = Arc::new(Counting::default());
         let batcher = BatchingSynthesizer::new(inner.clone(), 2, Duration::from_secs(60)).unwrap();
