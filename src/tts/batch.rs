@@ -192,7 +192,10 @@ mod tests {
     fn a_call_within_the_window_joins_the_waiting_batch() {
         let inner = Arc::new(Counting::default());
         let batcher =
-            Arc::new(BatchingSynthesizer::new(inner.clone(), 2, Duration::from_secs(5)).unwrap());
+            Arc::new(BatchingSynthesizer::new(inner.clone(), 2, Duration::from_secs(60)).unwrap());
+        assert_eq!(batcher.voices(), inner.voices());
+        assert_eq!(batcher.sample_rate(), 8_000);
+        let started = Instant::now();
         let b = batcher.clone();
         let first =
             std::thread::spawn(move || b.synthesize(&SynthesisRequest::new("a", "v")).unwrap());
@@ -202,6 +205,8 @@ mod tests {
             .unwrap();
         first.join().unwrap();
         assert_eq!(*inner.batches.lock().unwrap(), vec![2]);
+        // Two calls of one chunk each fill it: the window's minute is not waited out.
+        assert!(started.elapsed() < Duration::from_secs(30));
     }
 
     #[test]
