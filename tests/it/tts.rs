@@ -16,6 +16,26 @@ use crate::common::{Prefix, shutdown};
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// The keys matching `pattern` on the shared Redis, each with its time to live in ms.
+async fn stored(pattern: &str) -> Vec<(String, i64)> {
+    let mut c = crate::common::connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for key in keys {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        out.push((key, ttl));
+    }
+    out
+}
+
 async fn speak_through(
     queue: &Queue<SynthesisRequest>,
     store: Arc<dyn ResultStore>,
@@ -75,17 +95,9 @@ async fn the_offline_voice_speaks_through_the_queue_into_redis() {
         Duration::from_millis(audio.duration().as_millis() as u64)
     );
     // The audio is kept for the handler's audio TTL, a day by default.
-    let mut c = crate::common::connection().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}*:audio:{}", p.name, result.audio))
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    let ttl: i64 = redis::cmd("PTTL")
-        .arg(&keys[0])
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let stored = stored(&format!("{}*:audio:{}", p.name, result.audio)).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let ttl = stored[0].1;
     assert!((86_000_000..=86_400_000).contains(&ttl), "{ttl} ms");
 }
 
@@ -274,19 +286,10 @@ async fn the_redis_store_keeps_audio_beside_the_queue_for_its_ttl() {
         store.get(&r).await.unwrap().as_deref(),
         Some(&b"RIFF\0\xff"[..])
     );
-    let mut c = crate::common::connection().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}*:audio:*", p.name))
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    assert_eq!(keys.len(), 1, "{keys:?}");
-    assert!(keys[0].ends_with(":audio:abc.wav"), "{keys:?}");
-    let ttl: i64 = redis::cmd("PTTL")
-        .arg(&keys[0])
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let stored = stored(&format!("{}*:audio:*", p.name)).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert!(stored[0].0.ends_with(":audio:abc.wav"), "{stored:?}");
+    let ttl = stored[0].1;
     assert!((59_000..=60_000).contains(&ttl), "{ttl} ms");
     assert!(store.delete(&r).await.unwrap());
     assert!(!store.delete(&r).await.unwrap());
@@ -333,12 +336,9 @@ async fn an_audio_stream_replays_its_entries_in_order_to_every_reader() {
     assert_eq!(early.next(Duration::from_millis(10)).await.unwrap(), []);
     let mut late = stream.reader(&id).await.unwrap();
     assert_eq!(late.next(Duration::from_secs(5)).await.unwrap(), expected);
-    let mut c = crate::common::connection().await;
-    let ttl: i64 = redis::cmd("PTTL")
-        .arg(format!("{}:{{speech-stream}}:stream:streamed", p.name))
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let stored = stored(&format!("{}:{{speech-stream}}:stream:streamed", p.name)).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let ttl = stored[0].1;
     assert!((25_000..=30_000).contains(&ttl), "{ttl} ms");
 }
 
