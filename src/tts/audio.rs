@@ -468,6 +468,93 @@ mod tests {
         let e = Audio::new(vec![], 8000).resample(16000);
         assert!(e.is_empty());
         assert_eq!(e.sample_rate, 16000);
+        assert!(!a.is_empty());
+    }
+
+    #[test]
+    fn a_zero_rate_on_either_side_resamples_to_empty_audio() {
+        let a = Audio::new(vec![0.5; 100], 16000);
+        let to_zero = a.resample(0);
+        assert!(to_zero.is_empty());
+        assert_eq!(to_zero.sample_rate, 0);
+        let from_zero = Audio::new(vec![0.5; 100], 0).resample(16000);
+        assert!(from_zero.is_empty());
+        assert_eq!(from_zero.sample_rate, 16000);
+    }
+
+    #[test]
+    fn the_window_sinc_and_gcd_give_their_textbook_values() {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(close(blackman(0.0), 1.0));
+        assert!(close(blackman(0.5), 0.34));
+        assert!(close(blackman(-0.5), 0.34));
+        assert!(close(
+            blackman(0.25),
+            0.42 + 0.5 * std::f64::consts::FRAC_1_SQRT_2
+        ));
+        assert!(close(blackman(1.0), 0.0));
+        assert!(close(blackman(-1.5), 0.0));
+        assert!(close(sinc(0.0), 1.0));
+        assert!(close(sinc(0.5), 2.0 / PI));
+        assert!(sinc(1.0).abs() < 1e-15 && sinc(-2.0).abs() < 1e-15);
+        assert_eq!(gcd(22050, 48000), 150);
+        assert_eq!(gcd(48000, 22050), 150);
+        assert_eq!(gcd(7, 0), 7);
+        assert_eq!(gcd(44101, 16000), 1);
+    }
+
+    #[test]
+    fn every_kernel_phase_has_unit_gain() {
+        // Unnormalised, a short low-pass kernel's taps sum to well off 1.
+        let (phases, half, cutoff) = (4, 4, 0.3);
+        let raw: f64 = (0..2 * half)
+            .map(|j| {
+                let d = half as f64 - 1.0 - j as f64;
+                cutoff * sinc(cutoff * d) * blackman(d / half as f64)
+            })
+            .sum();
+        assert!((raw - 1.0).abs() > 0.05, "{raw}");
+        let table = kernel_table(phases, half, cutoff);
+        assert_eq!(table.len(), phases * 2 * half);
+        for row in table.chunks(2 * half) {
+            let sum: f32 = row.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-6, "{row:?}");
+        }
+        // Phase 0 sits on an input sample: its kernel is symmetric about that tap.
+        assert!((table[half - 2] - table[half]).abs() < 1e-7);
+    }
+
+    #[test]
+    fn samples_at_the_edges_are_weighed_as_in_the_middle() {
+        // An impulse's response is the kernel wherever the impulse sits: at the start and
+        // the end (where taps fall outside the input) as in the middle.
+        let impulse_at = |k: usize| {
+            let mut x = vec![0.0; 101];
+            x[k] = 1.0;
+            Audio::new(x, 8000).resample(16000).samples
+        };
+        let (start, middle, end) = (impulse_at(0), impulse_at(50), impulse_at(100));
+        assert_eq!(start.len(), 202);
+        let reach = 40; // beyond the kernel's half width (17 taps, 34 output samples)
+        for n in 0..reach {
+            assert!((start[n] - middle[100 + n]).abs() < 1e-7, "start {n}");
+            assert!((end[200 - n] - middle[100 - n]).abs() < 1e-7, "end {n}");
+        }
+        assert!((end[201] - middle[101]).abs() < 1e-7);
+        // On the sample itself the weight is the cutoff (0.95) over the phase's sum.
+        assert!(start[0] > 0.9 && start[0] < 1.0, "{}", start[0]);
+        assert!(start[1] > 0.5 && start[1] < 0.7, "{}", start[1]);
+        assert!(middle[..100 - reach].iter().all(|&s| s.abs() < 1e-7));
+    }
+
+    #[test]
+    fn an_input_shorter_than_the_kernel_resamples_whole() {
+        for len in [1, 20, 34, 35] {
+            let b = Audio::new(vec![0.5; len], 8000).resample(16000);
+            assert_eq!(b.samples.len(), 2 * len);
+            assert!(b.samples.iter().all(|s| s.is_finite() && s.abs() <= 0.6));
+            assert!(b.samples[0] > 0.2, "{len}: {}", b.samples[0]);
+        }
     }
 
     #[test]
