@@ -695,6 +695,12 @@ mod tests {
         bytes[4..8].copy_from_slice(&0x7fff_f024_u32.to_le_bytes());
         bytes[40..44].copy_from_slice(&0x7fff_f000_u32.to_le_bytes());
         bytes.push(0); // half a sample at the end is dropped, not an error
+        // The repaired header tells the truth: RIFF size is the file less 8 bytes, the data
+        // its whole samples.
+        let repaired = repair_streamed_header(&bytes);
+        let field = |at: usize| u32::from_le_bytes(repaired[at..at + 4].try_into().unwrap());
+        assert_eq!(field(4) as usize, bytes.len() - 8);
+        assert_eq!(field(40), 20);
         let a = decode_wav(&bytes).unwrap();
         assert_eq!(a.samples.len(), 10);
         assert!((a.samples[0] - 0.5).abs() < 1e-4);
