@@ -245,6 +245,28 @@ mod tests {
     }
 
     #[test]
+    fn a_binary_removed_after_the_check_is_backend_unavailable_at_synthesis() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("espeak-ng");
+        std::fs::write(&path, "#!/bin/sh\nexit 0\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let synth = EspeakSynthesizer::with_binary(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let err = synth
+            .synthesize(&SynthesisRequest::new("Hello.", "en-us"))
+            .unwrap_err();
+        assert!(
+            matches!(err, TtsError::BackendUnavailable { .. }),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("apt-get install espeak-ng"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_program_that_fails_is_backend_unavailable() {
         let err = EspeakSynthesizer::with_binary("false").unwrap_err();
         assert!(
