@@ -403,3 +403,58 @@ async fn the_cap_drops_the_oldest_dead_jobs() {
         "a setting, not a total"
     );
 }
+
+/// Waits until the queue holds `dead` dead jobs and nothing else.
+async fn until_all_dead(q: &Queue<Echo>, dead: u64) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let s = q.stats().await.unwrap();
+        if s.dead == dead && s.queued + s.scheduled + s.active == 0 {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeue_all_and_purge_all_reach_past_one_batch() {
+    // 1001 dead jobs: two whole batches of 500 and one more, so a page or batch that
+    // comes back exactly full must not be taken for the last.
+    const JOBS: u32 = 1001;
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("many-dead").await;
+    let start = || {
+        let worker = Worker::builder(q.clone())
+            .concurrency(50)
+            .retry(RetryPolicy::fixed(Duration::from_millis(10)).max_attempts(1))
+            .build(rejecting());
+        let (stop, signal) = shutdown();
+        (stop, tokio::spawn(worker.run_until(signal)))
+    };
+    q.enqueue_bulk((0..JOBS).map(|n| Echo { n })).await.unwrap();
+    let w = start();
+    until_all_dead(&q, u64::from(JOBS)).await;
+    stop(w).await;
+
+    let dl = q.dead_letter();
+    assert_eq!(dl.requeue_all().await.unwrap(), u64::from(JOBS));
+    let s = q.stats().await.unwrap();
+    assert_eq!((s.dead, s.queued), (0, u64::from(JOBS)));
+
+    let w = start();
+    until_all_dead(&q, u64::from(JOBS)).await;
+    stop(w).await;
+    assert_eq!(dl.purge_all().await.unwrap(), u64::from(JOBS));
+    assert_eq!(dl.count().await.unwrap(), 0);
+    let mut conn = raw_conn().await;
+    let records: u64 = redis::cmd("HLEN")
+        .arg(key(&p, "many-dead", "jobs"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(records, 0, "every purged record is gone");
+    let totals = q.stats().await.unwrap().totals;
+    assert_eq!(totals.get("requeued"), Some(&u64::from(JOBS)));
+    assert_eq!(totals.get("purged"), Some(&u64::from(JOBS)));
+}
