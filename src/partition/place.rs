@@ -144,6 +144,9 @@ mod tests {
         assert_eq!(marked("job@+1", 3), None);
         assert_eq!(marked("job@", 3), None);
         assert_eq!(marked("job", 3), None);
+        // Up to four digits (partitions stop at 256); a longer tail is no mark.
+        assert_eq!(marked("job@0002", 3), Some(2));
+        assert_eq!(marked("job@00002", 3), None);
         assert_eq!(home("job@7", 3), by_key("job@7", 3));
     }
 
