@@ -360,6 +360,31 @@ mod tests {
     }
 
     #[test]
+    fn only_completed_cancelled_expired_and_dead_end_a_job() {
+        for (name, terminal) in [
+            ("queued", false),
+            ("scheduled", false),
+            ("active", false),
+            ("progress", false),
+            ("completed", true),
+            ("retrying", false),
+            ("stalled", false),
+            ("released", false),
+            ("cancelling", false),
+            ("cancelled", true),
+            ("expired", true),
+            ("dead", true),
+            ("breaker", false),
+            ("requeued", false),
+            ("purged", false),
+            ("gap", false),
+            ("from-a-newer-version", false),
+        ] {
+            assert_eq!(EventKind::parse(name).is_terminal(), terminal, "{name}");
+        }
+    }
+
+    #[test]
     fn event_names_round_trip() {
         for name in [
             "queued",
