@@ -283,6 +283,25 @@ async fn events_are_published_for_transitions() {
     );
 }
 
+/// The stream reader lives as long as the queue value: dropping the last clone stops it
+/// (and frees its connection), and subscribers then see the end of the stream.
+#[tokio::test]
+async fn dropping_the_queue_ends_its_event_streams() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("events-end").await;
+    let mut events = q.events().await.unwrap();
+    let job = q.enqueue(Echo { n: 1 }).await.unwrap();
+    let first = crate::common::within("queued event", events.recv())
+        .await
+        .unwrap();
+    assert_eq!(first.job_id, job.id);
+    drop(q);
+    assert_eq!(
+        crate::common::within("the end of the stream", events.recv()).await,
+        None
+    );
+}
+
 /// A batch writes consecutive events of one kind as shared stream entries (at most 64
 /// ids each); every job still gets its own event, in order.
 #[tokio::test]
