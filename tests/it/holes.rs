@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use voxqueue::{
-    Error, Handler, JobContext, JobError, JobState, Queue, RetryPolicy, Worker, WorkerBuilder,
-    handler_fn,
+    Error, EventKind, Handler, JobContext, JobError, JobState, Queue, RetryPolicy, Worker,
+    WorkerBuilder, handler_fn,
 };
 
 use crate::common::{Prefix, RedisServer, eventually, shutdown, within};
@@ -418,6 +418,26 @@ async fn a_waiter_never_hangs_on_a_job_that_finished_in_a_gap() {
     proxy.set(Mode::Forward);
     let st = waiting.await.unwrap().unwrap();
     assert_eq!(st.state, JobState::Completed);
+}
+
+// #3, the other way round: a reader that reconnects where nothing was trimmed reports no
+// gap (even when the entry it read last is the stream's first) and carries on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnected_reader_that_missed_nothing_reports_no_gap() {
+    let server = RedisServer::start(&[]);
+    let proxy = Proxy::start(server.port).await;
+    let p = Prefix::on(&server.url());
+    let direct = queue_at(&p, &server.url(), "no-gap").await;
+    let reader = queue_at(&p, &proxy.url(), "no-gap").await;
+    let mut events = reader.events().await.unwrap();
+    let first = direct.enqueue(N { n: 1 }).await.unwrap();
+    let e = within("the first event", events.recv()).await.unwrap();
+    assert_eq!((e.kind, &e.job_id), (EventKind::Queued, &first.id));
+    proxy.drop_all(); // the reader's blocked XREAD fails
+    let second = direct.enqueue(N { n: 2 }).await.unwrap();
+    let e = within("the second event", events.recv()).await.unwrap();
+    assert_eq!((e.kind, &e.job_id), (EventKind::Queued, &second.id));
+    assert_eq!(events.missed(), 0);
 }
 
 // #4: a timed-out attempt's blocking work goes on; its slot stays busy until it ends,
