@@ -246,22 +246,16 @@ async fn last_id(conn: &mut Conn, key: &str) -> Result<String, Error> {
 /// Entries per stream read.
 const READ_BATCH: usize = 512;
 
-/// Whether entries after `last` were trimmed away unread: the stream's first entry
-/// lies beyond `last`. (If `last` itself was the one trimmed, this says "gap" once
-/// too often; a waiter then re-reads a status, which costs one read.)
-async fn trimmed_past(conn: &mut Conn, key: &str, last: &str) -> Result<bool, Error> {
-    let first: Vec<(String, Value)> = redis::cmd("XRANGE")
-        .arg(key)
-        .arg("-")
-        .arg("+")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(conn)
-        .await?;
-    Ok(match first.first() {
-        Some((id, _)) => stream_id(id) > stream_id(last),
+/// Whether entries after `last` were trimmed away unread, judged by `first`, the stream's
+/// first entry read right after a reply: it lies beyond `last`. (If `last` itself was
+/// the one trimmed, this says "gap" once too often; a waiter then re-reads a status,
+/// which costs one read.) `0-0` is where a reader of an empty stream starts: nothing
+/// had been read that could go missing.
+fn trimmed_past(first: Option<&str>, last: &str) -> bool {
+    match first {
+        Some(first) => last != "0-0" && stream_id(first) > stream_id(last),
         None => false,
-    })
+    }
 }
 
 /// A stream id (`<ms>-<seq>`) as numbers, for ordering.
@@ -280,6 +274,36 @@ fn gap_event(last: &str) -> JobEvent {
     }
 }
 
+/// One read: the entries after `last` (blocking up to two seconds for the first), and
+/// the id of the stream's first entry as it stands right after them.
+///
+/// The two commands go in one pipeline, so Redis runs the `XRANGE` the moment the `XREAD`
+/// is answered: whatever trimmed the stream past `last` (before this read, while the
+/// reader was away, or while its last reply was on the wire) shows there, with no
+/// failure needed to hint at it and no round trip of its own.
+async fn read_after(
+    conn: &mut Conn,
+    opts: &StreamReadOptions,
+    key: &str,
+    last: &str,
+) -> redis::RedisResult<(Option<StreamReadReply>, Option<String>)> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("XREAD")
+        .arg(opts)
+        .arg("STREAMS")
+        .arg(key)
+        .arg(last)
+        .cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1);
+    let (reply, first): (Option<StreamReadReply>, Vec<(String, Value)>) =
+        pipe.query_async(conn).await?;
+    Ok((reply, first.into_iter().next().map(|(id, _)| id)))
+}
+
 async fn read_loop(
     mut conn: Conn,
     key: String,
@@ -289,43 +313,24 @@ async fn read_loop(
 ) {
     let opts = StreamReadOptions::default().block(2_000).count(READ_BATCH);
     let mut backoff = Duration::from_millis(50);
-    // After a failed read (the connection may have been down for a while) the stream
-    // may have been trimmed past `last`: check before trusting the next read.
-    let mut check_gap = false;
+    // The `last` a gap was reported after: an idle stream is not reported again every
+    // read until new entries move `last` on.
+    let mut reported: Option<String> = None;
     loop {
-        if check_gap {
-            match trimmed_past(&mut conn, &key, &last).await {
-                Ok(gap) => {
-                    check_gap = false;
-                    if gap {
-                        tracing::warn!(stream = %key, after = %last, "job events were trimmed before they were read");
-                        let _ = tx.send(gap_event(&last));
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, stream = %key, "reading job events failed; retrying");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                    continue;
-                }
-            }
-        }
-        let mut cmd = redis::cmd("XREAD");
-        cmd.arg(&opts).arg("STREAMS").arg(&key).arg(&last);
-        let read = cmd.query_async(&mut conn);
-        let reply: Result<Option<StreamReadReply>, _> = tokio::select! {
+        let read = read_after(&mut conn, &opts, &key, &last);
+        let reply = tokio::select! {
             _ = stop.cancelled() => return,
             reply = read => reply,
         };
         match reply {
-            Ok(reply) => {
+            Ok((reply, first)) => {
                 backoff = Duration::from_millis(50);
+                if trimmed_past(first.as_deref(), &last) && reported.as_ref() != Some(&last) {
+                    tracing::warn!(stream = %key, after = %last, "job events were trimmed before they were read");
+                    let _ = tx.send(gap_event(&last));
+                    reported = Some(last.clone());
+                }
                 for stream in reply.map(|r| r.keys).unwrap_or_default() {
-                    // A full batch: we are behind, and the writers may trim past us.
-                    check_gap = stream.ids.len() >= READ_BATCH;
                     for entry in stream.ids {
                         last.clone_from(&entry.id);
                         for event in JobEvent::from_entry(entry.id, &entry.map) {
@@ -336,8 +341,9 @@ async fn read_loop(
                 }
             }
             Err(e) => {
+                // The next read that succeeds tells whether the stream was trimmed past
+                // `last` while the connection was down.
                 tracing::warn!(error = %e, stream = %key, "reading job events failed; retrying");
-                check_gap = true;
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
@@ -357,6 +363,18 @@ mod tests {
         assert!(stream_id("10-0") > stream_id("9-5"));
         assert!(stream_id("10-12") > stream_id("10-3"));
         assert_eq!(stream_id("0-0"), (0, 0));
+    }
+
+    #[test]
+    fn a_gap_is_a_first_entry_beyond_the_last_one_read() {
+        assert!(trimmed_past(Some("10-1"), "10-0"));
+        assert!(trimmed_past(Some("11-0"), "10-5"));
+        // The last one read is still there, or an older one is: nothing was lost.
+        assert!(!trimmed_past(Some("10-0"), "10-0"));
+        assert!(!trimmed_past(Some("9-9"), "10-0"));
+        // An empty (or deleted) stream, and a reader that has read nothing yet.
+        assert!(!trimmed_past(None, "10-0"));
+        assert!(!trimmed_past(Some("10-0"), "0-0"));
     }
 
     #[test]

@@ -440,6 +440,49 @@ async fn a_reconnected_reader_that_missed_nothing_reports_no_gap() {
     assert_eq!(events.missed(), 0);
 }
 
+// #3, with no error at all: the reader's reply is late (a stalled network, a busy
+// runtime) while the writers trim past what it read last. The next read starts after a
+// gap with no failure to hint at it; the reader still reports the gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_reader_notices_a_gap_without_any_error() {
+    let server = RedisServer::start(&[]);
+    let proxy = Proxy::start(server.port).await;
+    let p = Prefix::on(&server.url());
+    let direct = p
+        .builder::<N>("late")
+        .url(server.url())
+        .events_max(5)
+        .connect()
+        .await
+        .unwrap();
+    let reader = queue_at(&p, &proxy.url(), "late").await;
+    let mut events = reader.events().await.unwrap();
+    let first = direct.enqueue(N { n: 0 }).await.unwrap();
+    let e = within("the first event", events.recv()).await.unwrap();
+    assert_eq!(e.job_id, first.id);
+    // The reader's next XREAD reaches Redis and is answered; the answer is held.
+    proxy.set(Mode::Stall);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    direct.enqueue(N { n: 1 }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Meanwhile a few hundred entries go in and the oldest are trimmed (whole nodes).
+    for n in 2..400 {
+        direct.enqueue(N { n }).await.unwrap();
+    }
+    proxy.set(Mode::Forward);
+    let gap = within("a gap event", async {
+        loop {
+            match events.recv().await {
+                Some(e) if e.kind == EventKind::Gap => return e,
+                Some(_) => {}
+                None => panic!("the stream ended"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(gap.kind, EventKind::Gap);
+}
+
 // #4: a timed-out attempt's blocking work goes on; its slot stays busy until it ends,
 // so no second job starts beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
