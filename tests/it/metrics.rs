@@ -2,7 +2,7 @@
 //! recent-window statistics kept in Redis.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
@@ -26,17 +26,19 @@ fn snapshotter() -> &'static Snapshotter {
 }
 
 /// Counter totals and histogram sample counts for one queue, by metric name (and
-/// `kind` label for failures).
+/// `kind` or `state` label), gauges at their last value.
+///
+/// A snapshot drains the recorder's counters and histograms for every queue, so what
+/// each one read is kept here for all: tests that run side by side (or read twice)
+/// never take each other's counts.
 fn read(queue: &str) -> HashMap<String, f64> {
-    let mut out = HashMap::new();
+    static SEEN: Mutex<Vec<(String, String, f64)>> = Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap();
     for (key, _, _, value) in snapshotter().snapshot().into_vec() {
         let key = key.key();
-        if !key
-            .labels()
-            .any(|l| l.key() == "queue" && l.value() == queue)
-        {
+        let Some(owner) = key.labels().find(|l| l.key() == "queue") else {
             continue;
-        }
+        };
         let mut name = key.name().to_owned();
         for l in key
             .labels()
@@ -44,14 +46,27 @@ fn read(queue: &str) -> HashMap<String, f64> {
         {
             name = format!("{name}{{{}}}", l.value());
         }
-        let v = match value {
-            DebugValue::Counter(n) => n as f64,
-            DebugValue::Gauge(g) => g.into_inner(),
-            DebugValue::Histogram(samples) => samples.len() as f64,
+        let at = match seen
+            .iter()
+            .position(|(q, n, _)| q == owner.value() && *n == name)
+        {
+            Some(at) => at,
+            None => {
+                seen.push((owner.value().to_owned(), name, 0.0));
+                seen.len() - 1
+            }
         };
-        *out.entry(name).or_insert(0.0) += v;
+        let slot = &mut seen[at].2;
+        match value {
+            DebugValue::Counter(n) => *slot += n as f64,
+            DebugValue::Gauge(g) => *slot = g.into_inner(),
+            DebugValue::Histogram(samples) => *slot += samples.len() as f64,
+        }
     }
-    out
+    seen.iter()
+        .filter(|(q, _, _)| q == queue)
+        .map(|(_, n, v)| (n.clone(), *v))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,6 +97,9 @@ async fn counters_histograms_and_gauges_move_with_the_jobs() {
             .state,
         JobState::Dead
     );
+    // Reading stats sets the gauges: one live worker now.
+    assert_eq!(q.stats().await.unwrap().workers, 1);
+    assert_eq!(read(&name).get("voxqueue_workers"), Some(&1.0));
     let _ = stop.send(());
     w.await.unwrap().unwrap();
     let stats = q.stats().await.unwrap();
@@ -96,6 +114,7 @@ async fn counters_histograms_and_gauges_move_with_the_jobs() {
     assert_eq!(m.get("voxqueue_job_wait_seconds"), Some(&2.0));
     assert_eq!(m.get("voxqueue_queue_jobs{dead}"), Some(&1.0));
     assert_eq!(m.get("voxqueue_queue_jobs{queued}"), Some(&0.0));
+    assert_eq!(m.get("voxqueue_workers"), Some(&(stats.workers as f64)));
 
     // The same story from Redis, over the recent window.
     assert_eq!(stats.totals.get("deduplicated"), Some(&1));
