@@ -453,9 +453,22 @@ mod tests {
                 "{speed}"
             );
         }
-        ok().with_speed(0.5)
-            .validate(&Limits::new().with_speed_range(0.5, 2.0), &[])
-            .unwrap();
+        let narrow = Limits::new().with_speed_range(0.5, 2.0);
+        ok().with_speed(0.5).validate(&narrow, &[]).unwrap();
+        // 2.5 passes the default range; the narrower one refuses it and says its bounds.
+        ok().with_speed(2.5).validate(&Limits::new(), &[]).unwrap();
+        let err = ok().with_speed(2.5).validate(&narrow, &[]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TtsError::SpeedOutOfRange {
+                    min: 0.5,
+                    max: 2.0,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
