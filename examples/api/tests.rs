@@ -1054,13 +1054,17 @@ async fn custom_voices_are_named_by_an_admin_and_resolve_to_their_base() {
             "{body}"
         );
     }
-    let delete = request(
-        Method::DELETE,
-        "/v1/voices/narrator",
-        Some("boss"),
-        Body::empty(),
-    );
-    assert_eq!(t.send(delete).await.status(), StatusCode::NO_CONTENT);
+    let delete = || {
+        request(
+            Method::DELETE,
+            "/v1/voices/narrator",
+            Some("boss"),
+            Body::empty(),
+        )
+    };
+    assert_eq!(t.send(delete()).await.status(), StatusCode::NO_CONTENT);
+    // Gone: a second delete finds nothing.
+    assert_eq!(t.send(delete()).await.status(), StatusCode::NOT_FOUND);
 }
 
 /// The same samples, or where they differ (without printing seconds of audio).
