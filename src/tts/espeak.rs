@@ -230,9 +230,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn missing_binary_is_backend_unavailable_with_install_hint() {
-        let err = EspeakSynthesizer::with_binary("/nonexistent/espeak-ng").unwrap_err();
+    /// The error a missing or broken espeak-ng gives: not a backend failure to retry,
+    /// and it says how to install the program.
+    fn assert_unavailable_with_hint(err: &TtsError) {
         assert!(
             matches!(err, TtsError::BackendUnavailable { .. }),
             "{err:?}"
@@ -241,6 +241,12 @@ mod tests {
             err.to_string().contains("apt-get install espeak-ng"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn missing_binary_is_backend_unavailable_with_install_hint() {
+        let err = EspeakSynthesizer::with_binary("/nonexistent/espeak-ng").unwrap_err();
+        assert_unavailable_with_hint(&err);
         assert!(!err.is_retryable());
     }
 
@@ -256,14 +262,7 @@ mod tests {
         let err = synth
             .synthesize(&SynthesisRequest::new("Hello.", "en-us"))
             .unwrap_err();
-        assert!(
-            matches!(err, TtsError::BackendUnavailable { .. }),
-            "{err:?}"
-        );
-        assert!(
-            err.to_string().contains("apt-get install espeak-ng"),
-            "{err}"
-        );
+        assert_unavailable_with_hint(&err);
     }
 
     #[test]

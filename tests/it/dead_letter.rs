@@ -11,7 +11,7 @@ use voxqueue::{
     handler_fn,
 };
 
-use crate::common::{Prefix, shutdown};
+use crate::common::{Prefix, eventually, shutdown};
 use crate::queue::Echo;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -360,12 +360,11 @@ async fn purge_deletes_one_all_or_the_older_ones_and_never_a_live_job() {
         2
     );
     assert_eq!(ids(&dl.list(0, 10).await.unwrap()), ["p3"]);
-    let entries: u64 = redis::cmd("HLEN")
-        .arg(key(&p, "purge", "jobs"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(entries, 1, "purged jobs and their payloads are deleted");
+    assert_eq!(
+        records(&p, "purge").await,
+        1,
+        "purged jobs and their payloads are deleted"
+    );
 
     let live = q.enqueue(Echo { n: 9 }).await.unwrap();
     assert!(!dl.purge(&live.id).await.unwrap());
@@ -406,15 +405,20 @@ async fn the_cap_drops_the_oldest_dead_jobs() {
 
 /// Waits until the queue holds `dead` dead jobs and nothing else.
 async fn until_all_dead(q: &Queue<Echo>, dead: u64) {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    eventually(WAIT, "every job dead", || async {
         let s = q.stats().await.unwrap();
-        if s.dead == dead && s.queued + s.scheduled + s.active == 0 {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "{s:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (s.dead == dead && s.queued + s.scheduled + s.active == 0).then_some(())
+    })
+    .await;
+}
+
+/// How many job records the queue keeps.
+async fn records(p: &Prefix, queue: &str) -> u64 {
+    redis::cmd("HLEN")
+        .arg(key(p, queue, "jobs"))
+        .query_async(&mut raw_conn().await)
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,13 +451,11 @@ async fn requeue_all_and_purge_all_reach_past_one_batch() {
     stop(w).await;
     assert_eq!(dl.purge_all().await.unwrap(), u64::from(JOBS));
     assert_eq!(dl.count().await.unwrap(), 0);
-    let mut conn = raw_conn().await;
-    let records: u64 = redis::cmd("HLEN")
-        .arg(key(&p, "many-dead", "jobs"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(records, 0, "every purged record is gone");
+    assert_eq!(
+        records(&p, "many-dead").await,
+        0,
+        "every purged record is gone"
+    );
     let totals = q.stats().await.unwrap().totals;
     assert_eq!(totals.get("requeued"), Some(&u64::from(JOBS)));
     assert_eq!(totals.get("purged"), Some(&u64::from(JOBS)));

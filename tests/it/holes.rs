@@ -470,17 +470,16 @@ async fn a_late_reader_notices_a_gap_without_any_error() {
         direct.enqueue(N { n }).await.unwrap();
     }
     proxy.set(Mode::Forward);
-    let gap = within("a gap event", async {
+    within("a gap event", async {
         loop {
             match events.recv().await {
-                Some(e) if e.kind == EventKind::Gap => return e,
+                Some(e) if e.kind == EventKind::Gap => return,
                 Some(_) => {}
                 None => panic!("the stream ended"),
             }
         }
     })
     .await;
-    assert_eq!(gap.kind, EventKind::Gap);
 }
 
 // #4: a timed-out attempt's blocking work goes on; its slot stays busy until it ends,

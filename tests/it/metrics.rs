@@ -32,8 +32,9 @@ fn snapshotter() -> &'static Snapshotter {
 /// each one read is kept here for all: tests that run side by side (or read twice)
 /// never take each other's counts.
 fn read(queue: &str) -> HashMap<String, f64> {
-    static SEEN: Mutex<Vec<(String, String, f64)>> = Mutex::new(Vec::new());
-    let mut seen = SEEN.lock().unwrap();
+    static SEEN: Mutex<Option<HashMap<(String, String), f64>>> = Mutex::new(None);
+    let mut guard = SEEN.lock().unwrap();
+    let seen = guard.get_or_insert_with(HashMap::new);
     for (key, _, _, value) in snapshotter().snapshot().into_vec() {
         let key = key.key();
         let Some(owner) = key.labels().find(|l| l.key() == "queue") else {
@@ -46,17 +47,7 @@ fn read(queue: &str) -> HashMap<String, f64> {
         {
             name = format!("{name}{{{}}}", l.value());
         }
-        let at = match seen
-            .iter()
-            .position(|(q, n, _)| q == owner.value() && *n == name)
-        {
-            Some(at) => at,
-            None => {
-                seen.push((owner.value().to_owned(), name, 0.0));
-                seen.len() - 1
-            }
-        };
-        let slot = &mut seen[at].2;
+        let slot = seen.entry((owner.value().to_owned(), name)).or_insert(0.0);
         match value {
             DebugValue::Counter(n) => *slot += n as f64,
             DebugValue::Gauge(g) => *slot = g.into_inner(),
@@ -64,8 +55,8 @@ fn read(queue: &str) -> HashMap<String, f64> {
         }
     }
     seen.iter()
-        .filter(|(q, _, _)| q == queue)
-        .map(|(_, n, v)| (n.clone(), *v))
+        .filter(|((q, _), _)| q == queue)
+        .map(|((_, n), v)| (n.clone(), *v))
         .collect()
 }
 
