@@ -147,3 +147,20 @@ impl<J> QueueBuilder<J> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_names_the_queue_but_never_the_url_and_its_password() {
+        let builder = Queue::<u32>::builder("speech")
+            .prefix("app")
+            .url("redis://user:hunter2@db.internal:6379");
+        let shown = format!("{builder:?}");
+        assert!(shown.contains("\"speech\""), "{shown}");
+        assert!(shown.contains("\"app\""), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("db.internal"), "{shown}");
+    }
+}
