@@ -438,6 +438,25 @@ mod tests {
     }
 
     #[test]
+    fn only_an_unreachable_redis_is_a_connection_error() {
+        let io = |kind| CatalogError::Redis(std::io::Error::new(kind, "gone").into());
+        assert!(io(std::io::ErrorKind::ConnectionRefused).is_connection_error());
+        assert!(io(std::io::ErrorKind::TimedOut).is_connection_error());
+        assert!(io(std::io::ErrorKind::BrokenPipe).is_connection_error());
+        let refused = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm),
+            "no",
+        ));
+        assert!(!CatalogError::Redis(refused).is_connection_error());
+        assert!(!check_name("backend", "").unwrap_err().is_connection_error());
+        let corrupt = CatalogError::Corrupt {
+            key: "k".into(),
+            message: "m".into(),
+        };
+        assert!(!corrupt.is_connection_error());
+    }
+
+    #[test]
     fn worker_voices_carry_backend_and_rate_on_each_voice() {
         let voices = [Voice::new("en-us", "English (US)").with_language("en-US")];
         let entry = WorkerVoices::new("w1", "espeak", &voices, 22_050);
