@@ -776,6 +776,50 @@ async fn a_worker_leaves_the_catalogue_when_it_stops_or_dies() {
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
 }
 
+/// A live worker stays listed past its entry's TTL because it refreshes the entry
+/// every third of it, and leaves the list as soon as it stops.
+#[tokio::test]
+async fn a_registered_worker_refreshes_its_entry_before_it_runs_out() {
+    let t = TestApp::start(Setup {
+        no_voices: true,
+        ..Setup::default()
+    })
+    .await;
+    let catalog = t.queues.catalog.clone();
+    let live = || async {
+        let workers = catalog.workers().await.unwrap();
+        workers.into_iter().map(|w| w.worker).collect::<Vec<_>>()
+    };
+    let entry = WorkerVoices::new("steady", "espeak", &[Voice::new("en-us", "E")], 22_050);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(catalog.clone().keep_registered(
+        entry,
+        Duration::from_secs(1),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while live().await.is_empty() {
+        assert!(Instant::now() < deadline, "the worker never registered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Two and a half TTLs: an entry refreshed less often than its TTL would vanish.
+    let registered = Instant::now();
+    while registered.elapsed() < Duration::from_millis(2_500) {
+        assert_eq!(
+            live().await,
+            vec!["steady".to_owned()],
+            "gone {:?} after registering",
+            registered.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop.send(());
+    task.await.unwrap();
+    assert_eq!(live().await, Vec::<String>::new());
+}
+
 #[tokio::test]
 async fn no_live_worker_means_no_voice() {
     let t = TestApp::start(Setup {
