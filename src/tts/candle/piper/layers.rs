@@ -98,6 +98,11 @@ impl Conv {
         })
     }
 
+    /// The weight as stored (`[out, in / groups, k]`; transposed: `[in, out, k]`).
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// Output channels.
     pub(crate) fn out_channels(&self) -> usize {
         let dims = self.weight.dims();

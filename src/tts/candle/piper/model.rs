@@ -194,7 +194,7 @@ impl Vits {
         let z_p = Tensor::stack(&priors, 0)?.broadcast_mul(&y_mask)?;
         let z = self
             .flow
-            .reverse(&z_p, &y_mask, g.as_ref())?
+            .reverse(&z_p, &y_mask, &y_lengths, g.as_ref())?
             .broadcast_mul(&y_mask)?;
 
         let hop = self.dec.hop();

@@ -112,6 +112,20 @@ impl Weights {
         })
     }
 
+    /// Weights made in a test, with each convolution's attributes by module name.
+    #[cfg(test)]
+    pub(crate) fn for_tests(
+        tensors: HashMap<String, Tensor>,
+        convs: HashMap<String, ConvAttrs>,
+    ) -> Self {
+        Self {
+            path: PathBuf::from("test"),
+            tensors,
+            non_float: HashMap::new(),
+            convs,
+        }
+    }
+
     /// The ONNX file these weights came from.
     pub(crate) fn path(&self) -> &Path {
         &self.path
