@@ -15,10 +15,12 @@ use super::fused::{self, Epilogue};
 /// A convolution weight (`[out, in, k]`) prepared for [`conv1d`].
 #[derive(Debug, Clone)]
 pub(crate) struct Taps {
-    /// One `[in, out]` matrix per kernel tap (the Candle ops' path).
-    split: Vec<Tensor>,
-    /// `[k × in, out]`: the taps stacked in tap order (the fused CPU path).
+    /// `[k × in, out]`: the taps stacked in tap order. The fused CPU path takes it whole;
+    /// the Candle ops' path takes tap `i` as rows `i in ..(i + 1) in`, a contiguous view,
+    /// so the weight is held once, not twice.
     stacked: Tensor,
+    /// Kernel taps.
+    k: usize,
 }
 
 /// Prepares a convolution weight (`[out, in, k]`) for [`conv1d`].
@@ -28,7 +30,7 @@ pub(crate) fn taps(weight: &Tensor) -> Result<Taps> {
         .map(|tap| weight.narrow(2, tap, 1)?.squeeze(2)?.t()?.contiguous())
         .collect::<Result<Vec<_>>>()?;
     let stacked = Tensor::cat(&split, 0)?;
-    Ok(Taps { split, stacked })
+    Ok(Taps { stacked, k })
 }
 
 /// A stride-1, ungrouped convolution of `x` (`[time, in]`) with `taps` (from [`taps`]), plus
@@ -59,7 +61,7 @@ pub(crate) fn conv1d_activated(
 ) -> Result<Tensor> {
     if fused::applies(x) {
         let shape = fused::Conv1dShape {
-            taps: taps.split.len(),
+            taps: taps.k,
             padding,
             dilation,
         };
@@ -75,11 +77,13 @@ pub(crate) fn conv1d_activated(
     };
     let len = x.dim(0)?;
     let padded = x.pad_with_zeros(0, padding, padding)?;
-    let k = taps.split.len();
+    let k = taps.k;
+    let cin = taps.stacked.dim(0)? / k.max(1);
     let out_len = (len + 2 * padding).saturating_sub(dilation * k.saturating_sub(1));
     let mut y: Option<Tensor> = None;
-    for (i, tap) in taps.split.iter().enumerate() {
-        let term = padded.narrow(0, i * dilation, out_len)?.matmul(tap)?;
+    for i in 0..k {
+        let tap = taps.stacked.narrow(0, i * cin, cin)?;
+        let term = padded.narrow(0, i * dilation, out_len)?.matmul(&tap)?;
         y = Some(match y {
             Some(y) => (y + term)?,
             None => term,
