@@ -729,6 +729,12 @@ async fn voices_and_models_come_from_live_workers() {
     );
 }
 
+/// The ids of the workers the catalogue lists as live.
+async fn live_workers(catalog: &tts::Catalog) -> Vec<String> {
+    let workers = catalog.workers().await.unwrap();
+    workers.into_iter().map(|w| w.worker).collect()
+}
+
 #[tokio::test]
 async fn a_worker_leaves_the_catalogue_when_it_stops_or_dies() {
     let mut t = TestApp::start(Setup {
@@ -736,24 +742,17 @@ async fn a_worker_leaves_the_catalogue_when_it_stops_or_dies() {
         ..Setup::default()
     })
     .await;
-    let live = |t: &TestApp| {
-        let catalog = t.queues.catalog.clone();
-        async move {
-            let workers = catalog.workers().await.unwrap();
-            workers.into_iter().map(|w| w.worker).collect::<Vec<_>>()
-        }
-    };
     // A worker that stops gracefully unregisters at once.
     t.start_worker().await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while live(&t).await.is_empty() {
+    while live_workers(&t.queues.catalog).await.is_empty() {
         assert!(Instant::now() < deadline, "the worker never registered");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let worker = t.worker.take().unwrap();
     let _ = worker.stop.send(());
     worker.task.await.unwrap().unwrap();
-    assert_eq!(live(&t).await, Vec::<String>::new());
+    assert_eq!(live_workers(&t.queues.catalog).await, Vec::<String>::new());
 
     // One that dies without a word is gone when its TTL runs out, by Redis's clock.
     let entry = WorkerVoices::new("crashed", "espeak", &[Voice::new("en-us", "E")], 22_050);
@@ -762,9 +761,12 @@ async fn a_worker_leaves_the_catalogue_when_it_stops_or_dies() {
         .register(&entry, Duration::from_millis(300))
         .await
         .unwrap();
-    assert_eq!(live(&t).await, vec!["crashed".to_owned()]);
+    assert_eq!(
+        live_workers(&t.queues.catalog).await,
+        vec!["crashed".to_owned()]
+    );
     let registered = Instant::now();
-    while !live(&t).await.is_empty() {
+    while !live_workers(&t.queues.catalog).await.is_empty() {
         assert!(
             registered.elapsed() < Duration::from_secs(2),
             "the dead worker's voices stayed"
@@ -786,10 +788,6 @@ async fn a_registered_worker_refreshes_its_entry_before_it_runs_out() {
     })
     .await;
     let catalog = t.queues.catalog.clone();
-    let live = || async {
-        let workers = catalog.workers().await.unwrap();
-        workers.into_iter().map(|w| w.worker).collect::<Vec<_>>()
-    };
     let entry = WorkerVoices::new("steady", "espeak", &[Voice::new("en-us", "E")], 22_050);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(catalog.clone().keep_registered(
@@ -800,7 +798,7 @@ async fn a_registered_worker_refreshes_its_entry_before_it_runs_out() {
         },
     ));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while live().await.is_empty() {
+    while live_workers(&catalog).await.is_empty() {
         assert!(Instant::now() < deadline, "the worker never registered");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -808,7 +806,7 @@ async fn a_registered_worker_refreshes_its_entry_before_it_runs_out() {
     let registered = Instant::now();
     while registered.elapsed() < Duration::from_millis(2_500) {
         assert_eq!(
-            live().await,
+            live_workers(&catalog).await,
             vec!["steady".to_owned()],
             "gone {:?} after registering",
             registered.elapsed()
@@ -817,7 +815,7 @@ async fn a_registered_worker_refreshes_its_entry_before_it_runs_out() {
     }
     let _ = stop.send(());
     task.await.unwrap();
-    assert_eq!(live().await, Vec::<String>::new());
+    assert_eq!(live_workers(&catalog).await, Vec::<String>::new());
 }
 
 #[tokio::test]
