@@ -16,7 +16,7 @@ use super::fused::{self, Epilogue};
 #[derive(Debug, Clone)]
 pub(crate) struct Taps {
     /// `[k × in, out]`: the taps stacked in tap order. The fused CPU path takes it whole;
-    /// the Candle ops' path takes tap `i` as rows `i in ..(i + 1) in`, a contiguous view,
+    /// the Candle ops' path takes tap `i` as its rows `i × in` to `(i + 1) × in`, a view,
     /// so the weight is held once, not twice.
     stacked: Tensor,
     /// Kernel taps.
