@@ -383,21 +383,50 @@ async fn workers_whose_clocks_differ_never_rerun_a_live_job() {
     stop(b).await;
 }
 
+/// A queue on a private server whose event stream keeps about five entries: `direct`
+/// writes to it, `proxied` is the same queue reached through `proxy`.
+struct Trimmed {
+    _server: RedisServer,
+    _prefix: Prefix,
+    proxy: Proxy,
+    direct: Queue<N>,
+    proxied: Queue<N>,
+}
+
+impl Trimmed {
+    async fn start(name: &str) -> Self {
+        let server = RedisServer::start(&[]);
+        let proxy = Proxy::start(server.port).await;
+        let p = Prefix::on(&server.url());
+        let direct = p
+            .builder::<N>(name)
+            .url(server.url())
+            .events_max(5)
+            .connect()
+            .await
+            .unwrap();
+        let proxied = queue_at(&p, &proxy.url(), name).await;
+        Self {
+            _server: server,
+            _prefix: p,
+            proxy,
+            direct,
+            proxied,
+        }
+    }
+}
+
 // #3: a waiter whose event reader missed the job's terminal event (it reconnected
 // after the stream was trimmed past it) notices the gap and re-reads the status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_never_hangs_on_a_job_that_finished_in_a_gap() {
-    let server = RedisServer::start(&[]);
-    let proxy = Proxy::start(server.port).await;
-    let p = Prefix::on(&server.url());
-    let direct = p
-        .builder::<N>("gap")
-        .url(server.url())
-        .events_max(5)
-        .connect()
-        .await
-        .unwrap();
-    let waiter = queue_at(&p, &proxy.url(), "gap").await;
+    let Trimmed {
+        _server,
+        _prefix,
+        proxy,
+        direct,
+        proxied: waiter,
+    } = Trimmed::start("gap").await;
     let job = direct.enqueue(N { n: 6 }).await.unwrap();
     let _events = waiter.events().await.unwrap(); // the reader runs through the proxy
     let w8 = waiter.clone();
@@ -445,17 +474,13 @@ async fn a_reconnected_reader_that_missed_nothing_reports_no_gap() {
 // gap with no failure to hint at it; the reader still reports the gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_reader_notices_a_gap_without_any_error() {
-    let server = RedisServer::start(&[]);
-    let proxy = Proxy::start(server.port).await;
-    let p = Prefix::on(&server.url());
-    let direct = p
-        .builder::<N>("late")
-        .url(server.url())
-        .events_max(5)
-        .connect()
-        .await
-        .unwrap();
-    let reader = queue_at(&p, &proxy.url(), "late").await;
+    let Trimmed {
+        _server,
+        _prefix,
+        proxy,
+        direct,
+        proxied: reader,
+    } = Trimmed::start("late").await;
     let mut events = reader.events().await.unwrap();
     let first = direct.enqueue(N { n: 0 }).await.unwrap();
     let e = within("the first event", events.recv()).await.unwrap();

@@ -161,9 +161,9 @@ impl Coupling {
 
     /// [`reverse`](Self::reverse) of one utterance, time-major (`[frames, channels]`).
     fn reverse_time_major(&self, z: &Tensor, g: Option<&Tensor>) -> Result<Tensor> {
-        let half = z.dim(1)? / 2;
-        let x0 = z.narrow(1, 0, half)?.contiguous()?;
-        let x1 = z.narrow(1, half, half)?;
+        // Channels are dimension 1 here too, so the batch path's helpers apply.
+        let (x0, x1) = halves(z)?;
+        let x0 = x0.contiguous()?;
         let h = self.pre.forward_time_major(&x0, Epilogue::None)?;
         let h = self.enc.forward_time_major(&h, g)?;
         let m = self.post.forward_time_major(&h, Epilogue::None)?;
@@ -254,7 +254,7 @@ impl Flow {
                 // [channels, len] -> [len, channels]
                 let mut x = z.i(row)?.narrow(1, 0, len)?.t()?.contiguous()?;
                 for layer in &self.layers {
-                    x = layer.reverse_time_major(&x.flip(&[1])?, g.as_ref())?;
+                    x = layer.reverse_time_major(&flip_channels(&x)?, g.as_ref())?;
                 }
                 x.t()?.pad_with_zeros(1, 0, frames - len)
             })
