@@ -196,6 +196,17 @@ async fn no_lease_left(p: &Prefix, id: &JobId, ending: Ending) {
     assert_eq!(active, None, "{ending:?} left the job active");
 }
 
+/// The payload the job's entry still holds (what follows the record's newline).
+async fn stored_payload(p: &Prefix, id: &JobId) -> Option<String> {
+    let entry: Option<String> = redis::cmd("HGET")
+        .arg(format!("{}:{{ends}}:jobs", p.name))
+        .arg(id.as_str())
+        .query_async(&mut conn().await)
+        .await
+        .unwrap();
+    entry.and_then(|e| e.split_once('\n').map(|(_, payload)| payload.to_owned()))
+}
+
 async fn conn() -> redis::aio::MultiplexedConnection {
     crate::common::connection().await
 }
@@ -210,18 +221,22 @@ async fn nothing_happened(ending: Ending, attempts: u32) -> (Prefix, voxqueue::J
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completed_attempt_stores_the_result_and_drops_the_lease() {
-    let (_p, st) = nothing_happened(Ending::Complete, 5).await;
+    let (p, st) = nothing_happened(Ending::Complete, 5).await;
     assert_eq!(
         (st.state, st.attempts, st.has_result),
         (JobState::Completed, 1, true)
     );
+    // Nothing runs a completed job again: its request is not kept for the retention.
+    assert_eq!(stored_payload(&p, &st.id).await, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_attempt_with_attempts_left_is_scheduled_without_its_lease() {
-    let (_p, st) = nothing_happened(Ending::Fail, 5).await;
+    let (p, st) = nothing_happened(Ending::Fail, 5).await;
     assert_eq!((st.state, st.attempts), (JobState::Scheduled, 1));
     assert_eq!(st.last_error().unwrap().message, "late failure");
+    // The retry runs the same request.
+    assert_eq!(stored_payload(&p, &st.id).await.as_deref(), Some(r#"{"n":1}"#));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,6 +264,8 @@ async fn a_lapsed_lease_on_the_last_attempt_buries_the_job() {
     );
     let q = p.queue::<Echo>("ends").await;
     assert_eq!(q.dead_letter().count().await.unwrap(), 1);
+    // A dead job may be requeued: it keeps its request.
+    assert_eq!(stored_payload(&p, &st.id).await.as_deref(), Some(r#"{"n":1}"#));
 }
 
 async fn cancel_requested(ending: Ending) {
@@ -259,6 +276,7 @@ async fn cancel_requested(ending: Ending) {
     assert_eq!(st.state, JobState::Cancelled, "{ending:?}");
     assert!(!st.has_result, "{ending:?}");
     assert_eq!(q.result_bytes(&id).await.unwrap(), None);
+    assert_eq!(stored_payload(&p, &id).await, None, "{ending:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -460,11 +460,15 @@ local function settle_dedup(job)
   end
 end
 
--- Terminal states other than dead: kept for the result TTL, then swept.
+-- Terminal states other than dead: kept for the result TTL, then swept. The payload
+-- goes: only a dead job runs again (requeue), so a finished one's request would sit
+-- in memory for the whole retention unread, and leaving it out spares the save a
+-- copy of it (Lua hashes every byte of every string it makes).
 local function finish(job, state)
   job.state = state
   job.finished_at = NOW_S
   job.cancel = nil
+  job.body = nil
   settle_dedup(job)
   release_lease(job)
   if job.result_ttl_ms then
