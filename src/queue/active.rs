@@ -16,10 +16,15 @@ impl<J> Queue<J> {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let ids: Vec<String> = redis::cmd("ZRANGE")
+        // Below +inf: the index's one member that is not a job scores +inf (see
+        // ACTIVE_KEEPER in common.lua).
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
             .arg(self.shared.keys.active())
+            .arg("-inf")
+            .arg("(+inf")
+            .arg("LIMIT")
             .arg(0)
-            .arg(limit - 1)
+            .arg(limit)
             .query_async(&mut self.shared.conn.clone())
             .await?;
         let mut running = Vec::with_capacity(ids.len());

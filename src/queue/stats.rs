@@ -93,7 +93,11 @@ impl<J> Queue<J> {
     pub async fn stats(&self) -> Result<QueueStats, Error> {
         let k = &self.shared.keys;
         let mut pipe = redis::pipe();
-        pipe.zcard(k.scheduled()).zcard(k.active()).zcard(k.dead());
+        // `active` holds one member that is not a job, scored +inf (see ACTIVE_KEEPER
+        // in common.lua): the count leaves it out.
+        pipe.zcard(k.scheduled())
+            .zcount(k.active(), "-inf", "(+inf")
+            .zcard(k.dead());
         // Each priority's lane, and its part of the sorted set older versions queued in
         // (claims drain it; the score's leading digit is the priority rank).
         for p in Priority::ALL {

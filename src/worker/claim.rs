@@ -130,8 +130,61 @@ pub(crate) fn backoff() -> ExponentialBuilder {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A queue of its own on the Redis every test machine runs (`REDIS_URL`, else
+    /// 127.0.0.1:6379), for the scripts' batch paths that no public call can reach.
+    pub(crate) async fn unit_queue(what: &str) -> crate::Queue<serde_json::Value> {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        crate::Queue::builder(format!("{what}-{}", JobId::generate()))
+            .url(url)
+            .prefix("vqunit")
+            .connect()
+            .await
+            .expect("a Redis on 127.0.0.1:6379")
+    }
+
+    pub(crate) fn args() -> ClaimArgs {
+        ClaimArgs {
+            worker_id: "w".into(),
+            lease: Duration::from_secs(30),
+            default_attempts: 3,
+        }
+    }
+
+    /// Deletes every key of the queue.
+    pub(crate) async fn drop_queue(shared: &Shared) {
+        let _: () = redis::cmd("DEL")
+            .arg(shared.keys.all().as_slice())
+            .query_async(&mut shared.conn.clone())
+            .await
+            .unwrap();
+    }
+
+    // A claim's writes wait for the end of its loop (one call per kind): an id found
+    // twice in the lanes must still be handed out once.
+    #[tokio::test]
+    async fn an_id_twice_in_a_lane_is_claimed_once() {
+        let q = unit_queue("claim-twice").await;
+        let job = q.enqueue(serde_json::json!({})).await.unwrap();
+        let shared = q.shared();
+        let _: i64 = redis::cmd("RPUSH")
+            .arg(shared.keys.lane(crate::Priority::Normal))
+            .arg(job.id.as_str())
+            .query_async(&mut shared.conn.clone())
+            .await
+            .unwrap();
+        let got = claim(shared, 0, 2, &args()).await.unwrap();
+        let ids: Vec<&str> = got.jobs.iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(ids, [job.id.as_str()]);
+        let status = q.status(&job.id).await.unwrap();
+        assert_eq!(
+            (status.state, status.attempts),
+            (crate::JobState::Active, 1)
+        );
+        drop_queue(shared).await;
+    }
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())

@@ -296,7 +296,9 @@ pub(crate) fn capped(message: String) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::claim::tests::{args, drop_queue, unit_queue};
     use super::*;
+    use crate::job::JobRecord;
 
     #[test]
     fn long_messages_are_cut_at_a_character_boundary() {
@@ -335,6 +337,66 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A report batch that names one job twice, against the Redis every test machine
+    /// runs (`REDIS_URL`, else 127.0.0.1:6379).
+    async fn twice_in_one_call(first_token: Option<&str>) -> (Vec<String>, JobRecord) {
+        let q = unit_queue("report-twice").await;
+        let job = q.enqueue(serde_json::json!({})).await.unwrap();
+        let args = args();
+        let shared = q.shared();
+        let claimed = super::super::claim::claim(shared, 0, 1, &args)
+            .await
+            .unwrap();
+        let token = claimed.jobs[0].token.clone();
+        let pending = |token: &str, result: &[u8]| Pending {
+            id: job.id.clone(),
+            token: token.to_owned(),
+            report: Report::Completed(result.to_vec()),
+            claim: 0,
+            lost: None,
+            reply: oneshot::channel().0,
+        };
+        let batch = [
+            pending(first_token.unwrap_or(&token), b"1"),
+            pending(&token, b"2"),
+        ];
+        let (outcomes, _) = invoke(shared, 0, &args, &batch).await.unwrap();
+        let raw: Vec<u8> = redis::cmd("HGET")
+            .arg(shared.keys.jobs())
+            .arg(job.id.as_str())
+            .query_async(&mut shared.conn.clone())
+            .await
+            .unwrap();
+        let result: Vec<u8> = redis::cmd("HGET")
+            .arg(shared.keys.results())
+            .arg(job.id.as_str())
+            .query_async(&mut shared.conn.clone())
+            .await
+            .unwrap();
+        let expected: &[u8] = if first_token.is_some() { b"2" } else { b"1" };
+        assert_eq!(result, expected);
+        drop_queue(shared).await;
+        (outcomes, JobRecord::parse(job.id.as_str(), &raw).unwrap())
+    }
+
+    // A completion's writes wait for the end of the reports (one call per kind): a
+    // second report of the job must still find the lease ended, and a stale one must
+    // not hide the live one behind it.
+    #[tokio::test]
+    async fn a_job_completed_earlier_in_the_same_call_is_lost_to_a_second_report() {
+        let (outcomes, record) = twice_in_one_call(None).await;
+        assert_eq!(outcomes, ["completed", "lost"]);
+        assert_eq!(record.state.as_deref(), Some("completed"));
+        assert_eq!(record.attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn a_stale_report_before_the_live_one_in_the_same_call_changes_nothing() {
+        let (outcomes, record) = twice_in_one_call(Some("no-such-token")).await;
+        assert_eq!(outcomes, ["lost", "completed"]);
+        assert_eq!(record.state.as_deref(), Some("completed"));
     }
 
     #[test]

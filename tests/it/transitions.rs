@@ -236,7 +236,10 @@ async fn a_failed_attempt_with_attempts_left_is_scheduled_without_its_lease() {
     assert_eq!((st.state, st.attempts), (JobState::Scheduled, 1));
     assert_eq!(st.last_error().unwrap().message, "late failure");
     // The retry runs the same request.
-    assert_eq!(stored_payload(&p, &st.id).await.as_deref(), Some(r#"{"n":1}"#));
+    assert_eq!(
+        stored_payload(&p, &st.id).await.as_deref(),
+        Some(r#"{"n":1}"#)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,7 +268,10 @@ async fn a_lapsed_lease_on_the_last_attempt_buries_the_job() {
     let q = p.queue::<Echo>("ends").await;
     assert_eq!(q.dead_letter().count().await.unwrap(), 1);
     // A dead job may be requeued: it keeps its request.
-    assert_eq!(stored_payload(&p, &st.id).await.as_deref(), Some(r#"{"n":1}"#));
+    assert_eq!(
+        stored_payload(&p, &st.id).await.as_deref(),
+        Some(r#"{"n":1}"#)
+    );
 }
 
 async fn cancel_requested(ending: Ending) {

@@ -1867,3 +1867,50 @@ async fn an_idle_worker_waits_on_one_connection() {
     // The heartbeat thread's connection per queue, and the one it blocks on.
     assert_eq!(during.len() - before, 3, "the worker's own connections");
 }
+
+/// The `active` index holds one member that is not a job (it keeps the index a skip
+/// list, where a lease costs O(log n) to add): no count, listing or wake-up sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_active_index_is_a_skip_list_whose_keeper_is_never_a_job() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("keeper").await;
+    let a = q.enqueue(Echo { n: 1 }).await.unwrap();
+    let b = q.enqueue(Echo { n: 2 }).await.unwrap();
+    let (open_tx, go) = tokio::sync::watch::channel(false);
+    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
+        let mut go = go.clone();
+        async move {
+            let _ = go.wait_for(|&open| open).await;
+            Ok::<_, JobError>(job.n)
+        }
+    });
+    let w = spawn(Worker::builder(q.clone()).concurrency(2).build(handler));
+    eventually(WAIT, "both jobs running", || async {
+        (q.active_jobs(10).await.unwrap().len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(q.stats().await.unwrap().active, 2);
+    assert_eq!(q.active_jobs(1).await.unwrap().len(), 1);
+    let mut conn = crate::common::connection().await;
+    let encoding: String = redis::cmd("OBJECT")
+        .arg("ENCODING")
+        .arg(format!("{}:{{keeper}}:active", p.name))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(encoding, "skiplist");
+
+    open_tx.send_replace(true);
+    for id in [&a.id, &b.id] {
+        let st = q.wait(id, WAIT).await.unwrap();
+        assert_eq!(st.state, JobState::Completed);
+    }
+    assert_eq!(q.stats().await.unwrap().active, 0);
+    assert!(q.active_jobs(10).await.unwrap().is_empty());
+    // With only the keeper left, the idle worker still sleeps until new work and
+    // takes it at once.
+    let c = q.enqueue(Echo { n: 3 }).await.unwrap();
+    let st = q.wait(&c.id, WAIT).await.unwrap();
+    assert_eq!(st.state, JobState::Completed);
+    stop(w).await;
+}

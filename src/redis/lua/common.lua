@@ -98,6 +98,11 @@ local deferred = nil
 local EV_IDS_MAX = 64
 local ev_ids = {}
 local ev_n, ev_kind, ev_data = nil, nil, nil
+-- The hot path's held writes, one argument list per kind (see `hold`).
+local HELD = {}
+for i = 1, 5 do
+  HELD[i] = { n = 0 }
+end
 
 local function begin(keys, args)
   K_JOBS, K_PAYLOADS, K_RESULTS, K_LEASES = keys[1], keys[2], keys[3], keys[4]
@@ -130,6 +135,9 @@ local function begin(keys, args)
   -- A library's state outlives a call: a call that failed half-way left nothing here.
   deferred = nil
   ev_n = nil
+  for i = 1, 5 do
+    HELD[i].n = 0
+  end
 end
 
 local WAKE_MAX = 1000           -- more tokens than this wake nobody new
@@ -240,6 +248,66 @@ local function payload_of(job)
   return job.body or redis.call('HGET', K_PAYLOADS, job.id) or ''
 end
 
+-- Writes of the hot path (a claim's leases and records; a completion's result, lease
+-- drop, retention and record) held back so that each kind goes to Redis as one call
+-- for the whole batch: a call from Lua costs Redis far more than one more argument to
+-- a call it makes anyway (a sixth of a no-op job's instructions were these calls).
+-- Only the two success paths hold, and only for jobs no other step of the same call
+-- reads before `flush_held` (claim and report see to it: a job is claimed or reported
+-- once per call, and they flush before anything else looks). Made once, like BATCH.
+local HELD_MAX = 1000         -- arguments per held call (Lua's C stack takes ~8000)
+local H_JOBS, H_RESULTS, H_UNACTIVE, H_ACTIVE, H_FINISHED = 1, 2, 3, 4, 5
+local HELD_CMD = { 'HSET', 'HSET', 'ZREM', 'ZADD', 'ZADD' }
+
+local function flush_one(i)
+  local h = HELD[i]
+  local n = h.n
+  if n > 0 then
+    local key = (i == H_JOBS and K_JOBS) or (i == H_RESULTS and K_RESULTS)
+      or (i == H_FINISHED and K_FINISHED) or K_ACTIVE
+    redis.call(HELD_CMD[i], key, unpack(h, 1, n))
+    for j = 1, n do
+      h[j] = nil
+    end
+    h.n = 0
+  end
+end
+
+-- Writes every held call (a lease dropped before one is added: the order a call per
+-- job had).
+local function flush_held()
+  for i = 1, 5 do
+    flush_one(i)
+  end
+end
+
+-- The `active` index holds one member that is not a job: this name, scored +inf (no
+-- lease runs out then, so recovery never reads it). Redis keeps a sorted set of up to
+-- 128 short members as one packed list, where adding or removing a member walks the
+-- whole list: a sixteenth of a no-op job's instructions went to the leases of the
+-- jobs around it. A member longer than 64 bytes makes it a skip list for good
+-- (O(log n) a step; Redis 7 never packs it again), at the cost of one entry per queue.
+-- The name is longer than twice the default limit, so a server configured with a
+-- larger one still converts. Readers of `active` skip it: it scores +inf, no job id
+-- is this long, and `first_score` treats +inf as nothing.
+local ACTIVE_KEEPER = 'voxqueue: not a job. This member keeps the active index a skip '
+  .. 'list, so that adding or dropping a lease costs O(log n), not O(n) (see common.lua)'
+
+-- Adds one or two arguments to a held call.
+local function hold(i, a, b)
+  local h = HELD[i]
+  local n = h.n + 1
+  h[n] = a
+  if b ~= nil then
+    n = n + 1
+    h[n] = b
+  end
+  h.n = n
+  if n >= HELD_MAX then
+    flush_one(i)
+  end
+end
+
 -- One stream entry: `ids` is one job id, or several joined by newlines.
 local function write_event(kind, ids, data)
   if data then
@@ -321,6 +389,7 @@ end
 -- Writes what a batch held back: its events, one HINCRBY per counter, one window
 -- update.
 local function end_batch()
+  flush_held()
   flush_events()
   ev_n = nil
   local pending = deferred
@@ -464,26 +533,39 @@ end
 -- goes: only a dead job runs again (requeue), so a finished one's request would sit
 -- in memory for the whole retention unread, and leaving it out spares the save a
 -- copy of it (Lua hashes every byte of every string it makes).
-local function finish(job, state)
+-- With `held`, the lease drop, retention and record wait for `flush_held`.
+local function finish(job, state, held)
   job.state = state
   job.finished_at = NOW_S
   job.cancel = nil
   job.body = nil
   settle_dedup(job)
-  release_lease(job)
+  if held and job.lease then
+    job.lease = nil
+    hold(H_UNACTIVE, job.id)
+  else
+    release_lease(job)
+  end
+  local at
   if job.result_ttl_ms then
-    local at = NOW + job.result_ttl_ms
+    at = NOW + job.result_ttl_ms
     note_due(at)
-    redis.call('ZADD', K_FINISHED, int(at), job.id)
+    at = int(at)
   else
     if not finished_default then
       finished_default = NOW + 86400000
       note_due(finished_default)
       finished_default = int(finished_default)
     end
-    redis.call('ZADD', K_FINISHED, finished_default, job.id)
+    at = finished_default
   end
-  save(job)
+  if held then
+    hold(H_FINISHED, at, job.id)
+    hold(H_JOBS, job.id, entry(job, encode(job)))
+  else
+    redis.call('ZADD', K_FINISHED, at, job.id)
+    save(job)
+  end
   count(state)
   emit(state, job.id)
 end
@@ -627,7 +709,11 @@ end
 local function first_score(key)
   local first = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
   if #first > 0 then
-    return tonumber(first[2])
+    local score = tonumber(first[2])
+    -- +inf: only `active`'s keeper (see ACTIVE_KEEPER) is left.
+    if score ~= math.huge then
+      return score
+    end
   end
   return nil
 end
@@ -730,6 +816,8 @@ local function claim(worker, n, lease_ms, default_attempts, out)
   -- stops (the pop never takes more than the loop will look at: `n - claimed` and
   -- the guard both bound it).
   local popped, at = {}, 1
+  -- Ids claimed by this call (see `hold`).
+  local taken = {}
   while claimed < n and guard < n + 1000 do
     if at > #popped then
       local want = math.min(n - claimed, n + 1000 - guard)
@@ -738,7 +826,9 @@ local function claim(worker, n, lease_ms, default_attempts, out)
         if swept then
           break
         end
-        -- Short: maybe a scheduled job came due or a lease ran out since the last look.
+        -- Short: maybe a scheduled job came due or a lease ran out since the last look
+        -- (which reads what this claim holds back).
+        flush_held()
         maintain(true)
         swept = true
         popped = pop_ready(want, true)
@@ -750,12 +840,15 @@ local function claim(worker, n, lease_ms, default_attempts, out)
     guard = guard + 1
     local id = popped[at]
     at = at + 1
-    local job = load(id)
+    -- An id popped twice (a lane entry left behind) is read once: what the first
+    -- claim wrote is held back.
+    local job = not taken[id] and load(id)
     if job and job.corrupt then
       bury(job, 'corrupt job record: ' .. job.corrupt)
-    elseif job and job.state ~= 'queued' then
+    elseif taken[id] or (job and job.state ~= 'queued') then
       -- Not ready (a lane entry left behind): the job is wherever its state says.
-      redis.log(redis.LOG_WARNING, 'voxqueue: skipped ' .. id .. ' in a ready lane, state ' .. tostring(job.state))
+      redis.log(redis.LOG_WARNING, 'voxqueue: skipped ' .. id .. ' in a ready lane, state '
+        .. (job and tostring(job.state) or 'active'))
     elseif job then
       if job.expires_at and job.expires_at > 0 and NOW > job.expires_at then
         finish(job, 'expired')
@@ -779,10 +872,12 @@ local function claim(worker, n, lease_ms, default_attempts, out)
           deadline = NOW + lease_ms
           note_due(deadline)
           deadline = int(deadline)
+          hold(H_ACTIVE, '+inf', ACTIVE_KEEPER)
         end
-        redis.call('ZADD', K_ACTIVE, deadline, id)
+        taken[id] = true
+        hold(H_ACTIVE, deadline, id)
         local raw = encode(job)
-        redis.call('HSET', K_JOBS, id, entry(job, raw))
+        hold(H_JOBS, id, entry(job, raw))
         emit_step('active', id, worker)
         table.insert(out, id)
         table.insert(out, token)
@@ -792,6 +887,7 @@ local function claim(worker, n, lease_ms, default_attempts, out)
       end
     end
   end
+  flush_held()
   if not swept then
     maintain(false)
   end
@@ -873,10 +969,10 @@ local function complete_one(id, token, result)
     return outcome
   end
   window(1, 0, NOW - (tonumber(job.started_at) or NOW))
-  redis.call('HSET', K_RESULTS, id, result)
+  hold(H_RESULTS, id, result)
   job.result = true
   job.progress = 100
-  finish(job, 'completed')
+  finish(job, 'completed', true)
   return 'completed'
 end
 

@@ -15,14 +15,23 @@ local outcomes = {}
 -- Counters and the outcome window are written once for the whole batch (claim
 -- included), events in shared entries.
 start_batch()
+-- A completion's writes are held back until the reports are done (see `hold`): a
+-- later report of a job completed in the same call finds its lease ended, as it would
+-- have if the completion had been written at once (the other outcomes write at once).
+local completed = {}
 for i = 0, n - 1 do
   local at = 8 + i * 6
-  if ARGV[at] == 'c' then
-    outcomes[i + 1] = complete_one(ARGV[at + 1], ARGV[at + 2], ARGV[at + 3])
+  local id = ARGV[at + 1]
+  if completed[id] then
+    outcomes[i + 1] = 'lost'
+  elseif ARGV[at] == 'c' then
+    outcomes[i + 1] = complete_one(id, ARGV[at + 2], ARGV[at + 3])
+    completed[id] = outcomes[i + 1] == 'completed'
   else
-    outcomes[i + 1] = fail_one(ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5])
+    outcomes[i + 1] = fail_one(id, ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5])
   end
 end
+flush_held()
 local m = tonumber(ARGV[4])
 if m > 0 then
   claim(ARGV[3], m, tonumber(ARGV[5]), tonumber(ARGV[6]), outcomes)
