@@ -98,11 +98,13 @@ local deferred = nil
 local EV_IDS_MAX = 64
 local ev_ids = {}
 local ev_n, ev_kind, ev_data = nil, nil, nil
--- The hot path's held writes, one argument list per kind (see `hold`).
+-- The hot path's held writes, one argument list per kind (see `hold`), and how many
+-- arguments they hold in all (0: nothing to flush or reset, the common case).
 local HELD = {}
 for i = 1, 5 do
   HELD[i] = { n = 0 }
 end
+local held_n = 0
 
 local function begin(keys, args)
   K_JOBS, K_PAYLOADS, K_RESULTS, K_LEASES = keys[1], keys[2], keys[3], keys[4]
@@ -135,8 +137,11 @@ local function begin(keys, args)
   -- A library's state outlives a call: a call that failed half-way left nothing here.
   deferred = nil
   ev_n = nil
-  for i = 1, 5 do
-    HELD[i].n = 0
+  if held_n > 0 then
+    for i = 1, 5 do
+      HELD[i].n = 0
+    end
+    held_n = 0
   end
 end
 
@@ -276,8 +281,11 @@ end
 -- Writes every held call (a lease dropped before one is added: the order a call per
 -- job had).
 local function flush_held()
-  for i = 1, 5 do
-    flush_one(i)
+  if held_n > 0 then
+    for i = 1, 5 do
+      flush_one(i)
+    end
+    held_n = 0
   end
 end
 
@@ -303,6 +311,7 @@ local function hold(i, a, b)
     h[n] = b
   end
   h.n = n
+  held_n = held_n + 1
   if n >= HELD_MAX then
     flush_one(i)
   end
