@@ -298,10 +298,13 @@ where
             default_attempts: self.config.retry.attempts(),
         };
         let interrupt = CancellationToken::new();
+        // One call at a time keeps a one-slot worker's reports in order (see
+        // worker/report.rs); more slots keep two in flight.
+        let in_flight = if self.config.concurrency > 1 { 2 } else { 1 };
         let reporters = shared
             .iter()
             .enumerate()
-            .map(|(i, s)| Reporter::start(s.clone(), i, args.clone(), interrupt.clone()))
+            .map(|(i, s)| Reporter::start(s.clone(), i, args.clone(), interrupt.clone(), in_flight))
             .collect();
         let runner = Arc::new(Runner {
             queues: shared.clone(),

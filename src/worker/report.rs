@@ -2,18 +2,22 @@
 //! Redis together, one script call per batch, and the same call claims the next jobs
 //! for the slots that want one.
 //!
-//! No timer: a batch leaves as soon as the previous call returns, carrying every
-//! report that arrived meanwhile (at most [`MAX_BATCH`]). A lone report goes out at
-//! once with no added wait; at concurrency 50 it is one call for many jobs, which is
-//! what Redis's single thread needs. A one-slot worker batches too: its reports then
-//! reach Redis in the order its attempts ended, which keeps a priority level first in,
-//! first out while it holds jobs ahead (a call of its own per report, pipelined, was
-//! sometimes faster, but two calls could race and hand the slot its jobs out of order).
+//! No timer: a batch leaves as soon as a call is free, carrying every report that
+//! arrived meanwhile (at most [`MAX_BATCH`]). A lone report goes out at once with no
+//! added wait; at concurrency 50 it is one call for many jobs, which is what Redis's
+//! single thread needs. A worker with several slots keeps two calls in flight, so
+//! Redis runs one batch while the worker reads the answer to the other and runs its
+//! jobs (with one, Redis idled for a third of a no-op run at concurrency 50). A
+//! one-slot worker keeps one: its reports then reach Redis in the order its attempts
+//! ended, which keeps a priority level first in, first out while it holds jobs ahead
+//! (two calls could race and hand the slot its jobs out of order).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -66,16 +70,25 @@ pub(crate) struct Pending {
 pub(crate) struct Reporter(mpsc::UnboundedSender<Pending>);
 
 impl Reporter {
-    /// Starts the batching task; it ends when the last `Reporter` clone is dropped.
-    /// `interrupt` (the shutdown grace is over) stops retries through outages.
+    /// Starts the batching task; it ends when the last `Reporter` clone is dropped
+    /// and its calls are answered. `interrupt` (the shutdown grace is over) stops
+    /// retries through outages. `in_flight`: calls at once (see the module docs).
     pub(crate) fn start(
         shared: Arc<Shared>,
         queue: usize,
         args: ClaimArgs,
         interrupt: CancellationToken,
+        in_flight: usize,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(batches(rx, shared, queue, args, interrupt));
+        tokio::spawn(batches(
+            rx,
+            shared,
+            queue,
+            args,
+            interrupt,
+            in_flight.max(1),
+        ));
         Reporter(tx)
     }
 
@@ -134,16 +147,28 @@ async fn batches(
     queue: usize,
     args: ClaimArgs,
     interrupt: CancellationToken,
+    in_flight: usize,
 ) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
+    let mut sending = FuturesUnordered::new();
+    let mut open = true;
+    while open || !sending.is_empty() {
+        tokio::select! {
+            // A call answered: room for the next batch.
+            Some(()) = sending.next(), if !sending.is_empty() => {}
+            got = rx.recv(), if open && sending.len() < in_flight => match got {
+                Some(first) => {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(p) => batch.push(p),
+                            Err(_) => break,
+                        }
+                    }
+                    sending.push(send(&shared, queue, &args, &interrupt, batch));
+                }
+                None => open = false,
+            },
         }
-        send(&shared, queue, &args, &interrupt, batch).await;
     }
 }
 
