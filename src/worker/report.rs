@@ -388,15 +388,9 @@ mod tests {
             pending(&token, b"2"),
         ];
         let (outcomes, _) = invoke(shared, 0, &args, &batch).await.unwrap();
-        let raw: Vec<u8> = redis::cmd("HGET")
-            .arg(shared.keys.jobs())
-            .arg(job.id.as_str())
-            .query_async(&mut shared.conn.clone())
-            .await
-            .unwrap();
-        let result: Vec<u8> = redis::cmd("HGET")
-            .arg(shared.keys.results())
-            .arg(job.id.as_str())
+        let (raw, result): (Vec<u8>, Vec<u8>) = redis::pipe()
+            .hget(shared.keys.jobs(), job.id.as_str())
+            .hget(shared.keys.results(), job.id.as_str())
             .query_async(&mut shared.conn.clone())
             .await
             .unwrap();

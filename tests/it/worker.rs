@@ -1877,14 +1877,12 @@ async fn the_active_index_is_a_skip_list_whose_keeper_is_never_a_job() {
     let a = q.enqueue(Echo { n: 1 }).await.unwrap();
     let b = q.enqueue(Echo { n: 2 }).await.unwrap();
     let (open_tx, go) = tokio::sync::watch::channel(false);
-    let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
-        let mut go = go.clone();
-        async move {
-            let _ = go.wait_for(|&open| open).await;
-            Ok::<_, JobError>(job.n)
-        }
-    });
-    let w = spawn(Worker::builder(q.clone()).concurrency(2).build(handler));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let w = spawn(
+        Worker::builder(q.clone())
+            .concurrency(2)
+            .build(gated(log, &[1, 2], go)),
+    );
     eventually(WAIT, "both jobs running", || async {
         (q.active_jobs(10).await.unwrap().len() == 2).then_some(())
     })
