@@ -256,7 +256,7 @@ end
 -- Writes of the hot path (a claim's leases and records; a completion's result, lease
 -- drop, retention and record) held back so that each kind goes to Redis as one call
 -- for the whole batch: a call from Lua costs Redis far more than one more argument to
--- a call it makes anyway (a sixth of a no-op job's instructions were these calls).
+-- a call it makes anyway (3 % of a no-op job's instructions at concurrency 50).
 -- Only the two success paths hold, and only for jobs no other step of the same call
 -- reads before `flush_held` (claim and report see to it: a job is claimed or reported
 -- once per call, and they flush before anything else looks). Made once, like BATCH.
