@@ -17,6 +17,9 @@ pub(crate) struct Claimed {
     pub(crate) id: JobId,
     pub(crate) token: String,
     pub(crate) record: Result<JobRecord, Error>,
+    /// The record as Redis handed it over, for the completion the worker writes
+    /// (see `report::completion`).
+    pub(crate) claimed: Vec<u8>,
     pub(crate) payload: Vec<u8>,
 }
 
@@ -87,12 +90,14 @@ pub(crate) fn parse_claim(queue: usize, reply: Value) -> Result<Claim, Error> {
         };
         let id = String::from_utf8_lossy(&bytes(id)?).into_owned();
         let token = String::from_utf8_lossy(&bytes(token)?).into_owned();
-        let record = JobRecord::parse(&id, &bytes(record)?);
+        let claimed = bytes(record)?;
+        let record = JobRecord::parse(&id, &claimed);
         jobs.push(Claimed {
             queue,
             id: JobId::from_stored(id),
             token,
             record,
+            claimed,
             payload: bytes(payload)?,
         });
     }

@@ -58,6 +58,8 @@ pub(crate) struct Pending {
     id: JobId,
     token: String,
     report: Report,
+    /// For a completion: the record the worker writes (see [`completion`]).
+    completion: Option<Completion>,
     /// Jobs to claim for this report's slot in the same call.
     claim: usize,
     /// Set by the heartbeat when the lease is lost: then retrying is pointless.
@@ -108,10 +110,15 @@ impl Reporter {
         // The report itself moves into the batch; its summary (no result bytes) comes
         // back with the answer, for the caller's logs and metrics.
         let summary = summary(&report);
+        let completion = match report {
+            Report::Completed(_) => completion(&job.claimed),
+            Report::Failed { .. } => None,
+        };
         let pending = Pending {
             id: job.id.clone(),
             token: job.token.clone(),
             report,
+            completion,
             claim,
             lost,
             reply,
@@ -271,12 +278,16 @@ async fn invoke(
     for p in batch {
         match &p.report {
             Report::Completed(result) => {
+                let (template, extras) = p
+                    .completion
+                    .as_ref()
+                    .map_or(("", ""), |c| (c.template.as_str(), c.extras.as_str()));
                 inv.arg("c")
                     .arg(p.id.as_str())
                     .arg(&p.token)
                     .arg(result.as_slice())
-                    .arg("")
-                    .arg("");
+                    .arg(template)
+                    .arg(extras);
             }
             Report::Failed { error, retry_in } => {
                 inv.arg("f")
@@ -305,6 +316,60 @@ async fn invoke(
         })
         .collect::<Result<Vec<String>, _>>()?;
     Ok((outcomes, parse_claim(queue, Value::Array(next))?))
+}
+
+/// The record a completion writes, made by the worker from the record it claimed so
+/// that Redis need not decode and re-encode it (see `complete_claimed` in
+/// common.lua, which uses it only while the stored record is still the claimed one).
+#[derive(Debug)]
+pub(crate) struct Completion {
+    /// The completed record without its closing brace: Redis appends `finished_at`.
+    template: String,
+    /// "started_at result_ttl_ms dedup_ttl_ms dedup-key" of the record (each may be
+    /// empty; the key, last, may hold spaces).
+    extras: String,
+}
+
+/// The completion of a claimed record: every field kept as stored (fields this version
+/// does not know included), the state `completed`, a result, progress 100, and no
+/// lease, cancel request or finish time. `None` when the record is not a JSON object
+/// or its fields are not what the script can use: the report then takes the general
+/// path.
+pub(crate) fn completion(claimed: &[u8]) -> Option<Completion> {
+    use serde_json::Value;
+    let mut record: serde_json::Map<String, Value> = serde_json::from_slice(claimed).ok()?;
+    // A time or count as the scripts stamp it (text) or as a client wrote it.
+    let number = |v: Option<&Value>| -> Option<String> {
+        match v {
+            None => Some(String::new()),
+            Some(Value::Number(n)) => n.as_u64().map(|n| n.to_string()),
+            Some(Value::String(t)) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => {
+                Some(t.clone())
+            }
+            Some(_) => None,
+        }
+    };
+    let dedup = match record.get("dedup") {
+        None => String::new(),
+        Some(Value::String(key)) => key.clone(),
+        Some(_) => return None,
+    };
+    let extras = format!(
+        "{} {} {} {dedup}",
+        number(record.get("started_at"))?,
+        number(record.get("result_ttl_ms"))?,
+        number(record.get("dedup_ttl_ms"))?,
+    );
+    for gone in ["lease", "cancel", "finished_at"] {
+        record.remove(gone);
+    }
+    record.insert("state".into(), "completed".into());
+    record.insert("result".into(), true.into());
+    record.insert("progress".into(), 100.into());
+    let mut template = serde_json::to_string(&record).ok()?;
+    // `}`: the script writes `,"finished_at":"…"}` in its place.
+    template.pop();
+    Some(Completion { template, extras })
 }
 
 /// `message`, cut to [`MESSAGE_MAX`] bytes at a character boundary, marked when cut.
@@ -364,6 +429,51 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_completion_keeps_every_claimed_field_and_ends_the_attempt() {
+        let claimed = br#"{"max_attempts":3,"created_at":"1796137157044","state":"active","started_at":"1796137157050","lease":"7","worker":"w","attempts":1,"dedup":"ab 12","dedup_ttl_ms":60000,"seq":4,"later":{"x":[1,2]},"errors":{},"progress":40}"#;
+        let c = completion(claimed).unwrap();
+        assert_eq!(c.extras, "1796137157050  60000 ab 12");
+        let written = format!(r#"{},"finished_at":"1796137158000"}}"#, c.template);
+        let mut record: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&written).unwrap();
+        assert_eq!(
+            record.remove("later").unwrap(),
+            serde_json::json!({"x": [1, 2]})
+        );
+        assert_eq!(record.remove("seq").unwrap(), 4);
+        assert_eq!(record.remove("dedup").unwrap(), "ab 12");
+        assert!(!record.contains_key("lease"));
+        let record = JobRecord::parse("a", written.as_bytes()).unwrap();
+        let st = record.status().unwrap();
+        assert_eq!(st.state, crate::JobState::Completed);
+        assert!(st.has_result);
+        assert_eq!(st.progress, Some(100.0));
+        assert_eq!((st.attempts, st.max_attempts), (1, Some(3)));
+        assert_eq!(record.finished_at, 1_796_137_158_000);
+        assert_eq!(record.worker.as_deref(), Some("w"));
+    }
+
+    #[test]
+    fn a_record_the_script_cannot_complete_from_takes_the_general_path() {
+        for claimed in [
+            &b"{not json"[..],
+            br#"["state","active"]"#,
+            br#"{"state":"active","started_at":"soon"}"#,
+            br#"{"state":"active","result_ttl_ms":-1}"#,
+            br#"{"state":"active","dedup":7}"#,
+        ] {
+            assert!(
+                completion(claimed).is_none(),
+                "{}",
+                String::from_utf8_lossy(claimed)
+            );
+        }
+        // Nothing stamped yet: empty extras, still a completion.
+        let c = completion(br#"{"state":"active","lease":"1"}"#).unwrap();
+        assert_eq!(c.extras, "   ");
+    }
+
     /// A report batch that names one job twice, against the Redis every test machine
     /// runs (`REDIS_URL`, else 127.0.0.1:6379).
     async fn twice_in_one_call(first_token: Option<&str>) -> (Vec<String>, JobRecord) {
@@ -379,6 +489,7 @@ mod tests {
             id: job.id.clone(),
             token: token.to_owned(),
             report: Report::Completed(result.to_vec()),
+            completion: completion(&claimed.jobs[0].claimed),
             claim: 0,
             lost: None,
             reply: oneshot::channel().0,
@@ -396,6 +507,14 @@ mod tests {
             .unwrap();
         let expected: &[u8] = if first_token.is_some() { b"2" } else { b"1" };
         assert_eq!(result, expected);
+        // The worker wrote the record (no cjson in Redis): its template, stamped.
+        let template = completion(&claimed.jobs[0].claimed).unwrap().template;
+        assert!(
+            raw.starts_with(template.as_bytes()),
+            "{}",
+            String::from_utf8_lossy(&raw)
+        );
+        assert!(raw.ends_with(b"\"}"));
         drop_queue(shared).await;
         (outcomes, JobRecord::parse(job.id.as_str(), &raw).unwrap())
     }

@@ -107,6 +107,9 @@ async fn a_job_round_trips_with_status_transitions_and_wait_result() {
     let st = q.status(&job.id).await.unwrap();
     assert_eq!(st.state, JobState::Completed);
     assert!(st.finished_at.is_some() && st.has_result);
+    // The progress reported meanwhile changed the record; the completion still ends it.
+    assert_eq!((st.progress, st.attempts), (Some(100.0), 1));
+    assert!(st.started_at.is_some() && st.worker.is_some());
     stop(w).await;
     let stats = q.stats().await.unwrap();
     assert_eq!(stats.totals.get("completed"), Some(&1));

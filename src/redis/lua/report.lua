@@ -4,7 +4,9 @@
 -- ARGV[1] '' (Redis's clock), ARGV[2] events max
 -- ARGV[3] worker id, ARGV[4] jobs to claim next (0 for none), ARGV[5] lease ms,
 -- ARGV[6] default max attempts, ARGV[7] number of reports n, then six per report:
---   'c', id, lease token, result bytes, '', ''                      (completed)
+--   'c', id, lease token, result bytes, record template, extras     (completed; see
+--                                                                    complete_claimed,
+--                                                                    '' '' for none)
 --   'f', id, lease token, error kind, error message, retry in ms    (failed; '' for
 --                                                                    no retry: dead)
 -- Returns: {outcome per report..., then the claim's reply (see claim.lua), or -1 when
@@ -25,7 +27,7 @@ for i = 0, n - 1 do
   if completed[id] then
     outcomes[i + 1] = 'lost'
   elseif ARGV[at] == 'c' then
-    outcomes[i + 1] = complete_one(id, ARGV[at + 2], ARGV[at + 3])
+    outcomes[i + 1] = complete_one(id, ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5])
     completed[id] = outcomes[i + 1] == 'completed'
   else
     outcomes[i + 1] = fail_one(id, ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5])
