@@ -1010,11 +1010,12 @@ local function complete_claimed(id, token, result, template, extras)
   end
   window(1, 0, NOW - (tonumber(started) or NOW))
   hold(H_RESULTS, id, result)
-  retire({
+  local job = {
     id = id, state = 'completed', lease = token,
     result_ttl_ms = tonumber(ttl), dedup_ttl_ms = tonumber(dedup_ttl),
     dedup = dedup ~= '' and dedup or nil,
-  }, true)
+  }
+  retire(job, true)
   hold(H_JOBS, id, template .. ',"finished_at":"' .. NOW_S .. '"}')
   count('completed')
   emit('completed', id)
