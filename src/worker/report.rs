@@ -519,6 +519,64 @@ mod tests {
         (outcomes, JobRecord::parse(job.id.as_str(), &raw).unwrap())
     }
 
+    // The completion's lease search reads the record, never the payload after it: a
+    // payload may hold the same text.
+    #[tokio::test]
+    async fn a_lease_named_only_by_the_payload_is_not_the_records() {
+        let q = unit_queue("report-payload-lease").await;
+        let shared = q.shared();
+        let seq: Option<u64> = redis::cmd("GET")
+            .arg(format!("{}:seq", shared.keys.base()))
+            .query_async(&mut shared.conn.clone())
+            .await
+            .unwrap();
+        let next = (seq.unwrap_or(0) + 1).to_string();
+        let job = q
+            .enqueue(serde_json::json!({ "lease": next }))
+            .await
+            .unwrap();
+        let args = args();
+        let claimed = super::super::claim::claim(shared, 0, 1, &args)
+            .await
+            .unwrap();
+        let claimed = &claimed.jobs[0];
+        assert_eq!(claimed.token, next);
+        // The record loses its lease (as a recovery would take it); the payload keeps
+        // the text.
+        let mut record: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&claimed.claimed).unwrap();
+        record.remove("lease");
+        let mut entry = serde_json::to_vec(&record).unwrap();
+        entry.push(b'\n');
+        entry.extend_from_slice(&claimed.payload);
+        let text = format!(r#""lease":"{next}""#);
+        assert!(
+            claimed
+                .payload
+                .windows(text.len())
+                .any(|w| w == text.as_bytes())
+        );
+        let _: i64 = redis::cmd("HSET")
+            .arg(shared.keys.jobs())
+            .arg(job.id.as_str())
+            .arg(entry)
+            .query_async(&mut shared.conn.clone())
+            .await
+            .unwrap();
+        let batch = [Pending {
+            id: job.id.clone(),
+            token: claimed.token.clone(),
+            report: Report::Completed(b"1".to_vec()),
+            completion: completion(&claimed.claimed),
+            claim: 0,
+            lost: None,
+            reply: oneshot::channel().0,
+        }];
+        let (outcomes, _) = invoke(shared, 0, &args, &batch).await.unwrap();
+        assert_eq!(outcomes, ["lost"]);
+        drop_queue(shared).await;
+    }
+
     // A completion's writes wait for the end of the reports (one call per kind): a
     // second report of the job must still find the lease ended, and a stale one must
     // not hide the live one behind it.
