@@ -191,6 +191,36 @@ pub(crate) mod tests {
         drop_queue(shared).await;
     }
 
+    // A claim bigger than the batches its writes are held in (see `hold` in
+    // common.lua) still hands out every job it pops, each once, in order.
+    #[tokio::test]
+    async fn a_claim_of_more_than_a_thousand_hands_out_each_job_once() {
+        let q = unit_queue("claim-many").await;
+        let ids: Vec<JobId> = q
+            .enqueue_bulk((0..1_500).map(|n| serde_json::json!({ "n": n })))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        let shared = q.shared();
+        let got = claim(shared, 0, 1_600, &args()).await.unwrap();
+        let claimed: Vec<&JobId> = got.jobs.iter().map(|j| &j.id).collect();
+        assert_eq!(claimed, ids.iter().collect::<Vec<_>>());
+        let payloads: Vec<u64> = got
+            .jobs
+            .iter()
+            .map(|j| {
+                serde_json::from_slice::<serde_json::Value>(&j.payload).unwrap()["n"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(payloads, (0..1_500).collect::<Vec<_>>());
+        assert_eq!(q.stats().await.unwrap().active, 1_500);
+        drop_queue(shared).await;
+    }
+
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
     }
