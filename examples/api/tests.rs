@@ -735,6 +735,15 @@ async fn live_workers(catalog: &tts::Catalog) -> Vec<String> {
     workers.into_iter().map(|w| w.worker).collect()
 }
 
+/// Waits (10 s at most) until the catalogue lists a live worker.
+async fn until_listed(catalog: &tts::Catalog) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while live_workers(catalog).await.is_empty() {
+        assert!(Instant::now() < deadline, "the worker never registered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_worker_leaves_the_catalogue_when_it_stops_or_dies() {
     let mut t = TestApp::start(Setup {
@@ -744,11 +753,7 @@ async fn a_worker_leaves_the_catalogue_when_it_stops_or_dies() {
     .await;
     // A worker that stops gracefully unregisters at once.
     t.start_worker().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while live_workers(&t.queues.catalog).await.is_empty() {
-        assert!(Instant::now() < deadline, "the worker never registered");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_listed(&t.queues.catalog).await;
     let worker = t.worker.take().unwrap();
     let _ = worker.stop.send(());
     worker.task.await.unwrap().unwrap();
@@ -797,11 +802,7 @@ async fn a_registered_worker_refreshes_its_entry_before_it_runs_out() {
             let _ = stopped.await;
         },
     ));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while live_workers(&catalog).await.is_empty() {
-        assert!(Instant::now() < deadline, "the worker never registered");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_listed(&catalog).await;
     // Two and a half TTLs: an entry refreshed less often than its TTL would vanish.
     let registered = Instant::now();
     while registered.elapsed() < Duration::from_millis(2_500) {
