@@ -322,7 +322,7 @@ async fn invoke(
 /// that Redis need not decode and re-encode it (see `complete_claimed` in
 /// common.lua, which uses it only while the stored record is still the claimed one).
 #[derive(Debug)]
-pub(crate) struct Completion {
+struct Completion {
     /// The completed record without its closing brace: Redis appends `finished_at`.
     template: String,
     /// "started_at result_ttl_ms dedup_ttl_ms dedup-key" of the record (each may be
@@ -339,7 +339,7 @@ pub(crate) struct Completion {
 /// Values are copied as their raw JSON text, not parsed into a tree: building a
 /// `serde_json::Value` map cost the worker more per no-op job than the rest of its
 /// report.
-pub(crate) fn completion(claimed: &[u8]) -> Option<Completion> {
+fn completion(claimed: &[u8]) -> Option<Completion> {
     use serde_json::value::RawValue;
     // Borrowed keys: a key written with an escape fails here, and so needs none.
     let record: std::collections::BTreeMap<&str, &RawValue> =
