@@ -84,13 +84,21 @@ pub(crate) fn parse_claim(queue: usize, reply: Value) -> Result<Claim, Error> {
     };
     let mut jobs = Vec::new();
     while let Some(id) = items.next() {
-        let (Some(token), Some(record), Some(payload)) = (items.next(), items.next(), items.next())
-        else {
+        let (Some(token), Some(entry)) = (items.next(), items.next()) else {
             return Err(Error::Protocol("truncated claim reply".into()));
         };
         let id = String::from_utf8_lossy(&bytes(id)?).into_owned();
         let token = String::from_utf8_lossy(&bytes(token)?).into_owned();
-        let claimed = bytes(record)?;
+        // The entry as stored: the record, a newline (JSON never holds a raw one), the
+        // payload. One string, not two: the script makes no copy of the payload.
+        let mut claimed = bytes(entry)?;
+        let Some(end) = claimed.iter().position(|&b| b == b'\n') else {
+            return Err(Error::Protocol(format!(
+                "claim reply: the entry of {id} has no payload"
+            )));
+        };
+        let payload = claimed.split_off(end + 1);
+        claimed.truncate(end);
         let record = JobRecord::parse(&id, &claimed);
         jobs.push(Claimed {
             queue,
@@ -98,7 +106,7 @@ pub(crate) fn parse_claim(queue: usize, reply: Value) -> Result<Claim, Error> {
             token,
             record,
             claimed,
-            payload: bytes(payload)?,
+            payload,
         });
     }
     Ok(Claim {
@@ -221,6 +229,187 @@ pub(crate) mod tests {
         drop_queue(shared).await;
     }
 
+    /// The record part of a job's stored entry.
+    async fn stored_record(shared: &Shared, id: &JobId) -> String {
+        let entry: Vec<u8> = redis::cmd("HGET")
+            .arg(shared.keys.jobs())
+            .arg(id.as_str())
+            .query_async(&mut shared.conn.clone())
+            .await
+            .unwrap();
+        let end = entry
+            .iter()
+            .position(|&b| b == b'\n')
+            .unwrap_or(entry.len());
+        String::from_utf8(entry[..end].to_vec()).unwrap()
+    }
+
+    /// A record as the claim wrote it, as a map (the claimed copy must be the stored one).
+    async fn claimed_map(
+        shared: &Shared,
+        job: &Claimed,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        let stored = stored_record(shared, &job.id).await;
+        assert_eq!(stored.as_bytes(), &job.claimed[..]);
+        serde_json::from_str(&stored).unwrap()
+    }
+
+    // A record as enqueue stored it is claimed as text (see `fresh_record` in
+    // common.lua): the client's fields, then enqueue's, then the claim's, in that order,
+    // which no cjson pass would keep. The fields are the ones the general path writes.
+    #[tokio::test]
+    async fn a_fresh_record_is_claimed_as_text_with_every_field_of_the_general_path() {
+        let q = unit_queue("claim-text").await;
+        let shared = q.shared();
+        let plain = q.enqueue(serde_json::json!({"n": 1})).await.unwrap();
+        let keyed = q
+            .enqueue(serde_json::json!({"n": 2}))
+            .priority(crate::Priority::High)
+            .max_attempts(7)
+            .timeout(Duration::from_secs(9))
+            .dedup_key("k")
+            .await
+            .unwrap();
+        let before = stored_record(shared, &keyed.id).await;
+        let odd = ClaimArgs {
+            worker_id: "w \"1\"\\ \u{e9}".into(),
+            ..args()
+        };
+        let got = claim(shared, 0, 2, &odd).await.unwrap();
+        assert_eq!(got.jobs.len(), 2);
+        let keyed_job = &got.jobs[0];
+        assert_eq!(keyed_job.id, keyed.id);
+        let text = stored_record(shared, &keyed.id).await;
+        let map = claimed_map(shared, keyed_job).await;
+        let (client, enqueued) = before.split_once(r#""state":"queued""#).unwrap();
+        let want = format!(
+            r#"{client}"state":"active","attempts":1,"started_at":{},"worker":{},"lease":"{}"{enqueued}"#,
+            map["started_at"],
+            serde_json::to_string(&odd.worker_id).unwrap(),
+            keyed_job.token
+        );
+        assert_eq!(text, want, "from {before}");
+        assert_eq!(map["worker"], odd.worker_id.as_str());
+        assert_eq!(map["lease"], keyed_job.token.as_str());
+        assert_eq!(map["max_attempts"], 7);
+        assert_eq!(map["pri"], 0);
+        assert_eq!(map["timeout_ms"], 9_000);
+        assert!(map["dedup"].as_str().unwrap().len() == 64);
+        let plain_job = &got.jobs[1];
+        let map = claimed_map(shared, plain_job).await;
+        assert_eq!(map["max_attempts"], 3, "the worker's default");
+        assert_eq!(map["lease"], plain_job.token.as_str());
+        for (job, want_payload) in [(keyed_job, 2), (plain_job, 1)] {
+            let record = job.record.as_ref().unwrap();
+            assert_eq!(
+                (record.attempts, record.state.as_deref()),
+                (1, Some("active"))
+            );
+            assert!(record.started_at >= record.created_at && record.created_at > 0);
+            let payload: serde_json::Value = serde_json::from_slice(&job.payload).unwrap();
+            assert_eq!(payload["n"], want_payload);
+        }
+        assert_eq!(plain_job.id, plain.id);
+        drop_queue(shared).await;
+    }
+
+    // What the text claim cannot vouch for takes the general path: a record that was
+    // claimed before (here: its lease ran out) counts its attempts on.
+    #[tokio::test]
+    async fn a_record_claimed_before_is_claimed_again_by_the_general_path() {
+        let q = unit_queue("claim-again").await;
+        let shared = q.shared();
+        let job = q.enqueue(serde_json::json!({})).await.unwrap();
+        let brief = ClaimArgs {
+            lease: Duration::from_millis(1),
+            ..args()
+        };
+        let first = claim(shared, 0, 1, &brief).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = claim(shared, 0, 1, &args()).await.unwrap();
+        assert_eq!(second.jobs[0].id, job.id);
+        let map = claimed_map(shared, &second.jobs[0]).await;
+        assert_eq!(map["attempts"], 2);
+        assert_eq!(map["state"], "active");
+        assert_eq!(map["lease"], second.jobs[0].token.as_str());
+        assert_ne!(second.jobs[0].token, first.jobs[0].token);
+        assert_eq!(map["errors"][0]["kind"], "stalled");
+        drop_queue(shared).await;
+    }
+
+    // Records that look like enqueue's but hold what the text claim cannot write around
+    // (an attempt count, a lease, a deadline, a max attempts of 0) are claimed by the
+    // general path, which reads them.
+    #[tokio::test]
+    async fn a_record_with_fields_the_text_claim_cannot_keep_is_claimed_by_reading_it() {
+        let q = unit_queue("claim-odd").await;
+        let shared = q.shared();
+        let mut conn = shared.conn.clone();
+        let records = [
+            (
+                "counted",
+                r#"{"attempts":1,"state":"queued","created_at":"5"}"#,
+            ),
+            (
+                "leased",
+                r#"{"lease":"999","state":"queued","created_at":"5"}"#,
+            ),
+            (
+                "unset",
+                r#"{"max_attempts":0,"state":"queued","created_at":"5"}"#,
+            ),
+            (
+                "overdue",
+                r#"{"expires_at":1,"state":"queued","created_at":"5"}"#,
+            ),
+            ("broken", r#"{"state":"queued","created_at":"5"]"#),
+        ];
+        for (id, record) in records {
+            let _: () = redis::cmd("HSET")
+                .arg(shared.keys.jobs())
+                .arg(id)
+                .arg(format!("{record}\n{{}}"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let _: () = redis::cmd("RPUSH")
+                .arg(shared.keys.lane(crate::Priority::Normal))
+                .arg(id)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        let got = claim(shared, 0, 5, &args()).await.unwrap();
+        let ids: Vec<&str> = got.jobs.iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["counted", "leased", "unset"],
+            "the overdue one expires, the broken one is buried"
+        );
+        let mut maps = Vec::new();
+        for job in &got.jobs {
+            let map = claimed_map(shared, job).await;
+            assert_eq!(map["lease"], job.token.as_str(), "{map:?}");
+            assert!(job.record.is_ok(), "{map:?}");
+            maps.push(map);
+        }
+        assert_eq!(maps[0]["attempts"], 2);
+        let leased = stored_record(shared, &got.jobs[1].id).await;
+        assert_eq!(leased.matches(r#""lease""#).count(), 1, "{leased}");
+        assert_eq!(maps[2]["max_attempts"], 3);
+        let overdue = q
+            .status(&JobId::from_stored("overdue".into()))
+            .await
+            .unwrap();
+        assert_eq!(overdue.state, crate::JobState::Expired);
+        let broken = q
+            .status(&JobId::from_stored("broken".into()))
+            .await
+            .unwrap();
+        assert_eq!(broken.state, crate::JobState::Dead);
+        drop_queue(shared).await;
+    }
+
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
     }
@@ -256,24 +445,12 @@ pub(crate) mod tests {
     fn a_merged_claim_keeps_every_job_in_order() {
         let mut a = parse_claim(
             0,
-            Value::Array(vec![
-                Value::Int(-1),
-                bulk("a"),
-                bulk("ta"),
-                bulk("{}"),
-                bulk("1"),
-            ]),
+            Value::Array(vec![Value::Int(-1), bulk("a"), bulk("ta"), bulk("{}\n1")]),
         )
         .unwrap();
         let b = parse_claim(
             1,
-            Value::Array(vec![
-                Value::Int(-1),
-                bulk("b"),
-                bulk("tb"),
-                bulk("{}"),
-                bulk("2"),
-            ]),
+            Value::Array(vec![Value::Int(-1), bulk("b"), bulk("tb"), bulk("{}\n2")]),
         )
         .unwrap();
         a.merge(b);
@@ -289,12 +466,10 @@ pub(crate) mod tests {
                 Value::Int(250),
                 bulk("j1"),
                 bulk("tok1"),
-                bulk(r#"{"attempts":2}"#),
-                bulk("p1"),
+                bulk("{\"attempts\":2}\np1"),
                 bulk("j2"),
                 bulk("tok2"),
-                bulk("not json"),
-                bulk("p2"),
+                bulk("not json\np2\nmore"),
             ]),
         )
         .unwrap();
@@ -309,7 +484,7 @@ pub(crate) mod tests {
         assert_eq!(first.payload, b"p1");
         // A record that does not parse still comes back, to be dead-lettered.
         assert!(matches!(claim.jobs[1].record, Err(Error::Corrupt { .. })));
-        assert_eq!(claim.jobs[1].payload, b"p2");
+        assert_eq!(claim.jobs[1].payload, b"p2\nmore");
 
         let now = parse_claim(0, Value::Array(vec![Value::Int(0)])).unwrap();
         assert_eq!(now.next_wake, Some(Duration::ZERO));
@@ -324,6 +499,8 @@ pub(crate) mod tests {
             Value::Int(1),
             Value::Array(Vec::new()),
             Value::Array(vec![bulk("soon")]),
+            Value::Array(vec![Value::Int(0), bulk("j1"), bulk("t")]),
+            // An entry without the newline before the payload.
             Value::Array(vec![Value::Int(0), bulk("j1"), bulk("t"), bulk("{}")]),
         ] {
             assert!(

@@ -197,16 +197,12 @@ local function shape_error(id, job)
   return nil
 end
 
--- A job's entry holds the record (cjson never writes a raw newline), a newline, and
--- the payload: one hash entry per job. The payload rides along as `job.body`, never
+-- A job's entry, `raw` as stored under `id`, decoded. The entry holds the record (cjson
+-- never writes a raw newline), a newline, and the payload: one hash entry per job. The payload rides along as `job.body`, never
 -- decoded; an entry without the newline was written before the payload moved in,
 -- and its payload is in the payloads hash (`body` stays nil, and the entry keeps its
 -- old form when saved).
-local function load(id)
-  local raw = redis.call('HGET', K_JOBS, id)
-  if not raw then
-    return nil
-  end
+local function decode_entry(id, raw)
   local body
   local nl = string.find(raw, '\n', 1, true)
   if nl then
@@ -224,6 +220,15 @@ local function load(id)
   job.id = id
   job.body = body
   return job
+end
+
+-- The job stored under `id` (see `decode_entry`), or nil when there is none.
+local function load(id)
+  local raw = redis.call('HGET', K_JOBS, id)
+  if not raw then
+    return nil
+  end
+  return decode_entry(id, raw)
 end
 
 -- A record as stored: without its id (the hash field holds it) — memory per job —
@@ -812,11 +817,70 @@ local function pop_ready(want, old)
   return ids
 end
 
+-- A claim that meets a record as enqueue stored it (the client's object, then exactly
+-- the `state` and `created_at`, and maybe `dedup`, that enqueue appends: see
+-- enqueue.lua) writes the active entry as text, with no cjson pass: a decode, the
+-- shape check and an encode were a seventh of a no-op job's instructions. Such a
+-- record was never claimed (no `attempts`, `lease`), has no deadline (`expires_at`:
+-- a TTL takes the general path at enqueue) and a `max_attempts` only when the client
+-- set one (a positive number). Anything else, and anything a plain search cannot
+-- vouch for, takes the general path: these checks only ever say no to records the
+-- general path would claim the same way, and a record written by someone else that
+-- looks like enqueue's is still handed to the worker, which buries what it cannot
+-- read (see `fail_one`).
+--
+-- The claim's fields then go right after the state, which becomes `active` (see
+-- `claim`): one gsub makes the new entry, payload included, as the only new string.
+-- Lua hashes every byte of every string it makes, so the pieces a concatenation would
+-- need (the payload alone, twice) cost more than the claim's own work. Returns true
+-- when the entry can be claimed as text, and whether the client set max attempts.
+local QUEUED_AT = '"state":"queued","created_at":"'
+local function claimable_text(raw)
+  local nl = string.find(raw, '\n', 1, true)
+  local at = nl and string.find(raw, QUEUED_AT, 1, true)
+  if not at or at > nl then
+    return nil
+  end
+  -- Nothing after the state but enqueue's fields: the closing quote of `created_at`
+  -- ends the record, or opens `dedup`, whose closing quote does.
+  local q = string.find(raw, '"', at + #QUEUED_AT, true)
+  if not q or string.byte(raw, nl - 1) ~= 125 then
+    return nil
+  end
+  if q ~= nl - 2 and (string.find(raw, '","dedup":"', q, true) ~= q
+      or string.find(raw, '"', q + 11, true) ~= nl - 2) then
+    return nil
+  end
+  -- The client's part: never claimed, no deadline, no max attempts of 0 (a plain
+  -- search may find these names in a string value too: then the general path runs).
+  local head = string.sub(raw, 1, at - 1)
+  if string.find(head, '"attempts":', 1, true) or string.find(head, '"lease":', 1, true)
+    or string.find(head, '"expires_at":', 1, true) then
+    return nil
+  end
+  local m = string.find(head, '"max_attempts":', 1, true)
+  if m then
+    local digit = string.byte(head, m + 15)
+    if not digit or digit < 49 or digit > 57 then
+      return nil
+    end
+  end
+  return true, m ~= nil
+end
+
+-- A string as JSON text (a worker id, as cjson would write it when it needs escapes).
+local function json_string(s)
+  if string.find(s, '[%c"\\\128-\255]') then
+    return cjson.encode(s)
+  end
+  return '"' .. s .. '"'
+end
+
 -- Claims up to n ready jobs for a worker (jobs without their own max_attempts take
 -- default_attempts), after the maintenance that is due, so any live worker keeps the
 -- queue healthy. Returns a flat list: ms until the next wake-up (or -1; only computed
 -- when the claim came up short, since a full claim comes back at once), then id,
--- token, record, payload per job; appended to `out` when given (a report's outcomes:
+-- token and entry (the record, a newline, the payload) per job; appended to `out` when given (a report's outcomes:
 -- one flat reply).
 local function claim(worker, n, lease_ms, default_attempts, out)
   out = out or {}
@@ -836,6 +900,26 @@ local function claim(worker, n, lease_ms, default_attempts, out)
   local popped, at = {}, 1
   -- Ids claimed by this call (see `hold`).
   local taken = {}
+  -- What a record claimed as text gets after its state (see `claimable_text`), up
+  -- to the lease token: with max attempts, and without (the client set them). A gsub
+  -- replacement, so each `%` doubled. Made at the first such record.
+  local fields_max, fields_own
+  -- The next lease token; the first one also sets the claim's deadline.
+  local function lease()
+    if next_token > last_token then
+      last_token = redis.call('INCRBY', K_SEQ, small(n - claimed))
+      next_token = last_token - (n - claimed) + 1
+    end
+    local token = int(next_token)
+    next_token = next_token + 1
+    if not deadline then
+      deadline = NOW + lease_ms
+      note_due(deadline)
+      deadline = int(deadline)
+      hold(H_ACTIVE, '+inf', ACTIVE_KEEPER)
+    end
+    return token
+  end
   while claimed < n and guard < n + 1000 do
     if at > #popped then
       local want = math.min(n - claimed, n + 1000 - guard)
@@ -860,8 +944,30 @@ local function claim(worker, n, lease_ms, default_attempts, out)
     at = at + 1
     -- An id popped twice (a lane entry left behind) is read once: what the first
     -- claim wrote is held back.
-    local job = not taken[id] and load(id)
-    if job and job.corrupt then
+    local raw = not taken[id] and redis.call('HGET', K_JOBS, id)
+    local text, own_max
+    if raw then
+      text, own_max = claimable_text(raw)
+    end
+    local job = raw and not text and decode_entry(id, raw)
+    if text then
+      local token = lease()
+      if not fields_own then
+        fields_own = '"state":"active","attempts":1,"started_at":"' .. NOW_S .. '","worker":'
+          .. string.gsub(json_string(worker), '%%', '%%%%') .. ',"lease":"'
+        fields_max = '"state":"active","attempts":1,"max_attempts":' .. int(default_attempts)
+          .. string.sub(fields_own, 30)
+      end
+      local active = string.gsub(raw, '"state":"queued"',
+        (own_max and fields_own or fields_max) .. token .. '"', 1)
+      taken[id] = true
+      hold(H_ACTIVE, deadline, id)
+      hold(H_JOBS, id, active)
+      emit_step('active', id, worker)
+      local o = #out
+      out[o + 1], out[o + 2], out[o + 3] = id, token, active
+      claimed = claimed + 1
+    elseif job and job.corrupt then
       bury(job, 'corrupt job record: ' .. job.corrupt)
     elseif taken[id] or (job and job.state ~= 'queued') then
       -- Not ready (a lane entry left behind): the job is wherever its state says.
@@ -879,28 +985,18 @@ local function claim(worker, n, lease_ms, default_attempts, out)
         job.state = 'active'
         job.started_at = NOW_S
         job.worker = worker
-        if next_token > last_token then
-          last_token = redis.call('INCRBY', K_SEQ, small(n - claimed))
-          next_token = last_token - (n - claimed) + 1
-        end
-        local token = int(next_token)
-        next_token = next_token + 1
+        local token = lease()
         job.lease = token
-        if not deadline then
-          deadline = NOW + lease_ms
-          note_due(deadline)
-          deadline = int(deadline)
-          hold(H_ACTIVE, '+inf', ACTIVE_KEEPER)
-        end
         taken[id] = true
         hold(H_ACTIVE, deadline, id)
-        local raw = encode(job)
-        hold(H_JOBS, id, entry(job, raw))
+        local encoded = encode(job)
+        local stored = entry(job, encoded)
+        hold(H_JOBS, id, stored)
         emit_step('active', id, worker)
-        table.insert(out, id)
-        table.insert(out, token)
-        table.insert(out, raw)
-        table.insert(out, payload_of(job))
+        local o = #out
+        -- The worker gets the entry as written (an old one's payload joined on).
+        out[o + 1], out[o + 2] = id, token
+        out[o + 3] = job.body and stored or encoded .. '\n' .. payload_of(job)
         claimed = claimed + 1
       end
     end
