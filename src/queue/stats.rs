@@ -12,6 +12,9 @@ use crate::metrics;
 /// The stats hash field where the scripts keep the next time maintenance is due
 /// (`due` in common.lua): a time, not a counter.
 const DUE_FIELD: &str = "due";
+/// A field whose long text keeps the hash a hash table (see `HASH_KEEPER` in
+/// common.lua), not a counter.
+const KEEPER_FIELD: &str = "\nkeeper";
 
 /// A worker is counted live when it heartbeat within this window.
 const LIVE_WINDOW: Duration = Duration::from_secs(15);
@@ -145,7 +148,8 @@ impl<J> Queue<J> {
         let totals = fields
             .iter()
             .filter(|(k, _)| {
-                !k.starts_with("w:") && k.as_str() != DEAD_CAP_FIELD && k.as_str() != DUE_FIELD
+                !k.starts_with("w:")
+                    && ![DEAD_CAP_FIELD, DUE_FIELD, KEEPER_FIELD].contains(&k.as_str())
             })
             .filter_map(|(k, v)| Some((k.clone(), v.parse().ok()?)))
             .collect();

@@ -488,6 +488,56 @@ mod tests {
         assert_eq!(c.extras, "   ");
     }
 
+    // The stats, results and dedup hashes hold a keeper (see HASH_KEEPER in
+    // common.lua), so their fields are found in a hash table, not walked for in a
+    // packed list, from their first entries on; the keeper is never counted, and never
+    // read as a job's result.
+    #[tokio::test]
+    async fn small_hashes_are_hash_tables_whose_keeper_is_never_an_entry() {
+        let q = unit_queue("keeper").await;
+        let job = q
+            .enqueue(serde_json::json!({}))
+            .dedup_key("k")
+            .await
+            .unwrap();
+        let args = args();
+        let shared = q.shared();
+        let claimed = super::super::claim::claim(shared, 0, 1, &args)
+            .await
+            .unwrap();
+        let done = Pending {
+            id: job.id.clone(),
+            token: claimed.jobs[0].token.clone(),
+            report: Report::Completed(b"7".to_vec()),
+            completion: completion(&claimed.jobs[0].claimed),
+            claim: 0,
+            lost: None,
+            reply: oneshot::channel().0,
+        };
+        let (outcomes, _) = invoke(shared, 0, &args, &[done]).await.unwrap();
+        assert_eq!(outcomes, ["completed"]);
+        let dedup = &shared.keys.all()[14];
+        assert!(dedup.ends_with(":dedup"));
+        for key in [shared.keys.stats(), shared.keys.results(), dedup] {
+            let encoding: String = redis::cmd("OBJECT")
+                .arg("ENCODING")
+                .arg(key)
+                .query_async(&mut shared.conn.clone())
+                .await
+                .unwrap();
+            assert_eq!(encoding, "hashtable", "{key}");
+        }
+        let stats = q.stats().await.unwrap();
+        assert!(
+            stats.totals.keys().all(|k| !k.contains("keeper")),
+            "{:?}",
+            stats.totals
+        );
+        assert_eq!(stats.totals.get("enqueued"), Some(&1));
+        assert_eq!(q.result::<u32>(&job.id).await.unwrap(), Some(7));
+        drop_queue(shared).await;
+    }
+
     /// A report batch that names one job twice, against the Redis every test machine
     /// runs (`REDIS_URL`, else 127.0.0.1:6379).
     async fn twice_in_one_call(first_token: Option<&str>) -> (Vec<String>, JobRecord) {

@@ -172,16 +172,12 @@ async fn every_ending_leaves_only_capped_traces_after_its_retention() {
     // Every retention passes; live workers' claims and heartbeats sweep.
     let after = eventually(Duration::from_secs(30), "the sweeps catch up", || async {
         let now = footprint(&mut conn.clone(), &p.name).await;
-        let settled = [
-            "finished",
-            "results",
-            "dedup",
-            "dedup_exp",
-            "limits",
-            "limits_exp",
-        ]
-        .iter()
-        .all(|k| !now.contains_key(*k))
+        // `results` and `dedup` keep one field that is no entry (see HASH_KEEPER in
+        // common.lua).
+        let settled = ["finished", "dedup_exp", "limits", "limits_exp"]
+            .iter()
+            .all(|k| !now.contains_key(*k))
+            && ["results", "dedup"].iter().all(|k| now.get(*k) == Some(&1))
             && now.get("jobs") == Some(&DEAD_CAP);
         settled.then_some(now)
     })
@@ -192,7 +188,8 @@ async fn every_ending_leaves_only_capped_traces_after_its_retention() {
 
     eprintln!("before {before:?}\nafter {after:?}\nstopped {stopped:?}");
     // What is left: the capped dead letters (one entry each), the capped event
-    // stream, the counters, the sequence, and the live worker (gone once it stops).
+    // stream, the counters, the sequence, the keepers of `results` and `dedup`, and
+    // the live worker (gone once it stops).
     assert_eq!(after.get("dead"), Some(&DEAD_CAP));
     assert_eq!(
         after.get("payloads"),
@@ -209,7 +206,12 @@ async fn every_ending_leaves_only_capped_traces_after_its_retention() {
     // `active` keeps one member that is not a job (see ACTIVE_KEEPER in common.lua).
     assert_eq!(stopped.get("active"), Some(&1), "{stopped:?}");
     let keys: Vec<&str> = stopped.keys().map(String::as_str).collect();
-    assert_eq!(keys, ["active", "dead", "events", "jobs", "seq", "stats"]);
+    assert_eq!(
+        keys,
+        [
+            "active", "dead", "dedup", "events", "jobs", "results", "seq", "stats"
+        ]
+    );
     assert!(before.keys().all(|k| stopped.contains_key(k)), "{before:?}");
 }
 

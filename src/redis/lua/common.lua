@@ -258,6 +258,20 @@ local function payload_of(job)
   return job.body or redis.call('HGET', K_PAYLOADS, job.id) or ''
 end
 
+-- Redis keeps a hash of up to 512 short fields (`hash-max-listpack-entries`) as one
+-- packed list, where each read or write walks the fields before it: the first 512
+-- results of a queue cost a completion some 30 k instructions each, a dedup lookup
+-- walks every request key in retention, and every counter update walks the stats
+-- hash's seventy fields. A value longer than 64 bytes makes a hash a hash table for
+-- good (Redis 7 never packs it again), as ACTIVE_KEEPER does for `active`: the stats
+-- hash gets this field from maintenance (with `due`), results from each completion
+-- batch, and dedup from each enqueue that writes a request key. The name holds a
+-- newline, which no job id (the results' fields) or request key (dedup's) can, and
+-- readers skip it (`stats()` counts numbers only); it stays when the rest is swept.
+local HASH_KEEPER = '\nkeeper'
+local HASH_KEEPER_TEXT = 'voxqueue: not an entry. This field keeps the hash a hash table, '
+  .. 'so that reading or writing a field costs O(1), not a walk of every field (see common.lua)'
+
 -- Writes of the hot path (a claim's leases and records; a completion's result, lease
 -- drop, retention and record) held back so that each kind goes to Redis as one call
 -- for the whole batch: a call from Lua costs Redis far more than one more argument to
@@ -273,9 +287,12 @@ local function flush_one(i)
   local h = HELD[i]
   local n = h.n
   if n > 0 then
-    local key = (i == H_JOBS and K_JOBS) or (i == H_RESULTS and K_RESULTS)
-      or (i == H_FINISHED and K_FINISHED) or K_ACTIVE
-    redis.call(HELD_CMD[i], key, unpack(h, 1, n))
+    if i == H_RESULTS then
+      redis.call('HSET', K_RESULTS, HASH_KEEPER, HASH_KEEPER_TEXT, unpack(h, 1, n))
+    else
+      local key = (i == H_JOBS and K_JOBS) or (i == H_FINISHED and K_FINISHED) or K_ACTIVE
+      redis.call(HELD_CMD[i], key, unpack(h, 1, n))
+    end
     for j = 1, n do
       h[j] = nil
     end
@@ -518,7 +535,6 @@ end
 -- server whose clock differs) can delay.
 local DUE_FIELD = 'due'
 local DUE_CAP_MS = 1000
-
 local function due()
   if not due_at then
     due_at = tonumber(redis.call('HGET', K_STATS, DUE_FIELD)) or 0
@@ -774,7 +790,7 @@ local function maintain(sweep_anyway)
   local next_at = math.min(NOW + DUE_CAP_MS, scheduled or math.huge, active or math.huge,
     finished or math.huge)
   due_at = next_at
-  redis.call('HSET', K_STATS, DUE_FIELD, int(next_at))
+  redis.call('HSET', K_STATS, DUE_FIELD, int(next_at), HASH_KEEPER, HASH_KEEPER_TEXT)
 end
 
 -- Milliseconds until the queue next needs a look (a scheduled job comes due or a

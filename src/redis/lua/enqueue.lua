@@ -74,6 +74,7 @@ end
 -- (in slices, so no call gets more arguments than Lua can unpack).
 local created_here = {}
 local created_ids = {}
+local kept = false
 -- (BATCH, BATCH_LANES, BATCH_N: the library's reusable tables, see common.lua;
 -- nr: entries used)
 local nr = 0
@@ -136,7 +137,13 @@ for _, i in ipairs(fresh) do
       raw = encode(job)
     end
     if dedup ~= '' then
-      redis.call('HSET', K_DEDUP, dedup, id)
+      if kept then
+        redis.call('HSET', K_DEDUP, dedup, id)
+      else
+        -- Once per call: keeps the hash a hash table (see HASH_KEEPER).
+        redis.call('HSET', K_DEDUP, dedup, id, HASH_KEEPER, HASH_KEEPER_TEXT)
+        kept = true
+      end
       redis.call('ZREM', K_DEDUP_EXP, dedup)
       created_here[dedup] = { id, state }
     end
