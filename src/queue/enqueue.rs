@@ -147,31 +147,40 @@ impl<J: Serialize> Queue<J> {
                 .arg(&job.payload)
                 .arg(&job.dedup_key);
         }
-        let ((status, reply), acked): ((String, redis::Value), u32) = match replicas {
+        let (reply, acked): (Vec<redis::Value>, u32) = match replicas {
             None => (self.shared.invoke(&inv).await?, 0),
             Some((n, timeout)) => self.shared.invoke_and_wait(&inv, n, timeout).await?,
         };
+        // Flat: the status, then its details.
+        let mut items = reply.into_iter();
+        let status: String = match items.next() {
+            Some(v) => {
+                redis::from_redis_value(v).map_err(|e| Error::Protocol(format!("enqueue: {e}")))?
+            }
+            None => return Err(Error::Protocol("enqueue: an empty reply".into())),
+        };
         if status == "limited" {
-            let ms: u64 = redis::from_redis_value(reply)
-                .map_err(|e| Error::Protocol(format!("enqueue: {e}")))?;
+            let ms: u64 = items
+                .next()
+                .map(redis::from_redis_value)
+                .transpose()
+                .map_err(|e| Error::Protocol(format!("enqueue: {e}")))?
+                .ok_or_else(|| Error::Protocol("enqueue: limited, without a wait".into()))?;
             metrics::count(metrics::RATE_LIMITED, &self.shared.name, 1);
             return Err(Error::RateLimited {
                 key: limit.map(|l| l.key.clone()).unwrap_or_default(),
                 retry_after: Duration::from_millis(ms),
             });
         }
-        // Three items per job, flat: id, created (1) or existing (0), state.
-        let items: Vec<redis::Value> =
-            redis::from_redis_value(reply).map_err(|e| Error::Protocol(format!("enqueue: {e}")))?;
-        if items.len() != jobs.len() * 3 {
+        // Three items per job: id, created (1) or existing (0), state.
+        if status != "ok" || items.len() != jobs.len() * 3 {
             return Err(Error::Protocol(format!(
-                "enqueue answered {} items for {} jobs",
+                "enqueue answered {status:?} with {} items for {} jobs",
                 items.len(),
                 jobs.len()
             )));
         }
         let mut reply: Vec<(String, u8, String)> = Vec::with_capacity(jobs.len());
-        let mut items = items.into_iter();
         while let (Some(id), Some(created), Some(state)) =
             (items.next(), items.next(), items.next())
         {

@@ -14,31 +14,38 @@ pub(crate) struct Keys {
 }
 
 const NAMES: [&str; 22] = [
+    // What enqueue uses, first: it is passed these alone (see `ENQUEUE_KEYS`).
     "jobs",
-    "payloads",
-    "results",
-    "leases",
-    "ready",
+    "ready:high",
+    "ready:normal",
+    "ready:low",
     "scheduled",
-    "active",
-    "dead",
-    "finished",
     "events",
     "wake",
-    "workers",
-    "seq",
     "stats",
     "dedup",
     "dedup_exp",
     "limits",
     "limits_exp",
+    // The rest, for the scripts of a job's later life and of maintenance.
+    "payloads",
+    "results",
+    "leases",
+    // The sorted set that held ready jobs before the lanes (one list per priority,
+    // above); claims still drain it.
+    "ready",
+    "active",
+    "dead",
+    "finished",
+    "workers",
+    "seq",
     "breakers",
-    // The ready lanes, one list per priority (high, normal, low). `ready` above is the
-    // sorted set that held ready jobs before the lanes; claims still drain it.
-    "ready:high",
-    "ready:normal",
-    "ready:low",
 ];
+
+/// How many keys enqueue takes: the first of the layout. Redis 7.0 builds a script's
+/// KEYS table by growing it one key at a time, each key a Lua string: the ten keys an
+/// enqueue never touches were a twentieth of a one-by-one enqueue's instructions.
+pub(crate) const ENQUEUE_KEYS: usize = 12;
 
 impl Keys {
     /// Builds the layout after checking the names: a `{`, `}` or `:` in a queue name
@@ -69,42 +76,46 @@ impl Keys {
         &self.all[0]
     }
     pub(crate) fn payloads(&self) -> &str {
-        &self.all[1]
+        &self.all[12]
     }
     pub(crate) fn results(&self) -> &str {
-        &self.all[2]
+        &self.all[13]
     }
     /// The sorted set of ready jobs from before the lanes (read, drained, never filled).
     pub(crate) fn ready(&self) -> &str {
-        &self.all[4]
+        &self.all[15]
     }
     /// The ready list of one priority.
     pub(crate) fn lane(&self, priority: Priority) -> &str {
-        &self.all[19 + usize::from(priority.rank())]
+        &self.all[1 + usize::from(priority.rank())]
     }
     pub(crate) fn scheduled(&self) -> &str {
-        &self.all[5]
+        &self.all[4]
     }
     pub(crate) fn active(&self) -> &str {
-        &self.all[6]
+        &self.all[16]
     }
     pub(crate) fn dead(&self) -> &str {
-        &self.all[7]
+        &self.all[17]
     }
     pub(crate) fn events(&self) -> &str {
-        &self.all[9]
+        &self.all[5]
     }
     pub(crate) fn wake(&self) -> &str {
-        &self.all[10]
+        &self.all[6]
     }
     pub(crate) fn workers(&self) -> &str {
-        &self.all[11]
+        &self.all[19]
     }
     pub(crate) fn stats(&self) -> &str {
-        &self.all[13]
+        &self.all[7]
+    }
+    #[cfg(test)]
+    pub(crate) fn dedup(&self) -> &str {
+        &self.all[8]
     }
     pub(crate) fn breakers(&self) -> &str {
-        &self.all[18]
+        &self.all[21]
     }
 }
 
@@ -181,6 +192,7 @@ mod tests {
             (keys.workers(), "workers"),
             (keys.stats(), "stats"),
             (keys.breakers(), "breakers"),
+            (keys.dedup(), "dedup"),
             (keys.lane(Priority::High), "ready:high"),
             (keys.lane(Priority::Normal), "ready:normal"),
             (keys.lane(Priority::Low), "ready:low"),
@@ -190,14 +202,14 @@ mod tests {
         }
         assert_eq!(keys.base(), "p:{q}");
         // The order common.lua reads them in.
-        assert_eq!(keys.all()[3], "p:{q}:leases");
-        assert_eq!(keys.all()[8], "p:{q}:finished");
-        assert_eq!(keys.all()[12], "p:{q}:seq");
-        assert_eq!(keys.all()[14], "p:{q}:dedup");
-        assert_eq!(keys.all()[17], "p:{q}:limits_exp");
         assert_eq!(
-            keys.all()[19..],
+            keys.all()[1..4],
             ["p:{q}:ready:high", "p:{q}:ready:normal", "p:{q}:ready:low"]
         );
+        assert_eq!(keys.all()[8], "p:{q}:dedup");
+        assert_eq!(keys.all()[ENQUEUE_KEYS - 1], "p:{q}:limits_exp");
+        assert_eq!(keys.all()[14], "p:{q}:leases");
+        assert_eq!(keys.all()[18], "p:{q}:finished");
+        assert_eq!(keys.all()[20], "p:{q}:seq");
     }
 }

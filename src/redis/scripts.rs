@@ -27,15 +27,21 @@ const COMMON: &str = include_str!("lua/common.lua");
 pub(crate) struct Transition {
     name: &'static str,
     body: &'static str,
+    /// How many of the queue's keys it takes: the first of the layout (see `Keys`).
+    pub(crate) keys: usize,
     /// The stand-alone form: the prelude, `begin(KEYS, ARGV)`, then the script.
     script: LazyLock<Script>,
 }
 
 macro_rules! transition {
     ($static:ident, $name:literal) => {
+        transition!($static, $name, 22);
+    };
+    ($static:ident, $name:literal, $keys:expr) => {
         static $static: Transition = Transition {
             name: $name,
             body: include_str!(concat!("lua/", $name, ".lua")),
+            keys: $keys,
             script: LazyLock::new(|| {
                 Script::new(concat!(
                     include_str!("lua/common.lua"),
@@ -47,7 +53,7 @@ macro_rules! transition {
     };
 }
 
-transition!(ENQUEUE, "enqueue");
+transition!(ENQUEUE, "enqueue", super::keys::ENQUEUE_KEYS);
 transition!(CLAIM, "claim");
 transition!(REPORT, "report");
 transition!(RELEASE, "release");

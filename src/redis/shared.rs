@@ -45,7 +45,7 @@ impl Shared {
     pub(crate) fn invocation(&self, transition: &'static Transition) -> Invocation<'_> {
         let mut inv = Invocation {
             transition,
-            keys: self.keys.all(),
+            keys: &self.keys.all()[..transition.keys],
             args: Vec::with_capacity(8),
         };
         // The cap travels negated when step events are off (see common.lua).

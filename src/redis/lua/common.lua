@@ -2,36 +2,37 @@
 --
 -- Every script receives the same KEYS, all under one hash tag, so every call touches
 -- one slot and no key is ever built inside a script (managed clusters and Dragonfly
--- refuse undeclared keys):
+-- refuse undeclared keys). Enqueue receives the first twelve alone, all it uses (the
+-- others are nil in its calls):
 --   KEYS[1]  jobs       hash   id -> job record (JSON), a newline, the payload bytes
 --                               (never decoded here); one entry per job, not two
---   KEYS[2]  payloads   hash   id -> payload bytes of records written before the
---                               payload moved into the record; read and dropped only
---   KEYS[3]  results    hash   id -> result bytes
---   KEYS[4]  leases     hash   id -> lease token, only for jobs claimed before the token
---                               moved into the record (`lease`); read and dropped, never written
---   KEYS[5]  ready      zset   ready jobs from before the lanes (KEYS[20..22]);
---                               score = priority rank * 1e13 + sequence; drained only
---   KEYS[6]  scheduled  zset   score = run-at ms
---   KEYS[7]  active     zset   score = lease deadline ms
---   KEYS[8]  dead       zset   score = time of death ms
---   KEYS[9]  finished   zset   score = ms at which the finished record is swept
---   KEYS[10] events     stream capped job events
---   KEYS[11] wake       list   one token per enqueue, for blocked workers
---   KEYS[12] workers    zset   worker id -> last heartbeat ms
---   KEYS[13] seq        string sequence for FIFO order and lease tokens
---   KEYS[14] stats      hash   monotonic counters, and `dead_cap` (see trim_dead)
---   KEYS[15] dedup      hash   sha256 of a request -> id of the job that owns it
---   KEYS[16] dedup_exp  zset   sha256 -> ms after which the entry may be swept
---   KEYS[17] limits     hash   rate-limit key -> theoretical arrival time (GCRA) ms
---   KEYS[18] limits_exp zset   rate-limit key -> ms after which the entry is idle
---   KEYS[19] breakers   hash   worker id -> circuit-breaker state, while not closed
---   KEYS[20] ready:high   list ready ids of high priority, oldest first
---   KEYS[21] ready:normal list ready ids of normal priority
---   KEYS[22] ready:low    list ready ids of low priority
+--   KEYS[2]  ready:high   list ready ids of high priority, oldest first
+--   KEYS[3]  ready:normal list ready ids of normal priority
+--   KEYS[4]  ready:low    list ready ids of low priority
 --   (Lists, not one sorted set: a list entry costs a tenth of a sorted-set member,
 --   and FIFO within a priority is all the order a queue needs. A job that comes back
 --   from a dead worker or a shutdown goes to the head of its lane: it keeps its place.)
+--   KEYS[5]  scheduled  zset   score = run-at ms
+--   KEYS[6]  events     stream capped job events
+--   KEYS[7]  wake       list   one token per enqueue, for blocked workers
+--   KEYS[8]  stats      hash   monotonic counters, and `dead_cap` (see trim_dead)
+--   KEYS[9]  dedup      hash   sha256 of a request -> id of the job that owns it
+--   KEYS[10] dedup_exp  zset   sha256 -> ms after which the entry may be swept
+--   KEYS[11] limits     hash   rate-limit key -> theoretical arrival time (GCRA) ms
+--   KEYS[12] limits_exp zset   rate-limit key -> ms after which the entry is idle
+--   KEYS[13] payloads   hash   id -> payload bytes of records written before the
+--                               payload moved into the record; read and dropped only
+--   KEYS[14] results    hash   id -> result bytes
+--   KEYS[15] leases     hash   id -> lease token, only for jobs claimed before the token
+--                               moved into the record (`lease`); read and dropped, never written
+--   KEYS[16] ready      zset   ready jobs from before the lanes (KEYS[2..4]);
+--                               score = priority rank * 1e13 + sequence; drained only
+--   KEYS[17] active     zset   score = lease deadline ms
+--   KEYS[18] dead       zset   score = time of death ms
+--   KEYS[19] finished   zset   score = ms at which the finished record is swept
+--   KEYS[20] workers    zset   worker id -> last heartbeat ms
+--   KEYS[21] seq        string sequence for FIFO order and lease tokens
+--   KEYS[22] breakers   hash   worker id -> circuit-breaker state, while not closed
 -- ARGV[1] '' to run on Redis's clock (`TIME`), the only clock of the queue; a test
 --          harness may pass a fixed time in ms instead (the client never does)
 -- ARGV[2] maximum length of the events stream; negative: the same, without the
@@ -107,13 +108,12 @@ end
 local held_n = 0
 
 local function begin(keys, args)
-  K_JOBS, K_PAYLOADS, K_RESULTS, K_LEASES = keys[1], keys[2], keys[3], keys[4]
-  K_READY, K_SCHEDULED, K_ACTIVE, K_DEAD = keys[5], keys[6], keys[7], keys[8]
-  K_FINISHED, K_EVENTS, K_WAKE, K_WORKERS = keys[9], keys[10], keys[11], keys[12]
-  K_SEQ, K_STATS = keys[13], keys[14]
-  K_DEDUP, K_DEDUP_EXP, K_LIMITS, K_LIMITS_EXP = keys[15], keys[16], keys[17], keys[18]
-  K_BREAKERS = keys[19]
-  LANES[1], LANES[2], LANES[3] = keys[20], keys[21], keys[22]
+  K_JOBS, LANES[1], LANES[2], LANES[3] = keys[1], keys[2], keys[3], keys[4]
+  K_SCHEDULED, K_EVENTS, K_WAKE, K_STATS = keys[5], keys[6], keys[7], keys[8]
+  K_DEDUP, K_DEDUP_EXP, K_LIMITS, K_LIMITS_EXP = keys[9], keys[10], keys[11], keys[12]
+  K_PAYLOADS, K_RESULTS, K_LEASES, K_READY = keys[13], keys[14], keys[15], keys[16]
+  K_ACTIVE, K_DEAD, K_FINISHED = keys[17], keys[18], keys[19]
+  K_WORKERS, K_SEQ, K_BREAKERS = keys[20], keys[21], keys[22]
   -- One clock: Redis's. A caller's clock may run ahead or behind, and a call may wait
   -- behind a stalled server; the time the script runs is when the transition happens
   -- (a lease starts when Redis hands the job over).
@@ -445,11 +445,18 @@ local function wake(n)
   if n <= 0 then
     return
   end
-  local tokens = {}
-  for i = 1, math.min(n, WAKE_MAX) do
-    tokens[i] = '1'
+  local pushed
+  if n == 1 then
+    -- The common case, without a table (each one a call makes is garbage).
+    pushed = redis.call('RPUSH', K_WAKE, '1')
+  else
+    local tokens = {}
+    for i = 1, math.min(n, WAKE_MAX) do
+      tokens[i] = '1'
+    end
+    pushed = redis.call('RPUSH', K_WAKE, unpack(tokens))
   end
-  if redis.call('RPUSH', K_WAKE, unpack(tokens)) > WAKE_MAX then
+  if pushed > WAKE_MAX then
     redis.call('LTRIM', K_WAKE, 0, WAKE_MAX - 1)
   end
 end

@@ -12,15 +12,15 @@
 -- record, a newline, the payload):
 --   id, record JSON (pri, max_attempts, ttl_ms, ... set by the client),
 --   payload, dedup key ('' for none: the sha256 of the request's canonical form, hex)
--- Returns: {'ok', {id, created (1) or existing (0), state, ... (three per job, flat:
---          a table in a reply costs Redis a dozen lookups and a reply node)}}
+-- Returns: {'ok', id, created (1) or existing (0), state, ... (three per job)}
 --      or  {'limited', ms until the batch would be allowed} (nothing was stored)
+--          (flat: each table in a reply costs Redis a dozen lookups and a reply node)
 local n = tonumber(ARGV[6])
 local plain = ARGV[7] == '1'
-local out = {}
+local out = { 'ok' }
 -- The answer for the i-th job (from 0): three entries of the flat reply.
 local function answer(i, id, created, state)
-  out[3 * i + 1], out[3 * i + 2], out[3 * i + 3] = id, created, state
+  out[3 * i + 2], out[3 * i + 3], out[3 * i + 4] = id, created, state
 end
 local fresh = {}
 -- Counters are added up and written once for the whole batch, events in shared entries.
@@ -72,8 +72,10 @@ end
 -- Pass 2: create the new jobs. Two identical requests in one batch make one job.
 -- Entries and each lane's ready ids are written with one HSET / RPUSH per batch
 -- (in slices, so no call gets more arguments than Lua can unpack).
-local created_here = {}
-local created_ids = {}
+-- (Only a batch can hold twins: a one-job call makes no tables for them, since each
+-- table a call makes is garbage Lua's collector walks the library again for.)
+local created_here = n > 1 and {} or nil
+local created_ids = n > 1 and {} or nil
 local kept = false
 -- (BATCH, BATCH_LANES, BATCH_N: the library's reusable tables, see common.lua;
 -- nr: entries used)
@@ -82,7 +84,7 @@ for _, i in ipairs(fresh) do
   local base = 8 + i * 4
   local id, dedup = ARGV[base], ARGV[base + 3]
   -- Within one batch, a repeated request or a repeated caller id is one job too.
-  local twin = (dedup ~= '' and created_here[dedup]) or created_ids[id]
+  local twin = created_ids and ((dedup ~= '' and created_here[dedup]) or created_ids[id])
   if twin then
     count('deduplicated')
     answer(i, twin[1], 0, twin[2])
@@ -145,14 +147,18 @@ for _, i in ipairs(fresh) do
         kept = true
       end
       redis.call('ZREM', K_DEDUP_EXP, dedup)
-      created_here[dedup] = { id, state }
+      if created_here then
+        created_here[dedup] = { id, state }
+      end
     end
     BATCH[nr + 1] = id
     BATCH[nr + 2] = raw .. '\n' .. ARGV[base + 2]
     nr = nr + 2
     count('enqueued')
     emit_step(state, id)
-    created_ids[id] = { id, state }
+    if created_ids then
+      created_ids[id] = { id, state }
+    end
     answer(i, id, 1, state)
     if nr >= 400 then
       nr = write_batch(nr)
@@ -164,4 +170,4 @@ end_batch()
 -- Delayed jobs wake a worker too, so it recomputes how long to sleep.
 -- No sweeping here: claims and heartbeats sweep when a retention comes due.
 wake(#fresh)
-return { 'ok', out }
+return out
