@@ -410,6 +410,61 @@ pub(crate) mod tests {
         drop_queue(shared).await;
     }
 
+    // A claim that finds the lanes empty takes what maintenance readied in the same
+    // call: a delayed job whose time came is claimed at once, not on the next call.
+    #[tokio::test]
+    async fn a_short_claim_takes_a_job_that_came_due_in_the_same_call() {
+        let q = unit_queue("claim-due").await;
+        let shared = q.shared();
+        let job = q
+            .enqueue(serde_json::json!({}))
+            .delay(Duration::from_millis(5))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let got = claim(shared, 0, 2, &args()).await.unwrap();
+        let ids: Vec<&JobId> = got.jobs.iter().map(|j| &j.id).collect();
+        assert_eq!(ids, [&job.id]);
+        drop_queue(shared).await;
+    }
+
+    // Dedup and rate-limit retentions are not noted in `due` as they are written:
+    // maintenance finds them at its next look and, while more are due than one call
+    // sweeps, keeps `due` at now so that each following call sweeps on. Each kind's
+    // backlog must do so on its own (the other's is swept in one call).
+    #[tokio::test]
+    async fn a_backlog_of_due_retentions_is_swept_call_after_call() {
+        for (dedup, limits) in [(50, 5), (5, 50)] {
+            let q = unit_queue("sweep-backlog").await;
+            let shared = q.shared();
+            let mut conn = shared.conn.clone();
+            let base = shared.keys.base();
+            for (name, n) in [("dedup", dedup), ("limits", limits)] {
+                for i in 0..n {
+                    let _: () = redis::pipe()
+                        .hset(format!("{base}:{name}"), i, "gone")
+                        .zadd(format!("{base}:{name}_exp"), i, 1)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                }
+            }
+            for _ in 0..3 {
+                assert!(claim(shared, 0, 1, &args()).await.unwrap().jobs.is_empty());
+            }
+            for name in ["dedup", "limits"] {
+                let (left, fields): (u64, u64) = redis::pipe()
+                    .zcard(format!("{base}:{name}_exp"))
+                    .hlen(format!("{base}:{name}"))
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                assert_eq!((left, fields), (0, 0), "{name} of {dedup} {limits}");
+            }
+            drop_queue(shared).await;
+        }
+    }
+
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
     }

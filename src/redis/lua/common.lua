@@ -673,9 +673,10 @@ end
 
 local IN_FLIGHT = { queued = true, scheduled = true, active = true }
 
--- Deletes finished records whose retention has passed, dedup entries that answer no
--- more duplicates, and idle rate-limit entries; bounded so no call is slow.
-local function sweep(limit)
+-- The sweeps: finished records whose retention has passed, dedup entries that answer
+-- no more duplicates, and idle rate-limit entries; each bounded so no call is slow
+-- (what is left keeps `due` at or before now, see `maintain`).
+local function sweep_finished(limit)
   local ids = redis.call('ZRANGEBYSCORE', K_FINISHED, '-inf', NOW_S, 'LIMIT', '0', small(limit))
   if #ids > 0 then
     redis.call('HDEL', K_JOBS, unpack(ids))
@@ -683,6 +684,9 @@ local function sweep(limit)
     redis.call('HDEL', K_RESULTS, unpack(ids))
     redis.call('ZREM', K_FINISHED, unpack(ids))
   end
+end
+
+local function sweep_dedup(limit)
   local keys = redis.call('ZRANGEBYSCORE', K_DEDUP_EXP, '-inf', NOW_S, 'LIMIT', '0', small(limit))
   for _, key in ipairs(keys) do
     redis.call('ZREM', K_DEDUP_EXP, key)
@@ -693,7 +697,10 @@ local function sweep(limit)
       redis.call('HDEL', K_DEDUP, key)
     end
   end
-  keys = redis.call('ZRANGEBYSCORE', K_LIMITS_EXP, '-inf', NOW_S, 'LIMIT', '0', small(limit))
+end
+
+local function sweep_limits(limit)
+  local keys = redis.call('ZRANGEBYSCORE', K_LIMITS_EXP, '-inf', NOW_S, 'LIMIT', '0', small(limit))
   for _, key in ipairs(keys) do
     redis.call('ZREM', K_LIMITS_EXP, key)
     redis.call('HDEL', K_LIMITS, key)
@@ -765,39 +772,53 @@ local function first_score(key)
 end
 
 -- Maintenance that is due: scheduled jobs whose time came, leases that ran out, and
--- (with `sweep_anyway`, or when a finished record is due) the sweeps. Nothing is read
--- but `due` until it passes (see `note_due`); then each check is one O(log n) read,
--- and `due` is set to the next time there is work again, a second ahead at most.
-local function maintain(sweep_anyway)
+-- retentions that passed (finished records, dedup entries, idle rate limits). Nothing
+-- is read but `due` until it passes (see `note_due`); then each check is one O(log n)
+-- read, and `due` is set to the next time there is work again, a second ahead at
+-- most. The retentions of dedup and rate-limit entries are not noted as they are
+-- written: the look a second brings finds them, and a backlog keeps `due` at now, so
+-- every call sweeps until it is gone. Returns true when jobs became ready.
+local function maintain()
   local cached = due()
-  if not sweep_anyway and NOW < cached and cached <= NOW + DUE_CAP_MS then
-    return
+  if NOW < cached and cached <= NOW + DUE_CAP_MS then
+    return false
   end
   -- Each set's first score, read again only after a pass that moved it (recovery may
-  -- finish jobs, so `finished` is read after it); what is left of a bounded pass keeps
-  -- `due` at or before now.
+  -- finish jobs, so the retentions are read after it); what is left of a bounded pass
+  -- keeps `due` at or before now.
+  local readied = false
   local scheduled = first_score(K_SCHEDULED)
   if scheduled and scheduled <= NOW then
     promote(1000)
+    readied = true
     scheduled = first_score(K_SCHEDULED)
   end
   local active = first_score(K_ACTIVE)
   if active and active <= NOW then
     recover(100)
+    readied = true
     active = first_score(K_ACTIVE)
   end
   local finished = first_score(K_FINISHED)
-  local finished_due = finished and finished <= NOW
-  if sweep_anyway or finished_due then
-    sweep(20)
-    if finished_due then
-      finished = first_score(K_FINISHED)
-    end
+  if finished and finished <= NOW then
+    sweep_finished(100)
+    finished = first_score(K_FINISHED)
+  end
+  local dedup = first_score(K_DEDUP_EXP)
+  if dedup and dedup <= NOW then
+    sweep_dedup(20)
+    dedup = first_score(K_DEDUP_EXP)
+  end
+  local limits = first_score(K_LIMITS_EXP)
+  if limits and limits <= NOW then
+    sweep_limits(20)
+    limits = first_score(K_LIMITS_EXP)
   end
   local next_at = math.min(NOW + DUE_CAP_MS, scheduled or math.huge, active or math.huge,
-    finished or math.huge)
+    finished or math.huge, dedup or math.huge, limits or math.huge)
   due_at = next_at
   redis.call('HSET', K_STATS, DUE_FIELD, int(next_at), HASH_KEEPER, HASH_KEEPER_TEXT)
+  return readied
 end
 
 -- Milliseconds until the queue next needs a look (a scheduled job comes due or a
@@ -813,6 +834,17 @@ local function next_wake()
     return -1
   end
   return math.max(at - NOW, 0)
+end
+
+-- Pops ready ids from the sorted set older versions kept, up to `want` in `ids` (made
+-- when not given), and returns `ids`.
+local function pop_old(want, ids)
+  ids = ids or {}
+  local popped = redis.call('ZPOPMIN', K_READY, small(want - #ids))
+  for i = 1, #popped, 2 do
+    ids[#ids + 1] = popped[i]
+  end
+  return ids
 end
 
 -- Pops up to `want` ready ids, the highest lane first; from the sorted set of ready
@@ -832,10 +864,7 @@ local function pop_ready(want, old)
     end
   end
   if old then
-    local popped = redis.call('ZPOPMIN', K_READY, small(want - #ids))
-    for i = 1, #popped, 2 do
-      ids[#ids + 1] = popped[i]
-    end
+    pop_old(want, ids)
   end
   return ids
 end
@@ -952,11 +981,15 @@ local function claim(worker, n, lease_ms, default_attempts, out)
           break
         end
         -- Short: maybe a scheduled job came due or a lease ran out since the last look
-        -- (which reads what this claim holds back).
+        -- (which reads what this claim holds back). The lanes were just found empty:
+        -- only jobs that maintenance readied, or the old sorted set, can be popped.
         flush_held()
-        maintain(true)
         swept = true
-        popped = pop_ready(want, true)
+        if maintain() then
+          popped = pop_ready(want, true)
+        else
+          popped = pop_old(want)
+        end
         if #popped == 0 then
           break
         end
@@ -1026,7 +1059,7 @@ local function claim(worker, n, lease_ms, default_attempts, out)
   end
   flush_held()
   if not swept then
-    maintain(false)
+    maintain()
   end
   local wake_in = -1
   if claimed < n then

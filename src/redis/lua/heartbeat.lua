@@ -40,5 +40,5 @@ for _, worker in ipairs(stale) do
   redis.call('HDEL', K_BREAKERS, worker)
 end
 -- Own leases first (above), then everyone else's: due jobs and expired leases.
-maintain(false)
+maintain()
 return { lost, cancel, next_wake() }
