@@ -88,8 +88,13 @@ async fn counters_histograms_and_gauges_move_with_the_jobs() {
             .state,
         JobState::Dead
     );
-    // Reading stats sets the gauges: one live worker now.
-    assert_eq!(q.stats().await.unwrap().workers, 1);
+    // Reading stats sets the gauges: one live worker now (once its heartbeat thread,
+    // which registers it on a connection of its own, has beaten: on a loaded machine
+    // the jobs may be done first).
+    eventually(Duration::from_secs(10), "the worker registered", || async {
+        (q.stats().await.ok()?.workers == 1).then_some(())
+    })
+    .await;
     assert_eq!(read(&name).get("voxqueue_workers"), Some(&1.0));
     let _ = stop.send(());
     w.await.unwrap().unwrap();
