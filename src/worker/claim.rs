@@ -244,6 +244,18 @@ pub(crate) mod tests {
         String::from_utf8(entry[..end].to_vec()).unwrap()
     }
 
+    /// The jobs the `active` index holds under a lease that has not run out, in the
+    /// order their leases run out (ties by id).
+    async fn active_ids(shared: &Shared) -> Vec<String> {
+        redis::cmd("ZRANGEBYSCORE")
+            .arg(shared.keys.active())
+            .arg(crate::job::time_to_ms(std::time::SystemTime::now()))
+            .arg("(+inf")
+            .query_async(&mut shared.conn.clone())
+            .await
+            .unwrap()
+    }
+
     /// A record as the claim wrote it, as a map (the claimed copy must be the stored one).
     async fn claimed_map(
         shared: &Shared,
@@ -296,6 +308,11 @@ pub(crate) mod tests {
         assert_eq!(map["timeout_ms"], 9_000);
         assert!(map["dedup"].as_str().unwrap().len() == 64);
         let plain_job = &got.jobs[1];
+        let mut active = active_ids(shared).await;
+        active.sort();
+        let mut want = vec![keyed.id.to_string(), plain.id.to_string()];
+        want.sort();
+        assert_eq!(active, want);
         let map = claimed_map(shared, plain_job).await;
         assert_eq!(map["max_attempts"], 3, "the worker's default");
         assert_eq!(map["lease"], plain_job.token.as_str());
@@ -334,6 +351,7 @@ pub(crate) mod tests {
         assert_eq!(map["lease"], second.jobs[0].token.as_str());
         assert_ne!(second.jobs[0].token, first.jobs[0].token);
         assert_eq!(map["errors"][0]["kind"], "stalled");
+        assert_eq!(active_ids(shared).await, [job.id.as_str()]);
         drop_queue(shared).await;
     }
 
@@ -393,6 +411,7 @@ pub(crate) mod tests {
             assert!(job.record.is_ok(), "{map:?}");
             maps.push(map);
         }
+        assert_eq!(active_ids(shared).await, ["counted", "leased", "unset"]);
         assert_eq!(maps[0]["attempts"], 2);
         let leased = stored_record(shared, &got.jobs[1].id).await;
         assert_eq!(leased.matches(r#""lease""#).count(), 1, "{leased}");
