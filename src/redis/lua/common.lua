@@ -771,6 +771,18 @@ local function first_score(key)
   return nil
 end
 
+-- The first score of `key` (nil: none) after `pass(limit)`, run when that score is due,
+-- and whether it ran. The score is read again only after a pass: what is left of a
+-- bounded one keeps `due` at or before now.
+local function run_due(key, pass, limit)
+  local first = first_score(key)
+  if first and first <= NOW then
+    pass(limit)
+    return first_score(key), true
+  end
+  return first, false
+end
+
 -- Maintenance that is due: scheduled jobs whose time came, leases that ran out, and
 -- retentions that passed (finished records, dedup entries, idle rate limits). Nothing
 -- is read but `due` until it passes (see `note_due`); then each check is one O(log n)
@@ -783,42 +795,17 @@ local function maintain()
   if NOW < cached and cached <= NOW + DUE_CAP_MS then
     return false
   end
-  -- Each set's first score, read again only after a pass that moved it (recovery may
-  -- finish jobs, so the retentions are read after it); what is left of a bounded pass
-  -- keeps `due` at or before now.
-  local readied = false
-  local scheduled = first_score(K_SCHEDULED)
-  if scheduled and scheduled <= NOW then
-    promote(1000)
-    readied = true
-    scheduled = first_score(K_SCHEDULED)
-  end
-  local active = first_score(K_ACTIVE)
-  if active and active <= NOW then
-    recover(100)
-    readied = true
-    active = first_score(K_ACTIVE)
-  end
-  local finished = first_score(K_FINISHED)
-  if finished and finished <= NOW then
-    sweep_finished(100)
-    finished = first_score(K_FINISHED)
-  end
-  local dedup = first_score(K_DEDUP_EXP)
-  if dedup and dedup <= NOW then
-    sweep_dedup(20)
-    dedup = first_score(K_DEDUP_EXP)
-  end
-  local limits = first_score(K_LIMITS_EXP)
-  if limits and limits <= NOW then
-    sweep_limits(20)
-    limits = first_score(K_LIMITS_EXP)
-  end
+  -- Each set in turn (recovery may finish jobs, so the retentions come after it).
+  local scheduled, promoted = run_due(K_SCHEDULED, promote, 1000)
+  local active, recovered = run_due(K_ACTIVE, recover, 100)
+  local finished = run_due(K_FINISHED, sweep_finished, 100)
+  local dedup = run_due(K_DEDUP_EXP, sweep_dedup, 20)
+  local limits = run_due(K_LIMITS_EXP, sweep_limits, 20)
   local next_at = math.min(NOW + DUE_CAP_MS, scheduled or math.huge, active or math.huge,
     finished or math.huge, dedup or math.huge, limits or math.huge)
   due_at = next_at
   redis.call('HSET', K_STATS, DUE_FIELD, int(next_at), HASH_KEEPER, HASH_KEEPER_TEXT)
-  return readied
+  return promoted or recovered
 end
 
 -- Milliseconds until the queue next needs a look (a scheduled job comes due or a
