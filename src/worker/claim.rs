@@ -266,9 +266,10 @@ pub(crate) mod tests {
         serde_json::from_str(&stored).unwrap()
     }
 
-    // A record as enqueue stored it is claimed as text (see `fresh_record` in
-    // common.lua): the client's fields, then enqueue's, then the claim's, in that order,
-    // which no cjson pass would keep. The fields are the ones the general path writes.
+    // A record as enqueue stored it is claimed as text (see `claimable_text` in
+    // common.lua): the client's fields, the state with the claim's fields after it, then
+    // the rest of enqueue's, an order no cjson pass would keep. The fields are the ones
+    // the general path writes.
     #[tokio::test]
     async fn a_fresh_record_is_claimed_as_text_with_every_field_of_the_general_path() {
         let q = unit_queue("claim-text").await;

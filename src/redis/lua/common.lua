@@ -198,10 +198,10 @@ local function shape_error(id, job)
 end
 
 -- A job's entry, `raw` as stored under `id`, decoded. The entry holds the record (cjson
--- never writes a raw newline), a newline, and the payload: one hash entry per job. The payload rides along as `job.body`, never
--- decoded; an entry without the newline was written before the payload moved in,
--- and its payload is in the payloads hash (`body` stays nil, and the entry keeps its
--- old form when saved).
+-- never writes a raw newline), a newline, and the payload: one hash entry per job. The
+-- payload rides along as `job.body`, never decoded; an entry without the newline was
+-- written before the payload moved in, and its payload is in the payloads hash (`body`
+-- stays nil, and the entry keeps its old form when saved).
 local function decode_entry(id, raw)
   local body
   local nl = string.find(raw, '\n', 1, true)
@@ -890,8 +890,8 @@ local function claimable_text(raw)
       or string.find(raw, '"', q + 11, true) ~= nl - 2) then
     return nil
   end
-  -- The client's part: never claimed, no deadline, no max attempts of 0 (a plain
-  -- search may find these names in a string value too: then the general path runs).
+  -- The client's part: never claimed, no deadline, no max attempts of 0 (a name
+  -- found anywhere in it, even in a nested object, sends the record the general way).
   local head = string.sub(raw, 1, at - 1)
   if string.find(head, '"attempts":', 1, true) or string.find(head, '"lease":', 1, true)
     or string.find(head, '"expires_at":', 1, true) then
