@@ -382,6 +382,14 @@ pub(crate) mod tests {
                 r#"{"expires_at":1,"state":"queued","created_at":"5"}"#,
             ),
             ("broken", r#"{"state":"queued","created_at":"5"]"#),
+            (
+                "worked",
+                r#"{"worker":"old","state":"queued","created_at":"5"}"#,
+            ),
+            (
+                "started",
+                r#"{"started_at":"4","state":"queued","created_at":"5"}"#,
+            ),
         ];
         for (id, record) in records {
             let _: () = redis::cmd("HSET")
@@ -398,11 +406,11 @@ pub(crate) mod tests {
                 .await
                 .unwrap();
         }
-        let got = claim(shared, 0, 5, &args()).await.unwrap();
+        let got = claim(shared, 0, 7, &args()).await.unwrap();
         let ids: Vec<&str> = got.jobs.iter().map(|j| j.id.as_str()).collect();
         assert_eq!(
             ids,
-            ["counted", "leased", "unset"],
+            ["counted", "leased", "unset", "worked", "started"],
             "the overdue one expires, the broken one is buried"
         );
         let mut maps = Vec::new();
@@ -412,10 +420,17 @@ pub(crate) mod tests {
             assert!(job.record.is_ok(), "{map:?}");
             maps.push(map);
         }
-        assert_eq!(active_ids(shared).await, ["counted", "leased", "unset"]);
+        assert_eq!(
+            active_ids(shared).await,
+            ["counted", "leased", "started", "unset", "worked"]
+        );
         assert_eq!(maps[0]["attempts"], 2);
-        let leased = stored_record(shared, &got.jobs[1].id).await;
-        assert_eq!(leased.matches(r#""lease""#).count(), 1, "{leased}");
+        // A field the claim writes is written once, never next to an old one.
+        for (job, field) in [(1, "lease"), (3, "worker"), (4, "started_at")] {
+            let stored = stored_record(shared, &got.jobs[job].id).await;
+            let key = format!("\"{field}\"");
+            assert_eq!(stored.matches(&key).count(), 1, "{stored}");
+        }
         assert_eq!(maps[2]["max_attempts"], 3);
         let overdue = q
             .status(&JobId::from_stored("overdue".into()))

@@ -860,7 +860,8 @@ end
 -- the `state` and `created_at`, and maybe `dedup`, that enqueue appends: see
 -- enqueue.lua) writes the active entry as text, with no cjson pass: a decode, the
 -- shape check and an encode were a seventh of a no-op job's instructions. Such a
--- record was never claimed (no `attempts`, `lease`), has no deadline (`expires_at`:
+-- record was never claimed (no `attempts`, `lease`, `worker`, `started_at`), has no
+-- deadline (`expires_at`:
 -- a TTL takes the general path at enqueue) and a `max_attempts` only when the client
 -- set one (a positive number). Anything else, and anything a plain search cannot
 -- vouch for, takes the general path: these checks only ever say no to records the
@@ -890,10 +891,12 @@ local function claimable_text(raw)
       or string.find(raw, '"', q + 11, true) ~= nl - 2) then
     return nil
   end
-  -- The client's part: never claimed, no deadline, no max attempts of 0 (a name
+  -- The client's part: never claimed (none of the fields a claim writes: a second
+  -- one would make the record unreadable), no deadline, no max attempts of 0 (a name
   -- found anywhere in it, even in a nested object, sends the record the general way).
   local head = string.sub(raw, 1, at - 1)
   if string.find(head, '"attempts":', 1, true) or string.find(head, '"lease":', 1, true)
+    or string.find(head, '"worker":', 1, true) or string.find(head, '"started_at":', 1, true)
     or string.find(head, '"expires_at":', 1, true) then
     return nil
   end
