@@ -10,10 +10,13 @@ use crate::job::Priority;
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
     base: String,
-    all: [String; 22],
+    all: [String; KEY_COUNT],
 }
 
-const NAMES: [&str; 22] = [
+/// How many keys a queue has: what every script but enqueue takes.
+pub(crate) const KEY_COUNT: usize = 22;
+
+const NAMES: [&str; KEY_COUNT] = [
     // What enqueue uses, first: it is passed these alone (see `ENQUEUE_KEYS`).
     "jobs",
     "ready:high",
@@ -64,7 +67,7 @@ impl Keys {
     }
 
     /// All keys, for a script invocation.
-    pub(crate) fn all(&self) -> &[String; 22] {
+    pub(crate) fn all(&self) -> &[String; KEY_COUNT] {
         &self.all
     }
 

@@ -35,7 +35,7 @@ pub(crate) struct Transition {
 
 macro_rules! transition {
     ($static:ident, $name:literal) => {
-        transition!($static, $name, 22);
+        transition!($static, $name, super::keys::KEY_COUNT);
     };
     ($static:ident, $name:literal, $keys:expr) => {
         static $static: Transition = Transition {

@@ -318,8 +318,9 @@ end
 -- jobs around it. A member longer than 64 bytes makes it a skip list for good
 -- (O(log n) a step; Redis 7 never packs it again), at the cost of one entry per queue.
 -- The name is longer than twice the default limit, so a server configured with a
--- larger one still converts. Readers of `active` skip it: it scores +inf, no job id
--- is this long, and `first_score` treats +inf as nothing.
+-- larger one still converts. Readers of `active` skip it: it scores +inf (a job id
+-- would have to be this very text to collide with it), and `first_score` treats +inf
+-- as nothing.
 local ACTIVE_KEEPER = 'voxqueue: not a job. This member keeps the active index a skip '
   .. 'list, so that adding or dropping a lease costs O(log n), not O(n) (see common.lua)'
 
@@ -861,9 +862,8 @@ end
 -- enqueue.lua) writes the active entry as text, with no cjson pass: a decode, the
 -- shape check and an encode were a seventh of a no-op job's instructions. Such a
 -- record was never claimed (no `attempts`, `lease`, `worker`, `started_at`), has no
--- deadline (`expires_at`:
--- a TTL takes the general path at enqueue) and a `max_attempts` only when the client
--- set one (a positive number). Anything else, and anything a plain search cannot
+-- deadline (`expires_at`: a TTL takes the general path at enqueue) and a
+-- `max_attempts` only when the client set one (a positive number). Anything else, and anything a plain search cannot
 -- vouch for, takes the general path: these checks only ever say no to records the
 -- general path would claim the same way, and a record written by someone else that
 -- looks like enqueue's is still handed to the worker, which buries what it cannot
@@ -875,6 +875,8 @@ end
 -- need (the payload alone, twice) cost more than the claim's own work. Returns true
 -- when the entry can be claimed as text, and whether the client set max attempts.
 local QUEUED_AT = '"state":"queued","created_at":"'
+-- What every record claimed as text gets in place of its state (see `claim`).
+local ACTIVE_AT = '"state":"active","attempts":1'
 local function claimable_text(raw)
   local nl = string.find(raw, '\n', 1, true)
   local at = nl and string.find(raw, QUEUED_AT, 1, true)
@@ -922,8 +924,8 @@ end
 -- default_attempts), after the maintenance that is due, so any live worker keeps the
 -- queue healthy. Returns a flat list: ms until the next wake-up (or -1; only computed
 -- when the claim came up short, since a full claim comes back at once), then id,
--- token and entry (the record, a newline, the payload) per job; appended to `out` when given (a report's outcomes:
--- one flat reply).
+-- token and entry (the record, a newline, the payload) per job; appended to `out`
+-- when given (a report's outcomes: one flat reply).
 local function claim(worker, n, lease_ms, default_attempts, out)
   out = out or {}
   local wake_slot = #out + 1
@@ -962,6 +964,17 @@ local function claim(worker, n, lease_ms, default_attempts, out)
     end
     return token
   end
+  -- A job claimed under `token`: `stored` is its new entry, `sent` what the worker gets
+  -- (the entry, with an old one's payload joined on).
+  local function hand_over(id, token, stored, sent)
+    taken[id] = true
+    hold(H_ACTIVE, deadline, id)
+    hold(H_JOBS, id, stored)
+    emit_step('active', id, worker)
+    local o = #out
+    out[o + 1], out[o + 2], out[o + 3] = id, token, sent
+    claimed = claimed + 1
+  end
   while claimed < n and guard < n + 1000 do
     if at > #popped then
       local want = math.min(n - claimed, n + 1000 - guard)
@@ -999,20 +1012,14 @@ local function claim(worker, n, lease_ms, default_attempts, out)
     if text then
       local token = lease()
       if not fields_own then
-        fields_own = '"state":"active","attempts":1,"started_at":"' .. NOW_S .. '","worker":'
+        local rest = ',"started_at":"' .. NOW_S .. '","worker":'
           .. string.gsub(json_string(worker), '%%', '%%%%') .. ',"lease":"'
-        fields_max = '"state":"active","attempts":1,"max_attempts":' .. int(default_attempts)
-          .. string.sub(fields_own, 30)
+        fields_own = ACTIVE_AT .. rest
+        fields_max = ACTIVE_AT .. ',"max_attempts":' .. int(default_attempts) .. rest
       end
       local active = string.gsub(raw, '"state":"queued"',
         (own_max and fields_own or fields_max) .. token .. '"', 1)
-      taken[id] = true
-      hold(H_ACTIVE, deadline, id)
-      hold(H_JOBS, id, active)
-      emit_step('active', id, worker)
-      local o = #out
-      out[o + 1], out[o + 2], out[o + 3] = id, token, active
-      claimed = claimed + 1
+      hand_over(id, token, active, active)
     elseif job and job.corrupt then
       bury(job, 'corrupt job record: ' .. job.corrupt)
     elseif taken[id] or (job and job.state ~= 'queued') then
@@ -1033,17 +1040,10 @@ local function claim(worker, n, lease_ms, default_attempts, out)
         job.worker = worker
         local token = lease()
         job.lease = token
-        taken[id] = true
-        hold(H_ACTIVE, deadline, id)
         local encoded = encode(job)
         local stored = entry(job, encoded)
-        hold(H_JOBS, id, stored)
-        emit_step('active', id, worker)
-        local o = #out
-        -- The worker gets the entry as written (an old one's payload joined on).
-        out[o + 1], out[o + 2] = id, token
-        out[o + 3] = job.body and stored or encoded .. '\n' .. payload_of(job)
-        claimed = claimed + 1
+        hand_over(id, token, stored,
+          job.body and stored or encoded .. '\n' .. payload_of(job))
       end
     end
   end
@@ -1125,8 +1125,8 @@ end
 -- completed (state, result and progress set, lease gone) and without its closing
 -- brace, for the script to stamp `finished_at` on Redis's clock; `extras` is
 -- "started_at result_ttl_ms dedup_ttl_ms dedup key" from that record (each may be
--- empty; the key is the rest of the text). It
--- applies only while the stored record is the one claimed under `token`: it holds the
+-- empty; the key is the rest of the text). It applies only while the stored record
+-- is the one claimed under `token`: it holds the
 -- lease and no cancel request (the only changes another writer makes to an active
 -- record are a cancel request and progress, which the completion replaces), found by
 -- plain search in the record's part of the entry. Then no cjson runs: a decode and an
