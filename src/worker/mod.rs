@@ -89,17 +89,26 @@ pub(crate) struct WorkerConfig {
 /// claim, slow ones one, and no queue waits longer than this for a slot to come back.
 pub(crate) const SPREAD_RUN: Duration = Duration::from_millis(100);
 
-/// An attempt this short lets a one-slot worker keep [`QUICK_AHEAD`] jobs in hand
-/// instead of one: with such jobs each script call's fixed cost (keys, clock,
-/// counters, events), not the jobs, would set the pace, and a held job waits a few
-/// tens of milliseconds at most. Jobs that take longer (speech) keep one ahead, so
-/// idle workers are not starved of work another holds.
-pub(crate) const QUICK_ATTEMPT: Duration = Duration::from_millis(2);
+/// How long a job a slot claims ahead may expect to wait for its turn: a slot of a
+/// worker on one queue keeps as many jobs in hand as its last attempt's pace starts
+/// within this, up to [`QUICK_AHEAD`] (sixteen no-op jobs of 2 ms). With quick jobs
+/// each script call's fixed cost (keys, clock, counters, events) and the round trips,
+/// not the jobs, would set the pace. With slow ones (speech) a one-slot worker still
+/// keeps one ahead, so its next job starts at once, and a worker of several slots
+/// none, so idle slots and workers are not starved of work another holds.
+pub(crate) const AHEAD_WAIT: Duration = Duration::from_millis(32);
 
-/// Jobs a one-slot worker keeps in hand while its attempts are quick (see
-/// [`QUICK_ATTEMPT`]): sixteen share a report call's fixed cost (a quarter fewer Redis
-/// instructions per no-op job than four, and 1.5 × the throughput here).
+/// The most jobs a slot keeps in hand beyond the one it runs: sixteen share a report
+/// call's fixed cost (at one slot a quarter fewer Redis instructions per no-op job
+/// than four, and 1.5 × the throughput; at fifty slots 1.5 × the jobs per second of
+/// none).
 pub(crate) const QUICK_AHEAD: usize = 16;
+
+/// Jobs a slot holds that it would not start within this, at its last attempt's
+/// pace, go back to their lane (quick attempts were followed by slow ones). Well
+/// above [`AHEAD_WAIT`], so that attempts slowed by a busy machine do not send back
+/// jobs that would soon run.
+pub(crate) const HAND_BACK_WAIT: Duration = Duration::from_millis(250);
 
 /// Builds a [`Worker`]; see [`Worker::builder`].
 #[derive(Debug)]

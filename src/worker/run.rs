@@ -17,7 +17,7 @@ use super::claim::{self, ClaimArgs, Claimed};
 use super::handler::{Handler, JobContext};
 use super::lease::{Held, Registry};
 use super::report::{Acked, Report, Reporter};
-use super::{QUICK_AHEAD, QUICK_ATTEMPT, WorkerConfig};
+use super::{AHEAD_WAIT, HAND_BACK_WAIT, QUICK_AHEAD, WorkerConfig};
 use crate::error::{Error, JobError};
 use crate::metrics;
 use crate::redis::Shared;
@@ -54,23 +54,23 @@ impl<H> Runner<H> {
     /// work goes on keeps the slot busy until that work really ends, so no second job
     /// starts on a busy device.
     ///
-    /// A one-slot worker on one queue prefetches: it keeps one claimed job ahead,
-    /// held (its lease renewed by the heartbeat like any other) until it runs, so the
+    /// A slot of a worker on one queue prefetches: it keeps claimed jobs ahead, held
+    /// (their leases renewed by the heartbeat like any other) until they run, so the
     /// next job starts while the last one's report (which claims the one after) is
-    /// still on its way, and reports need not wait for each other. While attempts end
-    /// within [`QUICK_ATTEMPT`] it keeps up to [`QUICK_AHEAD`] ahead: then a script
-    /// call's fixed cost, not the jobs, would set the pace, and the jobs it holds wait
-    /// a few tens of milliseconds at most (one slow attempt brings it back to one). A job ahead that will not run
-    /// (shutdown, breaker, a lingering attempt) is handed back at once, its attempt
-    /// uncounted.
+    /// still on its way, and reports need not wait for each other. How many follows
+    /// the pace of its attempts (see [`AHEAD_WAIT`]): up to [`QUICK_AHEAD`] for quick
+    /// ones; for slow ones one on a one-slot worker and none on a worker of several
+    /// slots. When slow attempts follow quick ones, what the slot holds beyond what it
+    /// would start within [`HAND_BACK_WAIT`] goes back to the head of its lane, in
+    /// order, its attempts uncounted, so no job waits behind slow ones for a slot when
+    /// other slots or workers could run it. A job ahead that will not run (shutdown,
+    /// breaker, a lingering attempt) is handed back too.
     pub(crate) async fn run<J>(self: Arc<Self>, mut job: Claimed, slot: OwnedSemaphorePermit)
     where
         J: DeserializeOwned + Send + 'static,
         H: Handler<J>,
     {
         let slot = Arc::new(slot);
-        // Whether this slot keeps jobs in hand beyond the one it runs.
-        let prefetching = self.config.concurrency == 1 && self.queues.len() == 1;
         let mut ahead: VecDeque<Claimed> = VecDeque::new();
         // Reports on their way, oldest first, with the number of jobs each asked for.
         let mut in_flight: VecDeque<(usize, JoinHandle<Vec<Claimed>>)> = VecDeque::new();
@@ -80,12 +80,8 @@ impl<H> Runner<H> {
             let shared = self.queues[job.queue].clone();
             let began = tokio::time::Instant::now();
             let ending = self.attempt::<J>(&shared, &job, &slot).await;
-            // Jobs to keep in hand beyond the one running (see above).
-            let ahead_max = match (prefetching, began.elapsed() < QUICK_ATTEMPT) {
-                (false, _) => 0,
-                (true, false) => 1,
-                (true, true) => QUICK_AHEAD,
-            };
+            let took = began.elapsed();
+            let (ahead_max, keep) = self.ahead(took);
             // Blocking work of this attempt still runs: the slot is not free.
             let lingering = Arc::strong_count(&slot) > 1;
             let outcome = match &ending {
@@ -131,7 +127,20 @@ impl<H> Runner<H> {
                 }
             }
             // The next job and the ones to keep ahead, less those in hand or coming.
-            let coming: usize = in_flight.iter().map(|(n, _)| n).sum();
+            let mut coming: usize = in_flight.iter().map(|(n, _)| n).sum();
+            if claim_more && ahead.len() + coming > keep {
+                // Slow attempts after quick ones: the slot holds more than it will start
+                // soon. The jobs still coming are claimed already, so they are waited
+                // for; the excess goes back, in order, to the head of the lane.
+                for (_, reporting) in in_flight.drain(..) {
+                    ahead.extend(reporting.await.unwrap_or_default());
+                }
+                coming = 0;
+                if ahead.len() > keep {
+                    let excess = ahead.split_off(keep);
+                    self.hand_back(excess, "slow attempts; handed back").await;
+                }
+            }
             let claim = if claim_more {
                 (1 + ahead_max).saturating_sub(ahead.len() + coming)
             } else {
@@ -161,6 +170,20 @@ impl<H> Runner<H> {
                 }
             };
         }
+    }
+
+    /// After an attempt that took `took`: how many jobs the slot keeps ahead of its
+    /// next one (see [`Runner::run`]), and how many it may hold in all (the next one
+    /// included) before it hands the rest back.
+    fn ahead(&self, took: Duration) -> (usize, usize) {
+        if self.queues.len() != 1 {
+            return (0, 1);
+        }
+        let took = took.as_nanos().max(1);
+        let floor = usize::from(self.config.concurrency == 1);
+        let paced = |wait: Duration| usize::try_from(wait.as_nanos() / took).unwrap_or(usize::MAX);
+        let ahead = paced(AHEAD_WAIT).clamp(floor, QUICK_AHEAD);
+        (ahead, paced(HAND_BACK_WAIT).max(1 + ahead))
     }
 
     /// How long a slot takes jobs from one queue through its reports: a spread
@@ -212,9 +235,15 @@ impl<H> Runner<H> {
     }
 
     /// Hands jobs this slot will not run back to ready (claimed means run or handed
-    /// back); the attempt is not counted.
-    async fn hand_back(&self, jobs: impl IntoIterator<Item = Claimed>, why: &str) {
-        for job in jobs {
+    /// back); the attempt is not counted. `jobs` in the order they were claimed: each
+    /// goes back to the head of its lane, so the last goes first and they come out
+    /// in that order again.
+    async fn hand_back(
+        &self,
+        jobs: impl IntoIterator<Item = Claimed, IntoIter: DoubleEndedIterator>,
+        why: &str,
+    ) {
+        for job in jobs.into_iter().rev() {
             self.registry.remove(job.queue, &job.id);
             match claim::release(&self.queues[job.queue], &job, self.config.lease).await {
                 Ok(outcome) => tracing::info!(job = %job.id, %outcome, "{why}"),

@@ -19,8 +19,9 @@ async fn a_redis_restart_with_aof_loses_no_job() {
         .await
         .unwrap();
     let jobs = q.enqueue_bulk((0..200).map(|n| Echo { n })).await.unwrap();
-    // The first 20 jobs finish; jobs 20 to 23 then hold the worker's four slots until
-    // Redis has been killed, so the kill meets work both queued and active.
+    // The first 20 jobs finish; jobs from 20 on then hold the worker's four slots (and
+    // the jobs its slots took ahead while attempts were quick) until Redis has been
+    // killed, so the kill meets work both queued and active.
     let restarted = Arc::new(AtomicBool::new(false));
     let r = restarted.clone();
     let handler = handler_fn(move |job: Echo, _ctx: JobContext| {
@@ -38,13 +39,16 @@ async fn a_redis_restart_with_aof_loses_no_job() {
         .lease(Duration::from_secs(2))
         .build(handler);
     let running = tokio::spawn(worker.run_until(signal));
-    eventually(Duration::from_secs(30), "20 done, 4 held", || async {
-        let s = q.stats().await.ok()?;
-        (s.totals.get("completed") == Some(&20) && s.active == 4).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "20 done, the rest queued or held",
+        || async {
+            let s = q.stats().await.ok()?;
+            (s.totals.get("completed") == Some(&20) && s.active >= 4 && s.queued + s.active == 180)
+                .then_some(())
+        },
+    )
     .await;
-    let at_kill = q.stats().await.unwrap();
-    assert_eq!((at_kill.queued, at_kill.active), (176, 4));
     // SIGKILL: no shutdown save; the AOF (fsync always) is all that survives. The new
     // server has no scripts loaded, so every script call meets NOSCRIPT first.
     server.restart();

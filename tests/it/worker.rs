@@ -1213,6 +1213,17 @@ async fn most_held_by_one_slot(
     each: Duration,
     gate_at: Option<(u32, Arc<Notify>)>,
 ) -> u64 {
+    most_held(q, 1, n, each, gate_at).await
+}
+
+/// [`most_held_by_one_slot`] for a worker of `slots` slots.
+async fn most_held(
+    q: &Queue<Echo>,
+    slots: usize,
+    n: u32,
+    each: Duration,
+    gate_at: Option<(u32, Arc<Notify>)>,
+) -> u64 {
     for i in 0..n {
         q.enqueue(Echo { n: i }).await.unwrap();
     }
@@ -1231,7 +1242,7 @@ async fn most_held_by_one_slot(
             Ok::<_, JobError>(job.n)
         }
     });
-    let w = spawn(Worker::builder(q.clone()).concurrency(1).build(handler));
+    let w = spawn(Worker::builder(q.clone()).concurrency(slots).build(handler));
     let mut most = 0;
     let started = Instant::now();
     while ran.load(Ordering::SeqCst) < n as usize && started.elapsed() < WAIT {
@@ -1268,6 +1279,78 @@ async fn a_one_slot_worker_holds_more_jobs_only_while_attempts_are_quick() {
     let slow = p.queue::<Echo>("slow-ahead").await;
     let most = most_held_by_one_slot(&slow, 6, Duration::from_millis(30), None).await;
     assert_eq!(most, 2, "a slow worker holds the running job and one more");
+}
+
+/// Quick attempts: every slot of a worker on one queue keeps jobs in hand (up to
+/// sixteen each), so round trips stop setting its pace; slow ones: a worker of several
+/// slots holds only the jobs it runs, leaving the rest to idle slots and workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_of_several_slots_holds_jobs_ahead_only_while_attempts_are_quick() {
+    let p = Prefix::new();
+    let quick = p.queue::<Echo>("quick-ahead-2").await;
+    let gate = Arc::new(Notify::new());
+    let q = quick.clone();
+    let g = gate.clone();
+    // Job 5 waits while the slots go on: without jobs ahead two slots hold two jobs.
+    let opener = tokio::spawn(async move {
+        eventually(WAIT, "more jobs held than slots", || async {
+            (q.stats().await.unwrap().active >= 3).then_some(())
+        })
+        .await;
+        g.notify_one();
+    });
+    let most = most_held(&quick, 2, 60, Duration::ZERO, Some((5, gate))).await;
+    opener.await.unwrap();
+    assert!((3..=34).contains(&most), "held {most}");
+
+    let slow = p.queue::<Echo>("slow-ahead-2").await;
+    let most = most_held(&slow, 2, 8, Duration::from_millis(40), None).await;
+    assert_eq!(
+        most, 2,
+        "slow workers of two slots hold the two jobs they run"
+    );
+}
+
+/// A slow attempt after quick ones: the slot keeps the jobs it would claim now (its
+/// next one, and one ahead for a one-slot worker) and hands back the rest, which it
+/// would not start soon, in order, to the head of the lane: their attempts
+/// uncounted, no job running out of turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_slow_attempt_a_slot_hands_back_in_order_what_it_holds_beyond_its_next_jobs() {
+    let p = Prefix::new();
+    let q = p.queue::<Echo>("hand-back-slow").await;
+    let jobs = q.enqueue_bulk((0..30).map(|n| Echo { n })).await.unwrap();
+    let mut events = q.events().await.unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (open, go) = tokio::sync::watch::channel(false);
+    let w = spawn(
+        Worker::builder(q.clone())
+            .concurrency(1)
+            .build(gated(log.clone(), &[5], go)),
+    );
+    // Job 5 runs with more than its two in hand, and takes long enough (beyond
+    // HAND_BACK_WAIT) that the slot would not start the jobs after those soon.
+    eventually(WAIT, "job 5 running, three or more held ahead", || async {
+        (log.lock().unwrap().contains(&5) && q.stats().await.unwrap().active >= 4).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    open.send_replace(true);
+    for job in &jobs {
+        q.wait_result::<u32>(&job.id, WAIT).await.unwrap();
+    }
+    stop(w).await;
+    assert_eq!(*log.lock().unwrap(), (0..30).collect::<Vec<_>>());
+    for job in &jobs {
+        assert_eq!(q.status(&job.id).await.unwrap().attempts, 1, "{:?}", job.id);
+    }
+    let mut released = 0;
+    while let Ok(Some(event)) =
+        tokio::time::timeout(Duration::from_millis(200), events.recv()).await
+    {
+        released += usize::from(event.kind == voxqueue::EventKind::Released);
+    }
+    assert!(released >= 1, "nothing was handed back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1339,8 +1422,8 @@ fn gated(
     slow_gated(log, held, go, Duration::ZERO)
 }
 
-/// [`gated`], with every attempt taking at least `each` (a slow attempt keeps a
-/// one-slot worker at one job ahead).
+/// [`gated`], with every attempt taking at least `each` (attempts of more than 32 ms
+/// keep a one-slot worker at one job ahead, a worker of several slots at none).
 fn slow_gated(
     log: Arc<Mutex<Vec<u32>>>,
     held: &'static [u32],
@@ -1361,17 +1444,18 @@ fn slow_gated(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_of_several_slots_holds_no_job_it_cannot_start() {
+async fn a_worker_of_several_slots_with_slow_attempts_holds_no_job_it_cannot_start() {
     let p = Prefix::new();
     let q = p.queue::<Echo>("no-hoard").await;
     let jobs = q.enqueue_bulk((0..4).map(|n| Echo { n })).await.unwrap();
     let log = Arc::new(Mutex::new(Vec::new()));
     let (open, go) = tokio::sync::watch::channel(false);
-    let w = spawn(
-        Worker::builder(q.clone())
-            .concurrency(2)
-            .build(gated(log.clone(), &[1, 2], go)),
-    );
+    let w = spawn(Worker::builder(q.clone()).concurrency(2).build(slow_gated(
+        log.clone(),
+        &[1, 2],
+        go,
+        Duration::from_millis(40),
+    )));
     // Job 0's report claims job 2 for its slot, and nothing more: both slots are busy.
     eventually(WAIT, "jobs 1 and 2 running", || async {
         let log = log.lock().unwrap();
@@ -1471,7 +1555,7 @@ async fn a_one_slot_worker_holds_one_job_ahead_and_a_stopping_one_claims_no_more
     let (open, go) = tokio::sync::watch::channel(false);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (seen_tx, seen_rx) = oneshot::channel::<()>();
-    // Attempts slower than a quick one's 2 ms: one job ahead, not four.
+    // Attempts of 20 ms: one job ahead (a one-slot worker's least), not sixteen.
     let worker = Worker::builder(q.clone()).id("one-ahead").build(slow_gated(
         log.clone(),
         &[2],
