@@ -273,4 +273,112 @@ mod tests {
         assert_eq!(snap1[0].0.as_str(), "b");
         assert!(registry.snapshot(2).is_empty());
     }
+
+    /// One heartbeat call for `held` (id, token) pairs: the lost ids and those with a
+    /// cancel request.
+    async fn heartbeat(shared: &Shared, held: &[(&JobId, &str)]) -> (Vec<String>, Vec<String>) {
+        let mut inv = shared.invocation(shared.scripts.heartbeat);
+        inv.arg("w").arg(60_000u64).arg(60_000u64);
+        for (id, token) in held {
+            inv.arg(id.as_str()).arg(*token);
+        }
+        let (lost, cancel, _): (Vec<String>, Vec<String>, i64) = shared.invoke(&inv).await.unwrap();
+        (lost, cancel)
+    }
+
+    async fn lease_deadline(shared: &Shared, id: &JobId) -> f64 {
+        redis::cmd("ZSCORE")
+            .arg(shared.keys.active())
+            .arg(id.as_str())
+            .query_async(&mut shared.conn.clone())
+            .await
+            .unwrap()
+    }
+
+    // The heartbeat reads a held record by plain search: the lease and a cancel
+    // request count only in the record, never as text of the payload.
+    #[tokio::test]
+    async fn a_heartbeat_reads_the_lease_and_cancel_request_of_the_record_not_the_payload() {
+        use super::super::claim::{
+            self,
+            tests::{args, drop_queue, unit_queue},
+        };
+        let q = unit_queue("heartbeat-text").await;
+        let shared = q.shared();
+        let seq: Option<u64> = redis::cmd("GET")
+            .arg(format!("{}:seq", shared.keys.base()))
+            .query_async(&mut shared.conn.clone())
+            .await
+            .unwrap();
+        let next = (seq.unwrap_or(0) + 1).to_string();
+        let tricky = q
+            .enqueue(serde_json::json!({ "lease": next, "cancel": true }))
+            .await
+            .unwrap();
+        let plain = q.enqueue(serde_json::json!({})).await.unwrap();
+        let claimed = claim::claim(shared, 0, 2, &args()).await.unwrap().jobs;
+        assert_eq!(claimed[0].token, next);
+        let (t1, t2) = (claimed[0].token.as_str(), claimed[1].token.as_str());
+        let before = lease_deadline(shared, &plain.id).await;
+
+        // Held and renewed (a minute: past the claim's 30 s), with no cancel request.
+        let (lost, cancel) = heartbeat(shared, &[(&tricky.id, t1), (&plain.id, t2)]).await;
+        assert!(lost.is_empty() && cancel.is_empty(), "{lost:?} {cancel:?}");
+        assert!(lease_deadline(shared, &plain.id).await > before + 20_000.0);
+        assert!(lease_deadline(shared, &tricky.id).await > before + 20_000.0);
+
+        // A real cancel request is the record's: the heartbeat passes it on.
+        q.cancel(&plain.id).await.unwrap();
+        let (lost, cancel) = heartbeat(shared, &[(&plain.id, t2)]).await;
+        assert!(lost.is_empty(), "{lost:?}");
+        assert_eq!(cancel, [plain.id.as_str()]);
+
+        // The record loses its lease (as a recovery would take it); the payload keeps
+        // the text: lost. So is a stale token.
+        let mut record: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&claimed[0].claimed).unwrap();
+        record.remove("lease");
+        let mut entry = serde_json::to_vec(&record).unwrap();
+        entry.push(b'\n');
+        entry.extend_from_slice(&claimed[0].payload);
+        let _: i64 = redis::cmd("HSET")
+            .arg(shared.keys.jobs())
+            .arg(tricky.id.as_str())
+            .arg(entry)
+            .query_async(&mut shared.conn.clone())
+            .await
+            .unwrap();
+        let (lost, _) = heartbeat(shared, &[(&tricky.id, t1), (&plain.id, "0")]).await;
+        assert_eq!(lost, [tricky.id.as_str(), plain.id.as_str()]);
+        drop_queue(shared).await;
+    }
+
+    // Renewals go to Redis in slices (HELD_MAX arguments each): every lease of a
+    // worker holding more than a slice is renewed.
+    #[tokio::test]
+    async fn a_heartbeat_renews_more_leases_than_one_slice_holds() {
+        use super::super::claim::{
+            self,
+            tests::{args, drop_queue, unit_queue},
+        };
+        let q = unit_queue("heartbeat-many").await;
+        let shared = q.shared();
+        q.enqueue_bulk((0..1201).map(|n| serde_json::json!({ "n": n })))
+            .await
+            .unwrap();
+        let claimed = claim::claim(shared, 0, 1201, &args()).await.unwrap().jobs;
+        assert_eq!(claimed.len(), 1201);
+        let before = lease_deadline(shared, &claimed[0].id).await;
+        let held: Vec<(&JobId, &str)> = claimed.iter().map(|c| (&c.id, c.token.as_str())).collect();
+        let (lost, cancel) = heartbeat(shared, &held).await;
+        assert!(lost.is_empty() && cancel.is_empty());
+        for c in &claimed {
+            assert!(
+                lease_deadline(shared, &c.id).await > before + 20_000.0,
+                "{:?}",
+                c.id
+            );
+        }
+        drop_queue(shared).await;
+    }
 }

@@ -14,23 +14,45 @@ local deadline = NOW + lease_ms
 local deadline_s
 redis.call('ZADD', K_WORKERS, NOW_S, ARGV[3])
 local lost, cancel = {}, {}
+-- The renewals, one ZADD for up to HELD_MAX arguments: a worker whose slots hold
+-- jobs ahead renews hundreds at a time.
+local renewed, nr = {}, 0
 for i = 6, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
-  local job = load(id)
-  if owned(job, token) then
+  local raw = redis.call('HGET', K_JOBS, id)
+  -- The record as the claim wrote it, by plain search (no decode: this runs for every
+  -- job a worker holds, every beat); anything else the general way.
+  local record_end = raw and leased_text(raw, token)
+  local mine, cancelled
+  if record_end then
+    mine, cancelled = true, cancel_text(raw, record_end)
+  else
+    local job = raw and decode_entry(id, raw)
+    mine = owned(job, token)
+    cancelled = mine and job.cancel
+  end
+  if mine then
     if not deadline_s then
       -- A worker with a shorter lease than the last claim's may bring the next look
       -- forward.
       note_due(deadline)
       deadline_s = int(deadline)
     end
-    redis.call('ZADD', K_ACTIVE, 'XX', deadline_s, id)
-    if job.cancel then
+    renewed[nr + 1], renewed[nr + 2] = deadline_s, id
+    nr = nr + 2
+    if nr >= HELD_MAX then
+      redis.call('ZADD', K_ACTIVE, 'XX', unpack(renewed, 1, nr))
+      nr = 0
+    end
+    if cancelled then
       table.insert(cancel, id)
     end
   else
     table.insert(lost, id)
   end
+end
+if nr > 0 then
+  redis.call('ZADD', K_ACTIVE, 'XX', unpack(renewed, 1, nr))
 end
 -- Bounded memory: a worker that stopped without unregistering (killed) is forgotten,
 -- with its breaker, once it has been silent for forget_ms.
