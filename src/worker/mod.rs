@@ -130,7 +130,11 @@ impl<J> WorkerBuilder<J> {
         self
     }
 
-    /// Jobs run at once (default 1: one GPU job at a time).
+    /// Jobs run at once (default 1: one GPU job at a time). Each slot of a worker on
+    /// one queue also keeps claimed jobs ahead while its attempts are quick (up to
+    /// sixteen, as many as it starts within 32 ms), held under lease like running
+    /// ones; after slow attempts a one-slot worker keeps one and a worker of several
+    /// slots none, and hands back the rest.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.config.concurrency = n.max(1);
         self
