@@ -14,6 +14,8 @@
 use candle_core::{DType, Device, Result, Storage, Tensor, bail};
 use rayon::prelude::*;
 
+use super::direct;
+
 /// Elements per parallel task: enough to outweigh the scheduling.
 const TASK_ELEMENTS: usize = 32 * 1024;
 
@@ -334,6 +336,17 @@ pub(crate) fn conv1d_activated(
             r.dims()
         )
     }
+    if direct::applies(out_ch) {
+        return conv1d_direct(
+            x,
+            stacked,
+            shape,
+            bias,
+            pre.map(|s| s as f32),
+            epilogue,
+            out_len,
+        );
+    }
     let (weights, width) = match bias {
         Some(b) => (
             Tensor::cat(&[stacked, &b.reshape((1, out_ch))?], 0)?,
@@ -418,6 +431,92 @@ pub(crate) fn conv1d_activated(
         }
         Ok(())
     })?;
+    Tensor::from_vec(out, (out_len, out_ch), &Device::Cpu)
+}
+
+/// [`conv1d_activated`] by [`direct::conv`]: the input is activated and padded once,
+/// then each task of rows computes its outputs and applies the epilogue while they are
+/// in the caches.
+fn conv1d_direct(
+    x: &Tensor,
+    stacked: &Tensor,
+    shape: Conv1dShape,
+    bias: Option<&Tensor>,
+    pre: Option<f32>,
+    epilogue: Epilogue<'_>,
+    out_len: usize,
+) -> Result<Tensor> {
+    let Conv1dShape {
+        taps,
+        padding,
+        dilation,
+    } = shape;
+    let (len, cin) = x.dims2()?;
+    let out_ch = stacked.dim(1)?;
+    let mut input = vec![0f32; (len + 2 * padding) * cin];
+    with_slice(x, |xs| {
+        par_rows(&mut input, cin, |first, chunk| {
+            for (r, row) in chunk.chunks_exact_mut(cin).enumerate() {
+                let Some(i) = (first + r).checked_sub(padding).filter(|&i| i < len) else {
+                    continue;
+                };
+                let src = &xs[i * cin..(i + 1) * cin];
+                match pre {
+                    None => row.copy_from_slice(src),
+                    Some(slope) => {
+                        for (d, &s) in row.iter_mut().zip(src) {
+                            *d = lrelu(s, slope);
+                        }
+                    }
+                }
+            }
+        });
+        Ok(())
+    })?;
+    let tiled = with_slice(stacked, |w| Ok(direct::tiles(w, out_ch)))?;
+    let bias = bias.map(host).transpose()?;
+    let ops = direct::Operands {
+        input: &input,
+        tiled: &tiled,
+        bias: bias.as_deref(),
+        in_channels: cin,
+        out_channels: out_ch,
+        taps,
+        dilation,
+    };
+    let mut out = vec![0f32; out_len * out_ch];
+    let run = |residual: Option<&[f32]>, out: &mut [f32]| -> Result<()> {
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        par_rows(out, out_ch, |first, chunk| {
+            if !direct::conv(ops, first, chunk) {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            match (residual, epilogue) {
+                (Some(rs), _) => {
+                    let (at, n) = (first * out_ch, chunk.len());
+                    for (o, r) in chunk.iter_mut().zip(&rs[at..at + n]) {
+                        *o += *r;
+                    }
+                }
+                (None, Epilogue::LeakyRelu(slope)) => {
+                    let slope = slope as f32;
+                    for o in chunk.iter_mut() {
+                        *o = lrelu(*o, slope);
+                    }
+                }
+                (None, _) => {}
+            }
+        });
+        if failed.load(std::sync::atomic::Ordering::Relaxed) {
+            bail!("conv1d: the direct convolution's operands do not fit together")
+        }
+        Ok(())
+    };
+    match epilogue {
+        Epilogue::Residual(r) => with_slice(&r.contiguous()?, |rs| run(Some(rs), &mut out))?,
+        _ => run(None, &mut out)?,
+    }
     Tensor::from_vec(out, (out_len, out_ch), &Device::Cpu)
 }
 

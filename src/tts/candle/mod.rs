@@ -42,6 +42,7 @@
 
 mod batched;
 mod device;
+mod direct;
 mod error;
 mod fetched;
 mod fused;
