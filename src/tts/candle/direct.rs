@@ -18,11 +18,13 @@
 //!
 //! [`fused::conv1d_activated`]: super::fused::conv1d_activated
 
+#[cfg(target_arch = "x86_64")]
 use pulp::{Simd, WithSimd};
 
 /// Output channels per tile: four vectors of eight floats.
 const TILE: usize = 32;
 /// Output rows per tile: with four vectors per row, twelve accumulators.
+#[cfg(target_arch = "x86_64")]
 const ROWS: usize = 3;
 
 /// Whether [`conv`] runs for `out_channels` on this machine.
@@ -104,12 +106,14 @@ pub(crate) fn conv(ops: Operands<'_>, first: usize, out: &mut [f32]) -> bool {
     true
 }
 
+#[cfg(target_arch = "x86_64")]
 struct Kernel<'a, 'b> {
     ops: Operands<'a>,
     first: usize,
     out: &'b mut [f32],
 }
 
+#[cfg(target_arch = "x86_64")]
 impl WithSimd for Kernel<'_, '_> {
     type Output = ();
 
