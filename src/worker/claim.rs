@@ -166,6 +166,34 @@ pub(crate) mod tests {
         }
     }
 
+    /// The lease token the queue's next claim hands out.
+    pub(crate) async fn next_token(shared: &Shared) -> String {
+        let seq: Option<u64> = redis::cmd("GET")
+            .arg(format!("{}:seq", shared.keys.base()))
+            .query_async(&mut shared.conn.clone())
+            .await
+            .unwrap();
+        (seq.unwrap_or(0) + 1).to_string()
+    }
+
+    /// Stores a claimed job's entry again without the record's lease (as a recovery would
+    /// take it), its payload unchanged.
+    pub(crate) async fn strip_lease(shared: &Shared, job: &Claimed) {
+        let mut record: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&job.claimed).unwrap();
+        record.remove("lease");
+        let mut entry = serde_json::to_vec(&record).unwrap();
+        entry.push(b'\n');
+        entry.extend_from_slice(&job.payload);
+        let _: i64 = redis::cmd("HSET")
+            .arg(shared.keys.jobs())
+            .arg(job.id.as_str())
+            .arg(entry)
+            .query_async(&mut shared.conn.clone())
+            .await
+            .unwrap();
+    }
+
     /// Deletes every key of the queue.
     pub(crate) async fn drop_queue(shared: &Shared) {
         let _: () = redis::cmd("DEL")

@@ -301,16 +301,11 @@ mod tests {
     async fn a_heartbeat_reads_the_lease_and_cancel_request_of_the_record_not_the_payload() {
         use super::super::claim::{
             self,
-            tests::{args, drop_queue, unit_queue},
+            tests::{args, drop_queue, next_token, strip_lease, unit_queue},
         };
         let q = unit_queue("heartbeat-text").await;
         let shared = q.shared();
-        let seq: Option<u64> = redis::cmd("GET")
-            .arg(format!("{}:seq", shared.keys.base()))
-            .query_async(&mut shared.conn.clone())
-            .await
-            .unwrap();
-        let next = (seq.unwrap_or(0) + 1).to_string();
+        let next = next_token(shared).await;
         let tricky = q
             .enqueue(serde_json::json!({ "lease": next, "cancel": true }))
             .await
@@ -335,19 +330,7 @@ mod tests {
 
         // The record loses its lease (as a recovery would take it); the payload keeps
         // the text: lost. So is a stale token.
-        let mut record: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&claimed[0].claimed).unwrap();
-        record.remove("lease");
-        let mut entry = serde_json::to_vec(&record).unwrap();
-        entry.push(b'\n');
-        entry.extend_from_slice(&claimed[0].payload);
-        let _: i64 = redis::cmd("HSET")
-            .arg(shared.keys.jobs())
-            .arg(tricky.id.as_str())
-            .arg(entry)
-            .query_async(&mut shared.conn.clone())
-            .await
-            .unwrap();
+        strip_lease(shared, &claimed[0]).await;
         let (lost, _) = heartbeat(shared, &[(&tricky.id, t1), (&plain.id, "0")]).await;
         assert_eq!(lost, [tricky.id.as_str(), plain.id.as_str()]);
         drop_queue(shared).await;

@@ -400,7 +400,7 @@ pub(crate) fn capped(message: String) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::claim::tests::{args, drop_queue, unit_queue};
+    use super::super::claim::tests::{args, drop_queue, next_token, strip_lease, unit_queue};
     use super::*;
     use crate::job::JobRecord;
 
@@ -591,12 +591,7 @@ mod tests {
     async fn a_lease_named_only_by_the_payload_is_not_the_records() {
         let q = unit_queue("report-payload-lease").await;
         let shared = q.shared();
-        let seq: Option<u64> = redis::cmd("GET")
-            .arg(format!("{}:seq", shared.keys.base()))
-            .query_async(&mut shared.conn.clone())
-            .await
-            .unwrap();
-        let next = (seq.unwrap_or(0) + 1).to_string();
+        let next = next_token(shared).await;
         let job = q
             .enqueue(serde_json::json!({ "lease": next }))
             .await
@@ -609,12 +604,7 @@ mod tests {
         assert_eq!(claimed.token, next);
         // The record loses its lease (as a recovery would take it); the payload keeps
         // the text.
-        let mut record: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&claimed.claimed).unwrap();
-        record.remove("lease");
-        let mut entry = serde_json::to_vec(&record).unwrap();
-        entry.push(b'\n');
-        entry.extend_from_slice(&claimed.payload);
+        strip_lease(shared, claimed).await;
         let text = format!(r#""lease":"{next}""#);
         assert!(
             claimed
@@ -622,13 +612,6 @@ mod tests {
                 .windows(text.len())
                 .any(|w| w == text.as_bytes())
         );
-        let _: i64 = redis::cmd("HSET")
-            .arg(shared.keys.jobs())
-            .arg(job.id.as_str())
-            .arg(entry)
-            .query_async(&mut shared.conn.clone())
-            .await
-            .unwrap();
         let batch = [Pending {
             id: job.id.clone(),
             token: claimed.token.clone(),

@@ -76,23 +76,15 @@ pub(crate) struct Operands<'a> {
 /// sums and bias. Returns false, leaving `out` as it was, where [`applies`] would not hold
 /// or the operands do not fit together.
 pub(crate) fn conv(ops: Operands<'_>, first: usize, out: &mut [f32]) -> bool {
-    let Operands {
-        input,
-        tiled,
-        bias,
-        in_channels: cin,
-        out_channels: cout,
-        taps,
-        dilation,
-    } = ops;
+    let (cin, cout, taps) = (ops.in_channels, ops.out_channels, ops.taps);
     if !applies(cout) || cin == 0 || taps == 0 || !out.len().is_multiple_of(cout) {
         return false;
     }
     let rows = out.len() / cout;
-    let reach = (first + rows + (taps - 1) * dilation) * cin;
-    if input.len() < reach
-        || tiled.len() != taps * cin * cout
-        || bias.is_some_and(|b| b.len() != cout)
+    let reach = (first + rows + (taps - 1) * ops.dilation) * cin;
+    if ops.input.len() < reach
+        || ops.tiled.len() != taps * cin * cout
+        || ops.bias.is_some_and(|b| b.len() != cout)
     {
         return false;
     }

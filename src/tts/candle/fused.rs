@@ -337,14 +337,15 @@ pub(crate) fn conv1d_activated(
         )
     }
     if direct::applies(out_ch) {
+        let dims = (len, cin, out_ch, out_len);
         return conv1d_direct(
             x,
             stacked,
             shape,
+            dims,
             bias,
             pre.map(|s| s as f32),
             epilogue,
-            out_len,
         );
     }
     let (weights, width) = match bias {
@@ -437,22 +438,20 @@ pub(crate) fn conv1d_activated(
 /// [`conv1d_activated`] by [`direct::conv`]: the input is activated and padded once,
 /// then each task of rows computes its outputs and applies the epilogue while they are
 /// in the caches.
+///
+/// `dims`: the input's length and channels, and the output's channels and length (as
+/// [`conv1d_activated`] checked them).
 fn conv1d_direct(
     x: &Tensor,
     stacked: &Tensor,
     shape: Conv1dShape,
+    dims: (usize, usize, usize, usize),
     bias: Option<&Tensor>,
     pre: Option<f32>,
     epilogue: Epilogue<'_>,
-    out_len: usize,
 ) -> Result<Tensor> {
-    let Conv1dShape {
-        taps,
-        padding,
-        dilation,
-    } = shape;
-    let (len, cin) = x.dims2()?;
-    let out_ch = stacked.dim(1)?;
+    let (len, cin, out_ch, out_len) = dims;
+    let padding = shape.padding;
     let mut input = vec![0f32; (len + 2 * padding) * cin];
     with_slice(x, |xs| {
         par_rows(&mut input, cin, |first, chunk| {
@@ -481,8 +480,8 @@ fn conv1d_direct(
         bias: bias.as_deref(),
         in_channels: cin,
         out_channels: out_ch,
-        taps,
-        dilation,
+        taps: shape.taps,
+        dilation: shape.dilation,
     };
     let mut out = vec![0f32; out_len * out_ch];
     let run = |residual: Option<&[f32]>, out: &mut [f32]| -> Result<()> {
