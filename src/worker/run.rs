@@ -22,6 +22,14 @@ use crate::error::{Error, JobError};
 use crate::metrics;
 use crate::redis::Shared;
 
+/// Reports on their way, each with the number of jobs it asked for.
+type InFlight = VecDeque<(usize, JoinHandle<Vec<Claimed>>)>;
+
+/// The jobs the reports on their way will hand over, at most.
+fn coming(in_flight: &InFlight) -> usize {
+    in_flight.iter().map(|(n, _)| n).sum()
+}
+
 /// Everything a job task needs, shared by all of a worker's tasks.
 #[derive(Debug)]
 pub(crate) struct Runner<H> {
@@ -72,8 +80,8 @@ impl<H> Runner<H> {
     {
         let slot = Arc::new(slot);
         let mut ahead: VecDeque<Claimed> = VecDeque::new();
-        // Reports on their way, oldest first, with the number of jobs each asked for.
-        let mut in_flight: VecDeque<(usize, JoinHandle<Vec<Claimed>>)> = VecDeque::new();
+        // Reports on their way, oldest first.
+        let mut in_flight = InFlight::new();
         // A spread worker's slot returns to the claim loop after a while.
         let run_ends = tokio::time::Instant::now() + self.spread_run();
         loop {
@@ -126,21 +134,20 @@ impl<H> Runner<H> {
                     ahead.extend(reporting.await.unwrap_or_default());
                 }
             }
-            // The next job and the ones to keep ahead, less those in hand or coming.
-            let mut coming: usize = in_flight.iter().map(|(n, _)| n).sum();
-            if claim_more && ahead.len() + coming > keep {
+            if claim_more && ahead.len() + coming(&in_flight) > keep {
                 // Slow attempts after quick ones: the slot holds more than it will start
                 // soon. The jobs still coming are claimed already, so they are waited
                 // for; the excess goes back, in order, to the head of the lane.
                 for (_, reporting) in in_flight.drain(..) {
                     ahead.extend(reporting.await.unwrap_or_default());
                 }
-                coming = 0;
                 if ahead.len() > keep {
                     let excess = ahead.split_off(keep);
                     self.hand_back(excess, "slow attempts; handed back").await;
                 }
             }
+            // The next job and the ones to keep ahead, less those in hand or coming.
+            let coming = coming(&in_flight);
             let claim = if claim_more {
                 (1 + ahead_max).saturating_sub(ahead.len() + coming)
             } else {

@@ -1205,18 +1205,8 @@ async fn a_one_slot_worker_keeps_fifo_order_with_jobs_in_hand() {
     assert_eq!(*log.lock().unwrap(), (0..1000).collect::<Vec<u32>>());
 }
 
-/// How many jobs a one-slot worker holds (running and in hand), sampled until `n` jobs
-/// ran, with each job taking `each`; job `gate_at` (if any) waits for `gate`.
-async fn most_held_by_one_slot(
-    q: &Queue<Echo>,
-    n: u32,
-    each: Duration,
-    gate_at: Option<(u32, Arc<Notify>)>,
-) -> u64 {
-    most_held(q, 1, n, each, gate_at).await
-}
-
-/// [`most_held_by_one_slot`] for a worker of `slots` slots.
+/// How many jobs a worker of `slots` slots holds (running and in hand), sampled until
+/// `n` jobs ran, with each job taking `each`; job `gate_at` (if any) waits for `gate`.
 async fn most_held(
     q: &Queue<Echo>,
     slots: usize,
@@ -1253,6 +1243,23 @@ async fn most_held(
     most
 }
 
+/// [`most_held`] with quick attempts, where job 5 waits until the worker holds three
+/// jobs (one or two slots hold that many only with jobs in hand ahead of them).
+async fn most_held_past_a_waiting_job(q: &Queue<Echo>, slots: usize, n: u32) -> u64 {
+    let gate = Arc::new(Notify::new());
+    let (watched, g) = (q.clone(), gate.clone());
+    let opener = tokio::spawn(async move {
+        eventually(WAIT, "three jobs held", || async {
+            (watched.stats().await.unwrap().active >= 3).then_some(())
+        })
+        .await;
+        g.notify_one();
+    });
+    let most = most_held(q, slots, n, Duration::ZERO, Some((5, gate))).await;
+    opener.await.unwrap();
+    most
+}
+
 /// Quick attempts: a one-slot worker keeps up to sixteen jobs in hand, so round trips,
 /// not Redis, stop setting its pace; slow attempts (speech): one, so the jobs it does
 /// not run yet stay free for other workers.
@@ -1260,24 +1267,13 @@ async fn most_held(
 async fn a_one_slot_worker_holds_more_jobs_only_while_attempts_are_quick() {
     let p = Prefix::new();
     let quick = p.queue::<Echo>("quick-ahead").await;
-    let gate = Arc::new(Notify::new());
-    let q = quick.clone();
-    let g = gate.clone();
     // Job 5 waits, after five quick ones: jobs behind it are in hand by then (sixteen,
     // or fewer where a busy machine made the last attempts before it slow).
-    let opener = tokio::spawn(async move {
-        eventually(WAIT, "more than one held ahead", || async {
-            (q.stats().await.unwrap().active >= 3).then_some(())
-        })
-        .await;
-        g.notify_one();
-    });
-    let most = most_held_by_one_slot(&quick, 30, Duration::ZERO, Some((5, gate))).await;
-    opener.await.unwrap();
+    let most = most_held_past_a_waiting_job(&quick, 1, 30).await;
     assert!((3..=17).contains(&most), "held {most}");
 
     let slow = p.queue::<Echo>("slow-ahead").await;
-    let most = most_held_by_one_slot(&slow, 6, Duration::from_millis(30), None).await;
+    let most = most_held(&slow, 1, 6, Duration::from_millis(30), None).await;
     assert_eq!(most, 2, "a slow worker holds the running job and one more");
 }
 
@@ -1288,19 +1284,8 @@ async fn a_one_slot_worker_holds_more_jobs_only_while_attempts_are_quick() {
 async fn a_worker_of_several_slots_holds_jobs_ahead_only_while_attempts_are_quick() {
     let p = Prefix::new();
     let quick = p.queue::<Echo>("quick-ahead-2").await;
-    let gate = Arc::new(Notify::new());
-    let q = quick.clone();
-    let g = gate.clone();
     // Job 5 waits while the slots go on: without jobs ahead two slots hold two jobs.
-    let opener = tokio::spawn(async move {
-        eventually(WAIT, "more jobs held than slots", || async {
-            (q.stats().await.unwrap().active >= 3).then_some(())
-        })
-        .await;
-        g.notify_one();
-    });
-    let most = most_held(&quick, 2, 60, Duration::ZERO, Some((5, gate))).await;
-    opener.await.unwrap();
+    let most = most_held_past_a_waiting_job(&quick, 2, 60).await;
     assert!((3..=34).contains(&most), "held {most}");
 
     let slow = p.queue::<Echo>("slow-ahead-2").await;

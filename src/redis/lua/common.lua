@@ -863,11 +863,11 @@ end
 -- shape check and an encode were a seventh of a no-op job's instructions. Such a
 -- record was never claimed (no `attempts`, `lease`, `worker`, `started_at`), has no
 -- deadline (`expires_at`: a TTL takes the general path at enqueue) and a
--- `max_attempts` only when the client set one (a positive number). Anything else, and anything a plain search cannot
--- vouch for, takes the general path: these checks only ever say no to records the
--- general path would claim the same way, and a record written by someone else that
--- looks like enqueue's is still handed to the worker, which buries what it cannot
--- read (see `fail_one`).
+-- `max_attempts` only when the client set one (a positive number). Anything else, and
+-- anything a plain search cannot vouch for, takes the general path: these checks only
+-- ever say no to records the general path would claim the same way, and a record
+-- written by someone else that looks like enqueue's is still handed to the worker,
+-- which buries what it cannot read (see `fail_one`).
 --
 -- The claim's fields then go right after the state, which becomes `active` (see
 -- `claim`): one gsub makes the new entry, payload included, as the only new string.
@@ -1148,10 +1148,10 @@ end
 -- brace, for the script to stamp `finished_at` on Redis's clock; `extras` is
 -- "started_at result_ttl_ms dedup_ttl_ms dedup key" from that record (each may be
 -- empty; the key is the rest of the text). It applies only while the stored record
--- is the one claimed under `token`: it holds the
--- lease and no cancel request (the only changes another writer makes to an active
--- record are a cancel request and progress, which the completion replaces), found by
--- plain search in the record's part of the entry. Then no cjson runs: a decode and an
+-- is the one claimed under `token`: it holds the lease and no cancel request (the only
+-- changes another writer makes to an active record are a cancel request and progress,
+-- which the completion replaces), found by plain search in the record's part of the
+-- entry (`leased_text`, `cancel_text`). Then no cjson runs: a decode and an
 -- encode were a seventh of a no-op job's instructions. Anything else (an older
 -- record, a lost lease, a cancel request, a vanished or unreadable record) returns
 -- nil, and the report takes the general path. Returns 'completed' or nil.

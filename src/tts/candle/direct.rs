@@ -121,11 +121,8 @@ impl WithSimd for Kernel<'_, '_> {
             taps,
             dilation,
         } = ops;
-        let lanes = S::F32_LANES;
-        // Four vectors make a tile (the caller checked the lanes: eight).
-        if lanes * 4 != TILE {
-            return;
-        }
+        // Four vectors make a tile: `conv` dispatches to AVX2 alone, eight lanes.
+        debug_assert_eq!(S::F32_LANES * 4, TILE);
         let rows = out.len() / cout;
         let depth = taps * cin;
         for (tile, weights) in tiled.chunks_exact(depth * TILE).enumerate() {
