@@ -33,6 +33,88 @@ pub(crate) fn taps(weight: &Tensor) -> Result<Taps> {
     Ok(Taps { stacked, k })
 }
 
+/// A transposed convolution (weight `[in, out, k]`, stride `s`) prepared for
+/// [`Polyphase::forward`] on time-major signals.
+///
+/// It becomes a plain convolution over its input with `ceil(k / s)` taps and `s × out`
+/// channels: output sample `q s + r` (phase `r`) is the sum over `m` of input row `q − m`
+/// times tap `r + m s`, so one product per input row gives `s` consecutive output rows,
+/// time-major, and the padding only crops rows. Candle's CPU kernels instead scatter a
+/// product `k` times larger than the output, channel-major, or take one dot product per
+/// output sample and channel.
+#[derive(Debug, Clone)]
+pub(crate) struct Polyphase {
+    taps: Taps,
+    /// The bias repeated once per output phase (`[s × out]`).
+    bias: Option<Tensor>,
+    out: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+}
+
+/// Prepares a transposed convolution (`weight` `[in, out, k]`, `bias` of `out` values in any
+/// shape) for [`Polyphase::forward`].
+pub(crate) fn polyphase(
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Polyphase> {
+    let (cin, out, k) = weight.dims3()?;
+    let s = stride.max(1);
+    let m = k.div_ceil(s);
+    // [in, out, m s] → [in, out, m, s], taps in the order the rows are unfolded (the latest
+    // input row last), then [s × out, in, m]: a plain convolution's weight.
+    let plain = weight
+        .pad_with_zeros(2, 0, m * s - k)?
+        .reshape((cin, out, m, s))?
+        .flip(&[2])?
+        .permute((3, 1, 0, 2))?
+        .contiguous()?
+        .reshape((s * out, cin, m))?;
+    let bias = match bias {
+        Some(b) => Some(
+            b.flatten_all()?
+                .unsqueeze(0)?
+                .repeat((s, 1))?
+                .flatten_all()?,
+        ),
+        None => None,
+    };
+    Ok(Polyphase {
+        taps: taps(&plain)?,
+        bias,
+        out,
+        k,
+        stride: s,
+        padding,
+    })
+}
+
+impl Polyphase {
+    /// The transposed convolution of `x` (`[time, in]`), or of `leaky_relu(x, pre)` when
+    /// `pre` is a slope: `[(time − 1) s + k − 2 padding, out]`.
+    pub(crate) fn forward(&self, x: &Tensor, pre: Option<f64>) -> Result<Tensor> {
+        let (len, _) = x.dims2()?;
+        let m = self.taps.k;
+        let phases = conv1d_activated(
+            x,
+            &self.taps,
+            m - 1,
+            1,
+            self.bias.as_ref(),
+            pre,
+            Epilogue::None,
+        )?;
+        let out_len =
+            (len.saturating_sub(1) * self.stride + self.k).saturating_sub(2 * self.padding);
+        phases
+            .reshape(((len + m - 1) * self.stride, self.out))?
+            .narrow(0, self.padding, out_len)
+    }
+}
+
 /// A stride-1, ungrouped convolution of `x` (`[time, in]`) with `taps` (from [`taps`]), plus
 /// `bias` (`[out]`) and then `epilogue`: `[time', out]`,
 /// `time' = time + 2 padding − dilation (k − 1)`.
@@ -102,7 +184,7 @@ pub(crate) fn conv1d_activated(
 
 #[cfg(test)]
 mod tests {
-    use super::{conv1d, conv1d_activated, taps};
+    use super::{conv1d, conv1d_activated, polyphase, taps};
     use crate::tts::candle::fused::testing::{relative_difference, same, tensor};
     use crate::tts::candle::fused::{Epilogue, chain_only, leaky_relu};
 
@@ -170,6 +252,49 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// The polyphase form of a transposed convolution is Candle's `conv_transpose1d` (its
+    /// padding cropped) within rounding, on the direct path (output channels a multiple of
+    /// 32: Kokoro's upsamplers) and the unfolding one, for kernels that are and are not a
+    /// multiple of the stride.
+    #[test]
+    fn a_transposed_convolution_in_polyphase_form_is_candles() {
+        for (cin, cout, k, stride, padding, len) in [
+            (16usize, 32usize, 20usize, 10usize, 5usize, 23usize),
+            (8, 64, 12, 6, 3, 301),
+            (6, 5, 5, 2, 1, 9),
+        ] {
+            let weight = tensor(&[cin, cout, k], (cin + k) as u64, 0.5);
+            let bias = tensor(&[cout], 16, 0.5);
+            let x = tensor(&[len, cin], len as u64, 2.0);
+            let up = polyphase(&weight, Some(&bias), stride, padding).unwrap();
+            for pre in [None, Some(0.1)] {
+                let input = match pre {
+                    Some(slope) => leaky_relu(&x, slope).unwrap(),
+                    None => x.clone(),
+                };
+                let full = input
+                    .t()
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap()
+                    .conv_transpose1d(&weight, 0, 0, stride, 1, 1)
+                    .unwrap();
+                let full_len = full.dim(2).unwrap();
+                let candle = full
+                    .narrow(2, padding, full_len - 2 * padding)
+                    .unwrap()
+                    .broadcast_add(&bias.reshape((1, cout, 1)).unwrap())
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap()
+                    .t()
+                    .unwrap();
+                let d = relative_difference(&up.forward(&x, pre).unwrap(), &candle);
+                assert!(d < 1e-6, "{cin} {cout} {k} {stride} {padding} {len}: {d}");
             }
         }
     }

@@ -23,6 +23,7 @@ use super::layers::{Conv, fake_quant, leaky_relu};
 use super::prosody::{AdaIn, AdainResBlock};
 use super::weights::Weights;
 use crate::tts::candle::fused::Epilogue;
+use crate::tts::candle::time_major::{self, Polyphase};
 
 const SAMPLE_RATE: f64 = 24_000.0;
 const N_FFT: usize = 20;
@@ -119,15 +120,6 @@ impl SnakeResBlock {
         }
         Ok(x)
     }
-}
-
-/// A transposed convolution with float weights (the generator's upsamplers).
-#[derive(Debug, Clone)]
-struct Upsampler {
-    weight: Tensor,
-    bias: Tensor,
-    stride: usize,
-    padding: usize,
 }
 
 /// The Fourier bases of the STFT and its inverse, on the device.
@@ -242,7 +234,7 @@ pub(crate) struct Decoder {
     source_bias: Tensor,
     noise_convs: Vec<Conv>,
     noise_res: Vec<SnakeResBlock>,
-    ups: Vec<Upsampler>,
+    ups: Vec<Polyphase>,
     resblocks: Vec<SnakeResBlock>,
     conv_post: Conv,
     stft: Stft,
@@ -268,17 +260,17 @@ impl Decoder {
             )
         };
         let conv = |module: String, bias: String| Conv::load(weights, &module, &bias, quantised);
-        let up = |i: usize| -> std::result::Result<Upsampler, KokoroError> {
+        // The generator's upsamplers: transposed convolutions with float weights, run
+        // time-major in their polyphase form.
+        let up = |i: usize| -> std::result::Result<Polyphase, KokoroError> {
             let module = format!("{g}.ups.{i}");
             let attrs = weights.conv(&module);
-            Ok(Upsampler {
-                weight: weights.get(&format!("{module}.weight"))?,
-                bias: weights
-                    .get(&format!("{module}.bias"))?
-                    .reshape((1, (), 1))?,
-                stride: attrs.map_or(1, |a| a.stride),
-                padding: attrs.map_or(0, |a| a.padding),
-            })
+            Ok(time_major::polyphase(
+                &weights.get(&format!("{module}.weight"))?,
+                Some(&weights.get(&format!("{module}.bias"))?),
+                attrs.map_or(1, |a| a.stride),
+                attrs.map_or(0, |a| a.padding),
+            )?)
         };
         Ok(Self {
             f0_conv: conv(format!("{d}.F0_conv"), format!("{d}.F0_conv.bias"))?,
@@ -327,7 +319,8 @@ impl Decoder {
                 &format!("{g}.conv_post"),
                 &format!("{g}.conv_post.bias"),
                 false,
-            )?,
+            )?
+            .with_taps()?,
             stft: Stft::new(device)?,
             quantised,
         })
@@ -390,21 +383,19 @@ impl Decoder {
     fn generate(&self, x: &Tensor, style: &Tensor, f0: &Tensor) -> Result<Tensor> {
         let source = self.source(f0)?;
         let har = self.stft.transform(&source)?;
-        let mut x = x.clone();
-        for i in 0..self.ups.len() {
-            x = leaky_relu(&x, 0.1)?;
+        // Time-major (`[samples, channels]`) from here to the last convolution: the
+        // upsamplers and residual blocks all run that way; the source's strided
+        // convolutions run channel-major and are turned once each.
+        let mut x = channels_last(x)?;
+        for (i, up) in self.ups.iter().enumerate() {
             let x_source = self.noise_convs[i].forward(&har, None)?;
-            let up = &self.ups[i];
-            x = x
-                .conv_transpose1d(&up.weight, up.padding, 0, up.stride, 1, 1)?
-                .broadcast_add(&up.bias)?;
+            let mut y = up.forward(&x, Some(0.1))?;
             if i + 1 == self.ups.len() {
-                x = reflect_pad(&x, 1, 0)?;
+                // Reflection padding of one sample at the start: sample 1 again.
+                y = Tensor::cat(&[&y.narrow(0, 1, 1)?, &y], 0)?;
             }
-            // The residual blocks run time-major (`[samples, channels]`), the upsamplers and
-            // the strided source convolutions channel-major.
             let x_source = self.noise_res[i].forward(&channels_last(&x_source)?, style)?;
-            let xt = (channels_last(&x)? + x_source)?;
+            let xt = (y + x_source)?;
             let mut sum: Option<Tensor> = None;
             for j in 0..3 {
                 let y = self.resblocks[i * 3 + j].forward(&xt, style)?;
@@ -413,14 +404,19 @@ impl Decoder {
                     None => y,
                 });
             }
-            let xt = match sum {
+            x = match sum {
                 Some(s) => (s / 3.0)?,
                 None => xt,
             };
-            x = xt.t()?.unsqueeze(0)?.contiguous()?;
         }
         let x = leaky_relu(&x, 0.01)?;
-        let x = self.conv_post.forward(&x, None)?;
+        // [samples, 2 × bins] → [1, 2 × bins, samples]
+        let x = self
+            .conv_post
+            .forward_time_major(&x, Epilogue::None)?
+            .t()?
+            .contiguous()?
+            .unsqueeze(0)?;
         let magnitude = x.narrow(1, 0, BINS)?.exp()?;
         let phase = x.narrow(1, BINS, BINS)?.sin()?;
         self.stft.inverse(&magnitude, &phase)?.flatten_all()

@@ -3,7 +3,7 @@
 
 use crate::tts::candle::error::LoadError;
 use crate::tts::candle::fused::{self, Epilogue};
-use crate::tts::candle::time_major::{self, Taps};
+use crate::tts::candle::time_major::{self, Polyphase, Taps};
 use candle_core::{D, DType, Device, Result, Tensor};
 
 use super::error::PiperError;
@@ -19,9 +19,9 @@ pub(crate) struct Conv {
     transposed: bool,
     /// The weight prepared for [`Conv::forward_time_major`], made on demand.
     taps: Option<Taps>,
-    /// A transposed convolution's bias repeated once per output phase (see
+    /// A transposed convolution prepared for [`Conv::forward_time_major`] (see
     /// [`Conv::with_taps`]).
-    phase_bias: Option<Tensor>,
+    polyphase: Option<Polyphase>,
 }
 
 impl Conv {
@@ -94,7 +94,7 @@ impl Conv {
             attrs,
             transposed,
             taps: None,
-            phase_bias: None,
+            polyphase: None,
         })
     }
 
@@ -137,40 +137,20 @@ impl Conv {
 impl Conv {
     /// Prepares [`forward_time_major`](Self::forward_time_major).
     ///
-    /// A transposed convolution of stride `s` and kernel `k` becomes a plain one over its
-    /// input with `ceil(k / s)` taps and `s × out` channels: output sample `q s + r` (phase
-    /// `r`) is the sum over `m` of input row `q − m` times tap `r + m s`, so one product per
-    /// input row gives `s` consecutive output rows, time-major, and the padding only crops
-    /// rows. Candle's CPU kernel instead scatters a product `k` times larger than the
-    /// output, channel-major, in one thread.
+    /// Prepares [`forward_time_major`](Self::forward_time_major): a transposed convolution
+    /// in its polyphase form (see [`Polyphase`]).
     pub(crate) fn with_taps(mut self) -> std::result::Result<Self, PiperError> {
-        if !self.transposed {
+        if self.transposed {
+            let a = &self.attrs;
+            self.polyphase = Some(time_major::polyphase(
+                &self.weight,
+                self.bias.as_ref(),
+                a.stride,
+                a.padding,
+            )?);
+        } else {
             self.taps = Some(time_major::taps(&self.weight)?);
-            return Ok(self);
         }
-        let (cin, cout, k) = self.weight.dims3()?;
-        let s = self.attrs.stride.max(1);
-        let m = k.div_ceil(s);
-        // [in, out, m s] → [in, out, m, s], taps in the order the rows are unfolded (the
-        // latest input row last), then [s × out, in, m]: a plain convolution's weight.
-        let weight = self
-            .weight
-            .pad_with_zeros(2, 0, m * s - k)?
-            .reshape((cin, cout, m, s))?
-            .flip(&[2])?
-            .permute((3, 1, 0, 2))?
-            .contiguous()?
-            .reshape((s * cout, cin, m))?;
-        self.taps = Some(time_major::taps(&weight)?);
-        self.phase_bias = match &self.bias {
-            Some(b) => Some(
-                b.flatten_all()?
-                    .unsqueeze(0)?
-                    .repeat((s, 1))?
-                    .flatten_all()?,
-            ),
-            None => None,
-        };
         Ok(self)
     }
 
@@ -192,28 +172,12 @@ impl Conv {
         epilogue: Epilogue<'_>,
     ) -> Result<Tensor> {
         let a = &self.attrs;
-        if self.transposed
-            && a.groups == 1
-            && a.dilation == 1
-            && let Some(taps) = &self.taps
+        if let Some(polyphase) = self
+            .polyphase
+            .as_ref()
+            .filter(|_| a.groups == 1 && a.dilation == 1)
         {
-            let (len, _) = x.dims2()?;
-            let (_, cout, k) = self.weight.dims3()?;
-            let s = a.stride.max(1);
-            let m = k.div_ceil(s);
-            let phases = time_major::conv1d_activated(
-                x,
-                taps,
-                m - 1,
-                1,
-                self.phase_bias.as_ref(),
-                pre,
-                Epilogue::None,
-            )?;
-            let out_len = ((len.saturating_sub(1)) * s + k).saturating_sub(2 * a.padding);
-            let y = phases
-                .reshape(((len + m - 1) * s, cout))?
-                .narrow(0, a.padding, out_len)?;
+            let y = polyphase.forward(x, pre)?;
             return match epilogue {
                 Epilogue::None => Ok(y),
                 Epilogue::Residual(r) => y + r,
@@ -369,7 +333,7 @@ mod tests {
                 },
                 transposed: true,
                 taps: None,
-                phase_bias: None,
+                polyphase: None,
             }
             .with_taps()
             .unwrap();
