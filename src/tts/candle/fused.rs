@@ -14,7 +14,7 @@
 use candle_core::{DType, Device, Result, Storage, Tensor, bail};
 use rayon::prelude::*;
 
-use super::direct;
+use super::{direct, vector};
 
 /// Elements per parallel task: enough to outweigh the scheduling.
 const TASK_ELEMENTS: usize = 32 * 1024;
@@ -106,92 +106,93 @@ fn lrelu(v: f32, slope: f32) -> f32 {
     positive + (negative * slope + 0.0)
 }
 
-/// `(x − mean)²` of a time-major `x` (`[time, channels]`) and a per-channel `mean`
-/// (`[1, channels]`): the squares whose mean over time is an instance norm's variance.
-pub(crate) fn centred_squares(x: &Tensor, mean: &Tensor) -> Result<Tensor> {
-    let (_, channels) = x.dims2()?;
-    let mean = host(mean)?;
-    if mean.len() != channels {
-        bail!(
-            "centred_squares: {} means for {channels} channels",
-            mean.len()
-        )
+/// Each channel's mean and variance over time of a time-major `x` (`[time, channels]`): an
+/// instance norm's statistics in two passes over the signal that write nothing (the
+/// centred squares are summed as they are made), split by rows over the pool.
+pub(crate) fn moments(x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (rows, channels) = x.dims2()?;
+    if rows == 0 || channels == 0 {
+        bail!("moments: an empty signal ({rows} × {channels})")
     }
-    let mean = mean.as_slice();
-    map_channels(x, channels, |v, c| {
-        let d = v - mean[c];
-        d * d
+    let block = (TASK_ELEMENTS / channels).max(1) * channels;
+    let add = |mut a: Vec<f32>, b: Vec<f32>| {
+        for (a, b) in a.iter_mut().zip(&b) {
+            *a += b;
+        }
+        a
+    };
+    with_slice(x, |xs| {
+        let sums = xs
+            .par_chunks(block)
+            .map(|chunk| {
+                let mut acc = vec![0f32; channels];
+                for row in chunk.chunks_exact(channels) {
+                    for (a, &v) in acc.iter_mut().zip(row) {
+                        *a += v;
+                    }
+                }
+                acc
+            })
+            .reduce(|| vec![0f32; channels], add);
+        let mean: Vec<f32> = sums.iter().map(|s| s / rows as f32).collect();
+        let squares = xs
+            .par_chunks(block)
+            .map(|chunk| {
+                let mut acc = vec![0f32; channels];
+                for row in chunk.chunks_exact(channels) {
+                    for ((a, &v), &m) in acc.iter_mut().zip(row).zip(&mean) {
+                        let d = v - m;
+                        *a += d * d;
+                    }
+                }
+                acc
+            })
+            .reduce(|| vec![0f32; channels], add);
+        let var = squares.iter().map(|s| s / rows as f32).collect();
+        Ok((mean, var))
     })
 }
 
-/// `f(value, channel)` for every element of a time-major `x` (`[time, channels]`), in one
-/// pass over whole rows split across the pool (the channel counted, not divided out).
-fn map_channels(
+/// `snake(x · scale + shift)` per channel of a time-major `x` (`[time, channels]`; the
+/// snake `y + sin²(αy) / α` with `alpha`'s α per channel, or none), and the least and
+/// greatest value of the result: an instance norm with a style's scale and shift folded
+/// into `scale` and `shift` (AdaIN), the activation that follows it in Kokoro's
+/// generator, and the range the next layer's 8-bit rounding reads, in one vectorised pass
+/// split by rows over the pool (see [`vector`]).
+pub(crate) fn affine_snake(
     x: &Tensor,
-    channels: usize,
-    f: impl Fn(f32, usize) -> f32 + Sync + Send,
-) -> Result<Tensor> {
+    scale: &[f32],
+    shift: &[f32],
+    alpha: Option<&Tensor>,
+) -> Result<(Tensor, f32, f32)> {
+    let (_, channels) = x.dims2()?;
+    let alpha = alpha.map(host).transpose()?;
+    if scale.len() != channels
+        || shift.len() != channels
+        || alpha.as_ref().is_some_and(|a| a.len() != channels)
+    {
+        bail!("affine_snake: parameters of the wrong length for {channels} channels")
+    }
+    let p = vector::AffineSnake {
+        scale,
+        shift,
+        alpha: alpha.as_deref(),
+    };
+    let block = (TASK_ELEMENTS / channels.max(1)).max(1) * channels;
     with_slice(x, |xs| {
         let mut out = vec![0f32; xs.len()];
-        par_rows(&mut out, channels, |row, out| {
-            let xs = &xs[row * channels..row * channels + out.len()];
-            let (mut i, mut c) = (0, 0);
-            while i < out.len() {
-                out[i] = f(xs[i], c);
-                i += 1;
-                c += 1;
-                if c == channels {
-                    c = 0;
-                }
-            }
-        });
-        Tensor::from_vec(out, x.shape(), &Device::Cpu)
-    })
-}
-
-/// The per-channel parameters (`[1, channels]` each) of [`norm_affine`].
-#[derive(Debug)]
-pub(crate) struct NormAffine<'a> {
-    /// The mean over time.
-    pub(crate) mean: &'a Tensor,
-    /// `sqrt(variance + eps)`.
-    pub(crate) std: &'a Tensor,
-    /// The scale after normalising (AdaIN's `1 + gamma`).
-    pub(crate) gain: &'a Tensor,
-    /// The shift after scaling.
-    pub(crate) shift: &'a Tensor,
-    /// A snake activation's α after the shift, when there is one.
-    pub(crate) snake: Option<&'a Tensor>,
-}
-
-/// `(x − mean) / std · gain + shift` on a time-major `x` (`[time, channels]`), then
-/// optionally the snake activation `y + sin²(αy) / α`: an instance norm with a style's scale
-/// and shift (AdaIN), and the activation that follows it in Kokoro's generator.
-pub(crate) fn norm_affine(x: &Tensor, p: &NormAffine<'_>) -> Result<Tensor> {
-    let (_, channels) = x.dims2()?;
-    let mean = host(p.mean)?;
-    let std = host(p.std)?;
-    let gain = host(p.gain)?;
-    let shift = host(p.shift)?;
-    let alpha = p.snake.map(host).transpose()?;
-    if [&mean, &std, &gain, &shift]
-        .into_iter()
-        .chain(alpha.as_ref())
-        .any(|v| v.len() != channels)
-    {
-        bail!("norm_affine: parameters of the wrong length for {channels} channels")
-    }
-    let (mean, std, gain, shift) = (&mean[..], &std[..], &gain[..], &shift[..]);
-    let alpha = alpha.as_deref();
-    map_channels(x, channels, |v, c| {
-        let y = (v - mean[c]) / std[c] * gain[c] + shift[c];
-        match alpha {
-            Some(a) => {
-                let s = (y * a[c]).sin();
-                y + s * s / a[c]
-            }
-            None => y,
-        }
+        let (lo, hi) = out
+            .par_chunks_mut(block)
+            .zip(xs.par_chunks(block))
+            .map(|(o, x)| vector::affine_snake(x, o, p))
+            .reduce(
+                || Some((f32::INFINITY, f32::NEG_INFINITY)),
+                |a, b| Some((a?.0.min(b?.0), a?.1.max(b?.1))),
+            )
+            .ok_or_else(|| {
+                candle_core::Error::Msg("affine_snake: rows of the wrong length".into())
+            })?;
+        Ok((Tensor::from_vec(out, x.shape(), &Device::Cpu)?, lo, hi))
     })
 }
 

@@ -55,6 +55,7 @@ pub mod parler;
 pub mod piper;
 mod sample;
 mod time_major;
+mod vector;
 
 pub use device::{DeviceChoice, Precision};
 pub use error::LoadError;

@@ -82,25 +82,28 @@ pub(crate) fn instance_norm_time_major(
     beta: &Tensor,
     snake: Option<&Tensor>,
 ) -> Result<Tensor> {
+    if fused::applies(x) {
+        // `(x − mean) / sqrt(var + ε) · (1 + γ) + β` as one scale and shift per channel.
+        let (mean, var) = fused::moments(x)?;
+        let gain = (gamma + 1.0)?.flatten_all()?.to_vec1::<f32>()?;
+        let beta = beta.flatten_all()?.to_vec1::<f32>()?;
+        let channels = mean.len();
+        if gain.len() != channels || beta.len() != channels {
+            candle_core::bail!("an AdaIN of {} scales for {channels} channels", gain.len())
+        }
+        let scale: Vec<f32> = (0..channels)
+            .map(|c| gain[c] / (var[c] + EPS as f32).sqrt())
+            .collect();
+        let shift: Vec<f32> = (0..channels)
+            .map(|c| beta[c] - mean[c] * scale[c])
+            .collect();
+        return Ok(fused::affine_snake(x, &scale, &shift, snake)?.0);
+    }
     // Means over time as a row of ones times the signal: candle reduces a leading
     // dimension one element at a time, a matrix product runs vectorised on all threads.
     let frames = x.dim(0)?;
     let ones = Tensor::ones((1, frames), x.dtype(), x.device())?;
     let mean = (ones.matmul(x)? / frames as f64)?;
-    if fused::applies(x) {
-        let squares = fused::centred_squares(x, &mean)?;
-        let var = (ones.matmul(&squares)? / frames as f64)?;
-        return fused::norm_affine(
-            x,
-            &fused::NormAffine {
-                mean: &mean,
-                std: &(var + EPS)?.sqrt()?,
-                gain: &(gamma + 1.0)?,
-                shift: beta,
-                snake,
-            },
-        );
-    }
     let centred = x.broadcast_sub(&mean)?;
     let var = (ones.matmul(&centred.sqr()?)? / frames as f64)?;
     let normed = centred.broadcast_div(&(var + EPS)?.sqrt()?)?;
@@ -301,19 +304,22 @@ impl PitchEnergy {
 mod tests {
     use super::instance_norm_time_major;
     use crate::tts::candle::fused::chain_only;
-    use crate::tts::candle::fused::testing::{same, tensor};
+    use crate::tts::candle::fused::testing::{relative_difference, tensor};
 
+    /// The CPU folds the norm into one scale and shift per channel and takes the sine by a
+    /// polynomial (see `vector`), so it differs from the Candle ops in the last bits.
     #[test]
-    fn adain_and_snake_are_the_candle_ops_bit_for_bit() {
+    fn adain_and_snake_are_the_candle_ops_within_rounding() {
         let x = tensor(&[1000, 64], 4, 2.0);
         let gamma = tensor(&[1, 64], 5, 0.5);
         let beta = tensor(&[1, 64], 6, 0.5);
         let alpha = (tensor(&[1, 64], 7, 0.9).abs().unwrap() + 0.1).unwrap();
         for snake in [None, Some(&alpha)] {
-            same(
+            let d = relative_difference(
                 &instance_norm_time_major(&x, &gamma, &beta, snake).unwrap(),
                 &chain_only(|| instance_norm_time_major(&x, &gamma, &beta, snake)).unwrap(),
             );
+            assert!(d < 1e-6, "{d}");
         }
     }
 }
