@@ -256,16 +256,21 @@ pub(crate) fn round_to_steps(x: &Tensor, scale: &Tensor, zero: &Tensor) -> Resul
                 let xs = &xs[start..start + out.len()];
                 let mut i = 0;
                 while i < out.len() {
-                    let r = (xs[i] / s).round();
-                    let r = if r < lo { lo } else { r };
-                    let r = if r > hi { hi } else { r };
-                    out[i] = r * s;
+                    out[i] = step(xs[i], s, lo, hi);
                     i += 1;
                 }
             });
         }
         Tensor::from_vec(out, x.shape(), &Device::Cpu)
     })
+}
+
+/// `min(max(round(v / scale), lo), hi) · scale`: one value of [`round_to_steps`].
+fn step(v: f32, scale: f32, lo: f32, hi: f32) -> f32 {
+    let r = (v / scale).round();
+    let r = if r < lo { lo } else { r };
+    let r = if r > hi { hi } else { r };
+    r * scale
 }
 
 /// What a time-major convolution does to its output after the bias.
@@ -339,15 +344,11 @@ pub(crate) fn conv1d_activated(
     }
     if direct::applies(out_ch) {
         let dims = (len, cin, out_ch, out_len);
-        return conv1d_direct(
-            x,
-            stacked,
-            shape,
-            dims,
-            bias,
-            pre.map(|s| s as f32),
-            epilogue,
-        );
+        let read = match pre {
+            Some(slope) => Read::LeakyRelu(slope as f32),
+            None => Read::Plain,
+        };
+        return conv1d_direct(x, stacked, shape, dims, bias, read, epilogue);
     }
     let (weights, width) = match bias {
         Some(b) => (
@@ -436,6 +437,56 @@ pub(crate) fn conv1d_activated(
     Tensor::from_vec(out, (out_len, out_ch), &Device::Cpu)
 }
 
+/// What [`conv1d_direct`] does to each input value as it pads the input.
+#[derive(Debug, Clone, Copy)]
+enum Read {
+    /// Copies it.
+    Plain,
+    /// A leaky ReLU with this slope (as [`leaky_relu`]).
+    LeakyRelu(f32),
+    /// The 8-bit rounding of [`round_to_steps`] with one scale and zero point.
+    Steps { scale: f32, zero: f32 },
+}
+
+/// [`conv1d_activated`] without activation of `x` rounded through 8 bits first, as
+/// [`round_to_steps`] rounds it with one `scale` and `zero` point (a quantised layer's
+/// input; `x` is one item). Where the direct convolution runs, the rounding is applied as
+/// the input is padded, so the rounded signal is never a tensor of its own.
+pub(crate) fn conv1d_rounded(
+    x: &Tensor,
+    stacked: &Tensor,
+    shape: Conv1dShape,
+    bias: Option<&Tensor>,
+    (scale, zero): (f32, f32),
+    epilogue: Epilogue<'_>,
+) -> Result<Tensor> {
+    let (len, cin) = x.dims2()?;
+    let (depth, out_ch) = stacked.dims2()?;
+    let out_len =
+        (len + 2 * shape.padding).saturating_sub(shape.dilation * (shape.taps.max(1) - 1));
+    let fits = shape.taps > 0
+        && depth == shape.taps * cin
+        && match epilogue {
+            Epilogue::Residual(r) => r.dims() == [out_len, out_ch],
+            _ => true,
+        };
+    if fits && direct::applies(out_ch) {
+        let dims = (len, cin, out_ch, out_len);
+        return conv1d_direct(
+            x,
+            stacked,
+            shape,
+            dims,
+            bias,
+            Read::Steps { scale, zero },
+            epilogue,
+        );
+    }
+    let steps = |v: f32| Tensor::new(&[v], &Device::Cpu);
+    let rounded = round_to_steps(x, &steps(scale)?, &steps(zero)?)?;
+    conv1d_activated(&rounded, stacked, shape, bias, None, epilogue)
+}
+
 /// [`conv1d_activated`] by [`direct::conv`]: the input is activated and padded once,
 /// then each task of rows computes its outputs and applies the epilogue while they are
 /// in the caches.
@@ -448,7 +499,7 @@ fn conv1d_direct(
     shape: Conv1dShape,
     dims: (usize, usize, usize, usize),
     bias: Option<&Tensor>,
-    pre: Option<f32>,
+    read: Read,
     epilogue: Epilogue<'_>,
 ) -> Result<Tensor> {
     let (len, cin, out_ch, out_len) = dims;
@@ -461,11 +512,16 @@ fn conv1d_direct(
                     continue;
                 };
                 let src = &xs[i * cin..(i + 1) * cin];
-                match pre {
-                    None => row.copy_from_slice(src),
-                    Some(slope) => {
+                match read {
+                    Read::Plain => row.copy_from_slice(src),
+                    Read::LeakyRelu(slope) => {
                         for (d, &s) in row.iter_mut().zip(src) {
                             *d = lrelu(s, slope);
+                        }
+                    }
+                    Read::Steps { scale, zero } => {
+                        for (d, &s) in row.iter_mut().zip(src) {
+                            *d = step(s, scale, -zero, 255.0 - zero);
                         }
                     }
                 }

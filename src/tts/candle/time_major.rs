@@ -129,6 +129,25 @@ pub(crate) fn conv1d(
     conv1d_activated(x, taps, padding, dilation, bias, None, epilogue)
 }
 
+/// [`conv1d`] of `x` rounded through 8 bits with one `(scale, zero point)`, as Kokoro's
+/// quantised layers round their input, on the CPU (see [`fused::conv1d_rounded`]).
+pub(crate) fn conv1d_rounded(
+    x: &Tensor,
+    taps: &Taps,
+    padding: usize,
+    dilation: usize,
+    bias: Option<&Tensor>,
+    steps: (f32, f32),
+    epilogue: Epilogue<'_>,
+) -> Result<Tensor> {
+    let shape = fused::Conv1dShape {
+        taps: taps.k,
+        padding,
+        dilation,
+    };
+    fused::conv1d_rounded(x, &taps.stacked, shape, bias, steps, epilogue)
+}
+
 /// [`conv1d`] of `leaky_relu(x, pre)` when `pre` is a slope. On the CPU the activation is
 /// applied as the input is unfolded (see [`fused::conv1d_activated`]), which saves a pass
 /// over the signal and a tensor of its size.

@@ -113,10 +113,12 @@ impl SnakeResBlock {
         let mut x = x.clone();
         for l in &self.layers {
             // Each AdaIN is followed by its snake activation `x + sin²(αx) / α`.
-            let t = l.adain1.forward_time_major(&x, style, Some(&l.alpha1))?;
-            let t = l.conv1.forward_time_major(&t, Epilogue::None)?;
-            let t = l.adain2.forward_time_major(&t, style, Some(&l.alpha2))?;
-            x = l.conv2.forward_time_major(&t, Epilogue::Residual(&x))?;
+            let (t, range) = l.adain1.forward_time_major(&x, style, Some(&l.alpha1))?;
+            let t = l.conv1.forward_time_major_in(&t, range, Epilogue::None)?;
+            let (t, range) = l.adain2.forward_time_major(&t, style, Some(&l.alpha2))?;
+            x = l
+                .conv2
+                .forward_time_major_in(&t, range, Epilogue::Residual(&x))?;
         }
         Ok(x)
     }

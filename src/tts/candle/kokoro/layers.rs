@@ -38,16 +38,7 @@ pub(crate) fn fake_quant_scaled(x: &Tensor, valid: Option<&Tensor>) -> Result<(T
     } else {
         (flat.min_keepdim(1)?, flat.max_keepdim(1)?)
     };
-    let lo = lo.clamp(f32::MIN, 0f32)?;
-    let hi = hi.clamp(0f32, f32::MAX)?;
-    let scale = ((hi - &lo)? / 255.0)?;
-    // An all-zero item: any scale works; 1 avoids dividing by zero.
-    let scale = (&scale + scale.eq(0f32)?.to_dtype(DType::F32)?)?;
-    let zero = lo
-        .neg()?
-        .broadcast_div(&scale)?
-        .round()?
-        .clamp(0f32, 255f32)?;
+    let (scale, zero) = steps(&lo, &hi)?;
     if fused::applies(x) {
         let scale = scale.flatten_all()?;
         return Ok((
@@ -69,6 +60,22 @@ pub(crate) fn fake_quant_scaled(x: &Tensor, valid: Option<&Tensor>) -> Result<(T
         .broadcast_minimum(&(255.0 - &zero)?)?
         .broadcast_mul(&scale)?;
     Ok((out, scale.flatten_all()?))
+}
+
+/// The scale and zero point (`[batch, 1]` each) of `DynamicQuantizeLinear` for items whose
+/// least and greatest values are `lo` and `hi` (`[batch, 1]`).
+fn steps(lo: &Tensor, hi: &Tensor) -> Result<(Tensor, Tensor)> {
+    let lo = lo.clamp(f32::MIN, 0f32)?;
+    let hi = hi.clamp(0f32, f32::MAX)?;
+    let scale = ((hi - &lo)? / 255.0)?;
+    // An all-zero item: any scale works; 1 avoids dividing by zero.
+    let scale = (&scale + scale.eq(0f32)?.to_dtype(DType::F32)?)?;
+    let zero = lo
+        .neg()?
+        .broadcast_div(&scale)?
+        .round()?
+        .clamp(0f32, 255f32)?;
+    Ok((scale, zero))
 }
 
 /// A linear layer over the last dimension, with the export's input rounding or without.
@@ -265,6 +272,54 @@ impl Conv {
         )
     }
 
+    /// [`forward_time_major`](Self::forward_time_major) of an `x` whose least and greatest
+    /// values are known (`range`, as [`AdaIn::forward_time_major`] finds them on the CPU):
+    /// a quantised convolution then takes its rounding from them instead of a pass over
+    /// `x`, and applies it as it reads `x` (see [`time_major::conv1d_rounded`]).
+    ///
+    /// [`AdaIn::forward_time_major`]: super::prosody::AdaIn::forward_time_major
+    pub(crate) fn forward_time_major_in(
+        &self,
+        x: &Tensor,
+        range: Option<(f32, f32)>,
+        epilogue: Epilogue<'_>,
+    ) -> Result<Tensor> {
+        let (Some(ws), Some((lo, hi)), Some(taps)) = (self.weight_scale, range, &self.taps) else {
+            return self.forward_time_major(x, epilogue);
+        };
+        if self.stride != 1 || self.groups != 1 || !fused::applies(x) {
+            return self.forward_time_major(x, epilogue);
+        }
+        // The same scale, zero point and rounded bias as `round_input`, from the known range.
+        let extreme = |v: f32| Tensor::new(&[[v]], x.device());
+        let (scale, zero) = steps(&extreme(lo)?, &extreme(hi)?)?;
+        let bias = match &self.bias {
+            Some(b) => {
+                let s = (scale.flatten_all()? * ws)?;
+                Some(
+                    b.flatten_all()?
+                        .broadcast_div(&s)?
+                        .floor()?
+                        .broadcast_mul(&s)?,
+                )
+            }
+            None => None,
+        };
+        let host = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let (Some(&scale), Some(&zero)) = (host(scale)?.first(), host(zero)?.first()) else {
+            candle_core::bail!("an 8-bit rounding without a scale")
+        };
+        time_major::conv1d_rounded(
+            x,
+            taps,
+            self.padding,
+            self.dilation,
+            bias.as_ref(),
+            (scale, zero),
+            epilogue,
+        )
+    }
+
     /// `x` (`[batch, channels, len]`); `valid` (`[batch, 1, len]`) bounds the rounding range.
     pub(crate) fn forward(&self, x: &Tensor, valid: Option<&Tensor>) -> Result<Tensor> {
         let (x, bias) = match self.weight_scale {
@@ -327,7 +382,8 @@ pub(crate) fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
 mod tests {
     use candle_core::{DType, Device, Tensor};
 
-    use super::{fake_quant_scaled, leaky_relu};
+    use super::{Conv, fake_quant_scaled, leaky_relu};
+    use crate::tts::candle::fused::Epilogue;
     use crate::tts::candle::fused::chain_only;
     use crate::tts::candle::fused::testing::{same, tensor, values};
 
@@ -339,6 +395,40 @@ mod tests {
                 &leaky_relu(&x, slope).unwrap(),
                 &chain_only(|| leaky_relu(&x, slope)).unwrap(),
             );
+        }
+    }
+
+    /// A quantised convolution told its input's range rounds by it as it would by a pass
+    /// of its own, on the direct path (32 output channels) and the unfolding one (8): the
+    /// same floats, with a residual or without, with a bias or without.
+    #[test]
+    fn a_convolution_told_its_inputs_range_rounds_as_one_that_reads_it() {
+        for (cout, bias) in [(32usize, true), (32, false), (8, true)] {
+            let conv = Conv {
+                weight: tensor(&[cout, 16, 3], cout as u64, 0.5),
+                bias: bias.then(|| tensor(&[cout], 5, 0.5)),
+                weight_scale: Some(0.004),
+                padding: 3,
+                dilation: 3,
+                stride: 1,
+                groups: 1,
+                taps: None,
+            }
+            .with_taps()
+            .unwrap();
+            let x = tensor(&[300, 16], 6, 2.0);
+            let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let lo = v.iter().copied().fold(f32::INFINITY, f32::min);
+            let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let residual = tensor(&[300, cout], 7, 1.0);
+            for epilogue in [Epilogue::None, Epilogue::Residual(&residual)] {
+                same(
+                    &conv
+                        .forward_time_major_in(&x, Some((lo, hi)), epilogue)
+                        .unwrap(),
+                    &conv.forward_time_major(&x, epilogue).unwrap(),
+                );
+            }
         }
     }
 

@@ -61,12 +61,16 @@ impl AdaIn {
 
     /// [`forward`](Self::forward) on one utterance's time-major signal (`[frames, channels]`),
     /// then the snake activation `y + sin²(αy) / α` when `snake` gives its α (`[1, channels]`).
+    /// On the CPU it also gives the output's least and greatest value, which the next
+    /// quantised layer rounds by (see [`Conv::forward_time_major_in`]).
+    ///
+    /// [`Conv::forward_time_major_in`]: super::layers::Conv::forward_time_major_in
     pub(crate) fn forward_time_major(
         &self,
         x: &Tensor,
         style_rounded: &Tensor,
         snake: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<(f32, f32)>)> {
         let h = self.fc.forward_rounded(style_rounded)?;
         let gamma = h.narrow(1, 0, self.channels)?;
         let beta = h.narrow(1, self.channels, self.channels)?;
@@ -75,13 +79,14 @@ impl AdaIn {
 }
 
 /// Instance norm over time of `x` (`[frames, channels]`) scaled by `1 + gamma` and shifted
-/// by `beta` (`[1, channels]` each), then the snake activation when `snake` gives its α.
+/// by `beta` (`[1, channels]` each), then the snake activation when `snake` gives its α;
+/// on the CPU, with the result's least and greatest value.
 pub(crate) fn instance_norm_time_major(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     snake: Option<&Tensor>,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Option<(f32, f32)>)> {
     if fused::applies(x) {
         // `(x − mean) / sqrt(var + ε) · (1 + γ) + β` as one scale and shift per channel.
         let (mean, var) = fused::moments(x)?;
@@ -97,7 +102,8 @@ pub(crate) fn instance_norm_time_major(
         let shift: Vec<f32> = (0..channels)
             .map(|c| beta[c] - mean[c] * scale[c])
             .collect();
-        return Ok(fused::affine_snake(x, &scale, &shift, snake)?.0);
+        let (y, lo, hi) = fused::affine_snake(x, &scale, &shift, snake)?;
+        return Ok((y, Some((lo, hi))));
     }
     // Means over time as a row of ones times the signal: candle reduces a leading
     // dimension one element at a time, a matrix product runs vectorised on all threads.
@@ -108,13 +114,14 @@ pub(crate) fn instance_norm_time_major(
     let var = (ones.matmul(&centred.sqr()?)? / frames as f64)?;
     let normed = centred.broadcast_div(&(var + EPS)?.sqrt()?)?;
     let y = normed.broadcast_mul(&(gamma + 1.0)?)?.broadcast_add(beta)?;
-    match snake {
+    let y = match snake {
         Some(alpha) => {
             let s = y.broadcast_mul(alpha)?.sin()?.sqr()?;
-            y + s.broadcast_div(alpha)?
+            (y + s.broadcast_div(alpha)?)?
         }
-        None => Ok(y),
-    }
+        None => y,
+    };
+    Ok((y, None))
 }
 
 /// StyleTTS 2's `AdainResBlk1d`.
@@ -316,8 +323,12 @@ mod tests {
         let alpha = (tensor(&[1, 64], 7, 0.9).abs().unwrap() + 0.1).unwrap();
         for snake in [None, Some(&alpha)] {
             let d = relative_difference(
-                &instance_norm_time_major(&x, &gamma, &beta, snake).unwrap(),
-                &chain_only(|| instance_norm_time_major(&x, &gamma, &beta, snake)).unwrap(),
+                &instance_norm_time_major(&x, &gamma, &beta, snake)
+                    .unwrap()
+                    .0,
+                &chain_only(|| instance_norm_time_major(&x, &gamma, &beta, snake))
+                    .unwrap()
+                    .0,
             );
             assert!(d < 1e-6, "{d}");
         }
