@@ -196,6 +196,42 @@ pub(crate) fn affine_snake(
     })
 }
 
+/// WaveNet's gated activation `tanh(a) · sigmoid(b)` of a time-major `x` (`[time, 2h]`: `a`
+/// its first `h` channels, `b` the rest), each plus its part of `shift` (`[1, 2h]`, a
+/// speaker's conditioning) when there is one: `[time, h]`, the same floats as Candle's add,
+/// `tanh`, `sigmoid` and product on the two strided halves, in one pass split by rows
+/// over the pool.
+pub(crate) fn gated(x: &Tensor, shift: Option<&Tensor>) -> Result<Tensor> {
+    let (rows, width) = x.dims2()?;
+    let h = width / 2;
+    let shift = shift.map(host).transpose()?;
+    if width % 2 != 0 || shift.as_ref().is_some_and(|s| s.len() != width) {
+        bail!(
+            "gated: {width} channels, a shift of {:?}",
+            shift.map(|s| s.len())
+        )
+    }
+    let shift = shift.as_deref();
+    with_slice(x, |xs| {
+        let mut out = vec![0f32; rows * h];
+        par_rows(&mut out, h, |row, out| {
+            for (r, o) in out.chunks_exact_mut(h.max(1)).enumerate() {
+                let x = &xs[(row + r) * width..(row + r + 1) * width];
+                for c in 0..h {
+                    let (mut a, mut b) = (x[c], x[h + c]);
+                    if let Some(s) = shift {
+                        a += s[c];
+                        b += s[h + c];
+                    }
+                    // Candle's `sigmoid`: `1 / (exp(−b) + 1)`.
+                    o[c] = a.tanh() * (1.0 / ((-b).exp() + 1.0));
+                }
+            }
+        });
+        Tensor::from_vec(out, (rows, h), &Device::Cpu)
+    })
+}
+
 /// The least and greatest of `xs`.
 fn min_max(xs: &[f32]) -> (f32, f32) {
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);

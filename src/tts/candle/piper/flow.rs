@@ -2,7 +2,7 @@
 //! WaveNet-style gated convolutions turn the prior sample into the decoder's latent.
 
 use crate::tts::candle::error::LoadError;
-use crate::tts::candle::fused::Epilogue;
+use crate::tts::candle::fused::{self, Epilogue};
 use candle_core::{D, IndexOp, Result, Tensor};
 
 use super::error::PiperError;
@@ -107,11 +107,16 @@ impl WaveNet {
         let n = self.in_layers.len();
         for (i, (in_layer, res_skip)) in self.in_layers.iter().zip(&self.res_skip).enumerate() {
             let mut x_in = conv(in_layer, &x)?;
-            if let Some(g) = g {
-                x_in = x_in.broadcast_add(&g.narrow(1, i * 2 * h, 2 * h)?)?;
-            }
-            let acts =
-                (x_in.narrow(1, 0, h)?.tanh()? * candle_nn::ops::sigmoid(&x_in.narrow(1, h, h)?)?)?;
+            let g = g.map(|g| g.narrow(1, i * 2 * h, 2 * h)).transpose()?;
+            let acts = if x_in.rank() == 2 && fused::applies(&x_in) {
+                // Time-major on the CPU: one pass instead of five over the strided halves.
+                fused::gated(&x_in, g.as_ref())?
+            } else {
+                if let Some(g) = &g {
+                    x_in = x_in.broadcast_add(g)?;
+                }
+                (x_in.narrow(1, 0, h)?.tanh()? * candle_nn::ops::sigmoid(&x_in.narrow(1, h, h)?)?)?
+            };
             let rs = conv(res_skip, &acts)?;
             let skip = if i + 1 < n {
                 x = masked((x + rs.narrow(1, 0, h)?)?)?;
@@ -309,6 +314,25 @@ mod tests {
 
     /// The CPU's path (each utterance alone, time-major, cut to its length) is the batched
     /// channel-major path GPUs take, up to float rounding, for the frames that count.
+    /// The fused gated activation is Candle's add, `tanh`, `sigmoid` and product on the two
+    /// halves, bit for bit, with a speaker's shift and without.
+    #[test]
+    fn the_gated_activation_is_the_candle_ops_bit_for_bit() {
+        use crate::tts::candle::fused::testing::same;
+        let x = tensor(&[301, 12], 21, 4.0);
+        let shift = tensor(&[1, 12], 22, 1.0);
+        for g in [None, Some(&shift)] {
+            let x_in = match g {
+                Some(g) => x.broadcast_add(g).unwrap(),
+                None => x.clone(),
+            };
+            let chain = (x_in.narrow(1, 0, 6).unwrap().tanh().unwrap()
+                * candle_nn::ops::sigmoid(&x_in.narrow(1, 6, 6).unwrap()).unwrap())
+            .unwrap();
+            same(&crate::tts::candle::fused::gated(&x, g).unwrap(), &chain);
+        }
+    }
+
     #[test]
     fn each_utterance_time_major_is_the_batch_channel_major() {
         let flow = flow();
