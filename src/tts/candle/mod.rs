@@ -55,6 +55,7 @@ pub mod parler;
 pub mod piper;
 mod sample;
 mod time_major;
+mod unfold;
 mod vector;
 
 pub use device::{DeviceChoice, Precision};

@@ -15,6 +15,7 @@ use super::error::KokoroError;
 use super::weights::Weights;
 use crate::tts::candle::fused::{self, Epilogue};
 use crate::tts::candle::time_major::{self, Taps};
+use crate::tts::candle::unfold;
 
 /// Rounds `x` (`[batch, ...]`) through uint8 per batch item, as `DynamicQuantizeLinear` then
 /// dequantisation would: range `[min(0, min x), max(0, max x)]` over the item's valid
@@ -344,13 +345,17 @@ impl Conv {
                 },
             ),
         };
-        let y = x.conv1d(
-            &self.weight,
-            self.padding,
-            self.stride,
-            self.dilation,
-            self.groups,
-        )?;
+        let y = if self.stride == 1 && self.groups == 1 && x.device().is_cpu() {
+            unfold::conv1d(&x, &self.weight, self.padding, self.dilation)?
+        } else {
+            x.conv1d(
+                &self.weight,
+                self.padding,
+                self.stride,
+                self.dilation,
+                self.groups,
+            )?
+        };
         match bias {
             Some(b) => y.broadcast_add(&b),
             None => Ok(y),

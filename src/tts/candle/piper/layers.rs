@@ -4,6 +4,7 @@
 use crate::tts::candle::error::LoadError;
 use crate::tts::candle::fused::{self, Epilogue};
 use crate::tts::candle::time_major::{self, Polyphase, Taps};
+use crate::tts::candle::unfold;
 use candle_core::{D, DType, Device, Result, Tensor};
 
 use super::error::PiperError;
@@ -124,6 +125,8 @@ impl Conv {
             full.narrow(2, a.padding, len.saturating_sub(2 * a.padding))?
         } else if a.groups > 1 && a.groups == self.weight.dim(0)? && a.stride == 1 {
             self.depthwise(x)?
+        } else if a.stride == 1 && a.groups == 1 && x.device().is_cpu() {
+            unfold::conv1d(x, &self.weight, a.padding, a.dilation)?
         } else {
             x.conv1d(&self.weight, a.padding, a.stride, a.dilation, a.groups)?
         };
