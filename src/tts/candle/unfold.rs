@@ -4,9 +4,14 @@
 //! The weight as it is stored, `[out, in × k]`, times the input's `k` shifted copies stacked
 //! channel by channel, `[batch, in × k, len']`, is the convolution, channel-major, with
 //! nothing transposed. Candle's CPU path unfolds time-major, multiplies by the transposed
-//! weight and transposes the product back; on the short signals of the text encoders,
-//! duration predictors and Kokoro's frame-rate blocks (a few hundred steps) those copies
-//! and the product's packing of a strided operand cost more than the arithmetic.
+//! weight and transposes the product back; on the short signals of Piper's text encoder
+//! and duration predictor (a hundred-odd phonemes) those copies and the product's packing
+//! of a strided operand cost more than the arithmetic.
+//!
+//! Kokoro keeps Candle's path: its batches run these layers over padded items, and with
+//! the length as the product's wide side a batched item came out different from the same
+//! item alone in its last bits, where Kokoro holds its batched output to equal the
+//! unbatched one exactly. (Piper's batches already differ within rounding.)
 
 use candle_core::{Result, Tensor};
 

@@ -15,7 +15,6 @@ use super::error::KokoroError;
 use super::weights::Weights;
 use crate::tts::candle::fused::{self, Epilogue};
 use crate::tts::candle::time_major::{self, Taps};
-use crate::tts::candle::unfold;
 
 /// Rounds `x` (`[batch, ...]`) through uint8 per batch item, as `DynamicQuantizeLinear` then
 /// dequantisation would: range `[min(0, min x), max(0, max x)]` over the item's valid
@@ -345,17 +344,13 @@ impl Conv {
                 },
             ),
         };
-        let y = if self.stride == 1 && self.groups == 1 && x.device().is_cpu() {
-            unfold::conv1d(&x, &self.weight, self.padding, self.dilation)?
-        } else {
-            x.conv1d(
-                &self.weight,
-                self.padding,
-                self.stride,
-                self.dilation,
-                self.groups,
-            )?
-        };
+        let y = x.conv1d(
+            &self.weight,
+            self.padding,
+            self.stride,
+            self.dilation,
+            self.groups,
+        )?;
         match bias {
             Some(b) => y.broadcast_add(&b),
             None => Ok(y),
