@@ -115,11 +115,17 @@ pub(crate) fn moments(x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
         bail!("moments: an empty signal ({rows} × {channels})")
     }
     let block = (TASK_ELEMENTS / channels).max(1) * channels;
-    let add = |mut a: Vec<f32>, b: Vec<f32>| {
-        for (a, b) in a.iter_mut().zip(&b) {
-            *a += b;
+    // The blocks' sums are added in block order, not as the pool's work-stealing
+    // happens to join them, so the statistics (and an item batched or alone) come out
+    // the same floats every run.
+    let add = |blocks: Vec<Vec<f32>>| {
+        let mut total = vec![0f32; channels];
+        for block in blocks {
+            for (t, b) in total.iter_mut().zip(&block) {
+                *t += b;
+            }
         }
-        a
+        total
     };
     with_slice(x, |xs| {
         let sums = xs
@@ -133,7 +139,8 @@ pub(crate) fn moments(x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
                 }
                 acc
             })
-            .reduce(|| vec![0f32; channels], add);
+            .collect::<Vec<_>>();
+        let sums = add(sums);
         let mean: Vec<f32> = sums.iter().map(|s| s / rows as f32).collect();
         let squares = xs
             .par_chunks(block)
@@ -147,7 +154,8 @@ pub(crate) fn moments(x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
                 }
                 acc
             })
-            .reduce(|| vec![0f32; channels], add);
+            .collect::<Vec<_>>();
+        let squares = add(squares);
         let var = squares.iter().map(|s| s / rows as f32).collect();
         Ok((mean, var))
     })
@@ -378,13 +386,16 @@ pub(crate) fn conv1d_activated(
             r.dims()
         )
     }
+    let read = match pre {
+        Some(slope) => Read::LeakyRelu(slope as f32),
+        None => Read::Plain,
+    };
     if direct::applies(out_ch) {
         let dims = (len, cin, out_ch, out_len);
-        let read = match pre {
-            Some(slope) => Read::LeakyRelu(slope as f32),
-            None => Read::Plain,
-        };
         return conv1d_direct(x, stacked, shape, dims, bias, read, epilogue);
+    }
+    if out_ch == 1 && dilation == 1 && out_len > 0 {
+        return conv1d_dot(x, stacked, shape, (len, cin, out_len), bias, read, epilogue);
     }
     let (weights, width) = match bias {
         Some(b) => (
@@ -523,23 +534,15 @@ pub(crate) fn conv1d_rounded(
     conv1d_activated(&rounded, stacked, shape, bias, None, epilogue)
 }
 
-/// [`conv1d_activated`] by [`direct::conv`]: the input is activated and padded once,
-/// then each task of rows computes its outputs and applies the epilogue while they are
-/// in the caches.
-///
-/// `dims`: the input's length and channels, and the output's channels and length (as
-/// [`conv1d_activated`] checked them).
-fn conv1d_direct(
+/// `x` (`[len, cin]`) with `padding` rows of zeros on each side, each value passed through
+/// `read`: the input the direct and dot-product convolutions read in place.
+fn padded_input(
     x: &Tensor,
-    stacked: &Tensor,
-    shape: Conv1dShape,
-    dims: (usize, usize, usize, usize),
-    bias: Option<&Tensor>,
+    len: usize,
+    cin: usize,
+    padding: usize,
     read: Read,
-    epilogue: Epilogue<'_>,
-) -> Result<Tensor> {
-    let (len, cin, out_ch, out_len) = dims;
-    let padding = shape.padding;
+) -> Result<Vec<f32>> {
     let mut input = vec![0f32; (len + 2 * padding) * cin];
     with_slice(x, |xs| {
         par_rows(&mut input, cin, |first, chunk| {
@@ -565,6 +568,87 @@ fn conv1d_direct(
         });
         Ok(())
     })?;
+    Ok(input)
+}
+
+/// A convolution to one output channel with dilation 1 (a HiFi-GAN's last layer): the
+/// `taps` input rows output row `t` reads are consecutive in the padded input, so each
+/// output is one dot product of `taps × in` floats with the stacked weight, read in
+/// place. Unfolded for a matrix product, every input row was copied `taps` times for a
+/// product one column wide.
+fn conv1d_dot(
+    x: &Tensor,
+    stacked: &Tensor,
+    shape: Conv1dShape,
+    dims: (usize, usize, usize),
+    bias: Option<&Tensor>,
+    read: Read,
+    epilogue: Epilogue<'_>,
+) -> Result<Tensor> {
+    let (len, cin, out_len) = dims;
+    let input = padded_input(x, len, cin, shape.padding, read)?;
+    let weights = host(stacked)?;
+    let bias = match bias {
+        Some(b) => host(b)?.first().copied().unwrap_or(0.0),
+        None => 0.0,
+    };
+    let depth = weights.len();
+    if depth != shape.taps * cin || input.len() < (out_len + shape.taps - 1) * cin {
+        bail!(
+            "conv1d: {depth} weights for {} taps of {cin} channels",
+            shape.taps
+        )
+    }
+    let residual = match epilogue {
+        Epilogue::Residual(r) => Some(host(r)?),
+        _ => None,
+    };
+    let mut out = vec![0f32; out_len];
+    par_rows(&mut out, 1, |first, chunk| {
+        for (r, o) in chunk.iter_mut().enumerate() {
+            let t = first + r;
+            let window = &input[t * cin..t * cin + depth];
+            // Eight running sums, so the loop vectorises.
+            let mut sums = [0f32; 8];
+            let mut w8 = weights.chunks_exact(8);
+            let mut x8 = window.chunks_exact(8);
+            for (w, x) in (&mut w8).zip(&mut x8) {
+                for k in 0..8 {
+                    sums[k] += w[k] * x[k];
+                }
+            }
+            let mut y: f32 = sums.iter().sum();
+            for (w, x) in w8.remainder().iter().zip(x8.remainder()) {
+                y += w * x;
+            }
+            y += bias;
+            *o = match (&residual, epilogue) {
+                (Some(rs), _) => y + rs[t],
+                (None, Epilogue::LeakyRelu(slope)) => lrelu(y, slope as f32),
+                (None, _) => y,
+            };
+        }
+    });
+    Tensor::from_vec(out, (out_len, 1), &Device::Cpu)
+}
+
+/// [`conv1d_activated`] by [`direct::conv`]: the input is activated and padded once,
+/// then each task of rows computes its outputs and applies the epilogue while they are
+/// in the caches.
+///
+/// `dims`: the input's length and channels, and the output's channels and length (as
+/// [`conv1d_activated`] checked them).
+fn conv1d_direct(
+    x: &Tensor,
+    stacked: &Tensor,
+    shape: Conv1dShape,
+    dims: (usize, usize, usize, usize),
+    bias: Option<&Tensor>,
+    read: Read,
+    epilogue: Epilogue<'_>,
+) -> Result<Tensor> {
+    let (len, cin, out_ch, out_len) = dims;
+    let input = padded_input(x, len, cin, shape.padding, read)?;
     let tiled = with_slice(stacked, |w| Ok(direct::tiles(w, out_ch)))?;
     let bias = bias.map(host).transpose()?;
     let ops = direct::Operands {

@@ -318,6 +318,39 @@ mod tests {
         }
     }
 
+    /// A convolution to one channel (dilation 1: a HiFi-GAN's last layer) takes one dot
+    /// product per output over its window of the padded input: within rounding of the
+    /// Candle ops, for windows past either end, both epilogues and the activation while
+    /// reading.
+    #[test]
+    fn a_convolution_to_one_channel_is_the_product_per_tap() {
+        for (cin, k) in [(32usize, 7usize), (5, 3), (3, 1)] {
+            let weight = tensor(&[1, cin, k], (cin + k) as u64, 0.5);
+            // Not `tensor`: its first value is always an exact zero.
+            let bias = candle_core::Tensor::new(&[0.37f32], &candle_core::Device::Cpu).unwrap();
+            let taps = taps(&weight).unwrap();
+            for (len, padding) in [(1usize, 3usize), (2, 0), (3001, 3)] {
+                let out_len = (len + 2 * padding).saturating_sub(k - 1);
+                if out_len == 0 {
+                    continue;
+                }
+                let x = tensor(&[len, cin], len as u64 + 3, 2.0);
+                let residual = tensor(&[out_len, 1], 18, 1.0);
+                for epilogue in [
+                    Epilogue::None,
+                    Epilogue::Residual(&residual),
+                    Epilogue::LeakyRelu(0.1),
+                ] {
+                    for (b, pre) in [(None, None), (Some(&bias), Some(0.01))] {
+                        let run = || conv1d_activated(&x, &taps, padding, 1, b, pre, epilogue);
+                        let d = relative_difference(&run().unwrap(), &chain_only(run).unwrap());
+                        assert!(d < 1e-6, "{cin} {k} {len} {padding} {epilogue:?}: {d}");
+                    }
+                }
+            }
+        }
+    }
+
     /// The activation applied while unfolding is the same floats as a leaky ReLU pass
     /// before the convolution, so the outputs are equal bit for bit.
     #[test]

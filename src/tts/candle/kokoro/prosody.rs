@@ -311,7 +311,23 @@ impl PitchEnergy {
 mod tests {
     use super::instance_norm_time_major;
     use crate::tts::candle::fused::chain_only;
-    use crate::tts::candle::fused::testing::{relative_difference, tensor};
+    use crate::tts::candle::fused::testing::{relative_difference, same, tensor};
+
+    /// The statistics are summed block by block in a fixed order, whatever the pool's
+    /// threads do, so an utterance gives the same floats every run (and batched or alone).
+    #[test]
+    fn adain_gives_the_same_floats_every_run() {
+        let x = tensor(&[20_000, 64], 8, 2.0);
+        let gamma = tensor(&[1, 64], 5, 0.5);
+        let beta = tensor(&[1, 64], 6, 0.5);
+        let first = instance_norm_time_major(&x, &gamma, &beta, None).unwrap().0;
+        for _ in 0..20 {
+            same(
+                &instance_norm_time_major(&x, &gamma, &beta, None).unwrap().0,
+                &first,
+            );
+        }
+    }
 
     /// The CPU folds the norm into one scale and shift per channel and takes the sine by a
     /// polynomial (see `vector`), so it differs from the Candle ops in the last bits.
