@@ -29,9 +29,8 @@ pub(crate) struct Albert {
     token_type: Tensor,
     embed_norm: LayerNorm,
     map_in: Linear,
-    query: Linear,
-    key: Linear,
-    value: Linear,
+    /// The query, key and value layers side by side: `[.., 3 × hidden]`.
+    qkv: Linear,
     dense: Linear,
     attn_norm: LayerNorm,
     ffn: Linear,
@@ -71,9 +70,11 @@ impl Albert {
                 EMBED,
                 HIDDEN,
             )?,
-            query: lin(&format!("{layer}.attention.query"), HIDDEN, HIDDEN)?,
-            key: lin(&format!("{layer}.attention.key"), HIDDEN, HIDDEN)?,
-            value: lin(&format!("{layer}.attention.value"), HIDDEN, HIDDEN)?,
+            qkv: Linear::side_by_side(&[
+                lin(&format!("{layer}.attention.query"), HIDDEN, HIDDEN)?,
+                lin(&format!("{layer}.attention.key"), HIDDEN, HIDDEN)?,
+                lin(&format!("{layer}.attention.value"), HIDDEN, HIDDEN)?,
+            ])?,
             dense: lin(&format!("{layer}.attention.dense"), HIDDEN, HIDDEN)?,
             attn_norm: LayerNorm::load(
                 weights,
@@ -124,7 +125,7 @@ impl Albert {
         #[allow(clippy::cast_precision_loss)]
         let scale = 1.0 / (head as f64).sqrt();
         for _ in 0..PASSES {
-            let rounded = if self.query.quantised() {
+            let rounded = if self.qkv.quantised() {
                 fake_quant(&h, Some(&valid3))?
             } else {
                 h.clone()
@@ -134,9 +135,10 @@ impl Albert {
                     .transpose(1, 2)?
                     .contiguous()
             };
-            let q = split(self.query.forward_rounded(&rounded)?)?;
-            let k = split(self.key.forward_rounded(&rounded)?)?;
-            let v = split(self.value.forward_rounded(&rounded)?)?;
+            let qkv = self.qkv.forward_rounded(&rounded)?;
+            let q = split(qkv.narrow(2, 0, HIDDEN)?)?;
+            let k = split(qkv.narrow(2, HIDDEN, HIDDEN)?)?;
+            let v = split(qkv.narrow(2, 2 * HIDDEN, HIDDEN)?)?;
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let context = probs

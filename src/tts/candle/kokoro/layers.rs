@@ -105,6 +105,20 @@ impl Linear {
         })
     }
 
+    /// Several layers that read the same input as one (their outputs side by side, in the
+    /// order given): one matrix product instead of one each. All must round their input
+    /// alike.
+    pub(crate) fn side_by_side(layers: &[Linear]) -> std::result::Result<Self, KokoroError> {
+        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight_t).collect();
+        let biases: Option<Vec<&Tensor>> = layers.iter().map(|l| l.bias.as_ref()).collect();
+        let quantised = layers.first().is_some_and(|l| l.quantised);
+        Ok(Self {
+            weight_t: Tensor::cat(&weights, 1)?,
+            bias: biases.map(|b| Tensor::cat(&b, 0)).transpose()?,
+            quantised,
+        })
+    }
+
     /// `x` (`[batch, len, in]`) through the layer; `valid` (`[batch, len, 1]`) bounds the
     /// rounding range to real positions.
     pub(crate) fn forward(&self, x: &Tensor, valid: Option<&Tensor>) -> Result<Tensor> {
@@ -382,7 +396,7 @@ pub(crate) fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
 mod tests {
     use candle_core::{DType, Device, Tensor};
 
-    use super::{Conv, fake_quant_scaled, leaky_relu};
+    use super::{Conv, Linear, fake_quant_scaled, leaky_relu};
     use crate::tts::candle::fused::Epilogue;
     use crate::tts::candle::fused::chain_only;
     use crate::tts::candle::fused::testing::{same, tensor, values};
@@ -396,6 +410,34 @@ mod tests {
                 &chain_only(|| leaky_relu(&x, slope)).unwrap(),
             );
         }
+    }
+
+    /// Layers side by side give each layer's output in its columns, within rounding (one
+    /// product sums in its own order).
+    #[test]
+    fn layers_side_by_side_are_the_layers_one_by_one() {
+        use crate::tts::candle::fused::testing::relative_difference;
+        let layer = |seed: u64, out: usize| Linear {
+            weight_t: tensor(&[16, out], seed, 0.5),
+            bias: Some(tensor(&[out], seed + 1, 0.5)),
+            quantised: true,
+        };
+        let layers = [layer(1, 8), layer(3, 5), layer(5, 8)];
+        let joined = Linear::side_by_side(&layers).unwrap();
+        let x = tensor(&[2, 7, 16], 9, 2.0);
+        let y = joined.forward_rounded(&x).unwrap();
+        let mut at = 0;
+        for l in &layers {
+            let width = l.weight_t.dim(1).unwrap();
+            let d = relative_difference(
+                &y.narrow(2, at, width).unwrap().contiguous().unwrap(),
+                &l.forward_rounded(&x).unwrap(),
+            );
+            assert!(d < 1e-6, "{at}: {d}");
+            at += width;
+        }
+        assert_eq!(at, y.dim(2).unwrap());
+        assert!(joined.quantised());
     }
 
     /// A quantised convolution told its input's range rounds by it as it would by a pass
