@@ -230,25 +230,28 @@ impl Conv {
         Ok(self)
     }
 
+    /// The bias (`[out]`) rounded down to a multiple of `input scale × weight scale`, as
+    /// `ConvInteger`'s integer bias is, for one item's input `scale` (`[1]`).
+    fn rounded_bias(&self, scale: &Tensor, weight_scale: f64) -> Result<Option<Tensor>> {
+        let Some(b) = &self.bias else {
+            return Ok(None);
+        };
+        let s = (scale * weight_scale)?;
+        Ok(Some(
+            b.flatten_all()?
+                .broadcast_div(&s)?
+                .floor()?
+                .broadcast_mul(&s)?,
+        ))
+    }
+
     /// The input rounded through 8 bits when quantised, and the bias (`[out]`) rounded as
     /// `ConvInteger`'s integer bias: one utterance (`x` is `[1, ...]`), no padding.
     fn round_input(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         match self.weight_scale {
             Some(ws) => {
                 let (xq, scale) = fake_quant_scaled(x, None)?;
-                let bias = match &self.bias {
-                    Some(b) => {
-                        let s = (scale * ws)?;
-                        Some(
-                            b.flatten_all()?
-                                .broadcast_div(&s)?
-                                .floor()?
-                                .broadcast_mul(&s)?,
-                        )
-                    }
-                    None => None,
-                };
-                Ok((xq, bias))
+                Ok((xq, self.rounded_bias(&scale, ws)?))
             }
             None => Ok((
                 x.clone(),
@@ -307,18 +310,7 @@ impl Conv {
         // The same scale, zero point and rounded bias as `round_input`, from the known range.
         let extreme = |v: f32| Tensor::new(&[[v]], x.device());
         let (scale, zero) = steps(&extreme(lo)?, &extreme(hi)?)?;
-        let bias = match &self.bias {
-            Some(b) => {
-                let s = (scale.flatten_all()? * ws)?;
-                Some(
-                    b.flatten_all()?
-                        .broadcast_div(&s)?
-                        .floor()?
-                        .broadcast_mul(&s)?,
-                )
-            }
-            None => None,
-        };
+        let bias = self.rounded_bias(&scale.flatten_all()?, ws)?;
         let host = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
         let (Some(&scale), Some(&zero)) = (host(scale)?.first(), host(zero)?.first()) else {
             candle_core::bail!("an 8-bit rounding without a scale")
