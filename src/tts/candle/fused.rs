@@ -588,8 +588,9 @@ fn conv1d_dot(
     let (len, cin, out_len) = dims;
     let input = padded_input(x, len, cin, shape.padding, read)?;
     let weights = host(stacked)?;
-    let bias = match bias {
-        Some(b) => host(b)?.first().copied().unwrap_or(0.0),
+    let bias = match bias.map(host).transpose()?.as_deref() {
+        Some(&[b]) => b,
+        Some(b) => bail!("conv1d: {} biases for one output channel", b.len()),
         None => 0.0,
     };
     let depth = weights.len();

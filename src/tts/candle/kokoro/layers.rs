@@ -112,6 +112,7 @@ impl Linear {
         let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight_t).collect();
         let biases: Option<Vec<&Tensor>> = layers.iter().map(|l| l.bias.as_ref()).collect();
         let quantised = layers.first().is_some_and(|l| l.quantised);
+        debug_assert!(layers.iter().all(|l| l.quantised == quantised));
         Ok(Self {
             weight_t: Tensor::cat(&weights, 1)?,
             bias: biases.map(|b| Tensor::cat(&b, 0)).transpose()?,
