@@ -4,8 +4,8 @@
 //!
 //! Every AdaIN of the generator's residual blocks ends in a snake, over 128–256 channels
 //! and tens of thousands of samples, and the next layer rounds its input through 8 bits
-//! over the whole tensor's range. One sine per element through the C library was a sixth
-//! of Kokoro's CPU time, the scalar affine map another tenth. Here eight lanes at a time
+//! over the whole tensor's range. One sine per element through the C library was a
+//! twelfth of Kokoro's CPU time, the scalar affine map around it another tenth. Here eight lanes at a time
 //! (AVX2 and FMA through `pulp`, detected at run time) compute the sine by a polynomial
 //! after reducing the argument by multiples of π (`sin²` is π-periodic, so the quadrant's
 //! sign never matters), within a few units in the last place of the C library's. Machines
