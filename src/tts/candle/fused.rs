@@ -367,6 +367,46 @@ pub(crate) fn conv1d_activated(
     pre: Option<f64>,
     epilogue: Epilogue<'_>,
 ) -> Result<Tensor> {
+    let read = match pre {
+        Some(slope) => Read::LeakyRelu(slope as f32),
+        None => Read::Plain,
+    };
+    conv1d_read(x, stacked, shape, bias, read, epilogue)
+}
+
+/// [`conv1d_activated`] of `x` rounded through 8 bits first, as [`round_to_steps`] rounds
+/// it with one `scale` and `zero` point (a quantised layer's input; `x` is one item): the
+/// rounding is applied as the input is read, so the rounded signal is never a tensor of
+/// its own.
+pub(crate) fn conv1d_rounded(
+    x: &Tensor,
+    stacked: &Tensor,
+    shape: Conv1dShape,
+    bias: Option<&Tensor>,
+    (scale, zero): (f32, f32),
+    epilogue: Epilogue<'_>,
+) -> Result<Tensor> {
+    conv1d_read(
+        x,
+        stacked,
+        shape,
+        bias,
+        Read::Steps { scale, zero },
+        epilogue,
+    )
+}
+
+/// The convolution of [`conv1d_activated`] with `read` applied to each input value as it
+/// is read: by [`direct::conv`] where it applies, by one dot product per output for one
+/// output channel, and by the unfolded product otherwise.
+fn conv1d_read(
+    x: &Tensor,
+    stacked: &Tensor,
+    shape: Conv1dShape,
+    bias: Option<&Tensor>,
+    read: Read,
+    epilogue: Epilogue<'_>,
+) -> Result<Tensor> {
     let Conv1dShape {
         taps,
         padding,
@@ -386,10 +426,6 @@ pub(crate) fn conv1d_activated(
             r.dims()
         )
     }
-    let read = match pre {
-        Some(slope) => Read::LeakyRelu(slope as f32),
-        None => Read::Plain,
-    };
     if direct::applies(out_ch) {
         let dims = (len, cin, out_ch, out_len);
         return conv1d_direct(x, stacked, shape, dims, bias, read, epilogue);
@@ -408,7 +444,6 @@ pub(crate) fn conv1d_activated(
         Epilogue::Residual(r) => Some(r.contiguous()?),
         _ => None,
     };
-    let pre = pre.map(|s| s as f32);
     let block = (BLOCK_FLOATS / width).max(16);
     let mut out = vec![0f32; out_len * out_ch];
     with_slice(x, |xs| {
@@ -428,16 +463,7 @@ pub(crate) fn conv1d_activated(
                         };
                         let dst = &mut row[tap * cin..(tap + 1) * cin];
                         let src = &xs[i * cin..(i + 1) * cin];
-                        match pre {
-                            None => dst.copy_from_slice(src),
-                            Some(slope) => {
-                                let mut c = 0;
-                                while c < cin {
-                                    dst[c] = lrelu(src[c], slope);
-                                    c += 1;
-                                }
-                            }
-                        }
+                        read.apply(src, dst);
                     }
                     if width > depth {
                         row[depth] = 1.0;
@@ -484,7 +510,7 @@ pub(crate) fn conv1d_activated(
     Tensor::from_vec(out, (out_len, out_ch), &Device::Cpu)
 }
 
-/// What [`conv1d_direct`] does to each input value as it pads the input.
+/// What a convolution does to each input value as it reads it.
 #[derive(Debug, Clone, Copy)]
 enum Read {
     /// Copies it.
@@ -495,43 +521,29 @@ enum Read {
     Steps { scale: f32, zero: f32 },
 }
 
-/// [`conv1d_activated`] without activation of `x` rounded through 8 bits first, as
-/// [`round_to_steps`] rounds it with one `scale` and `zero` point (a quantised layer's
-/// input; `x` is one item). Where the direct convolution runs, the rounding is applied as
-/// the input is padded, so the rounded signal is never a tensor of its own.
-pub(crate) fn conv1d_rounded(
-    x: &Tensor,
-    stacked: &Tensor,
-    shape: Conv1dShape,
-    bias: Option<&Tensor>,
-    (scale, zero): (f32, f32),
-    epilogue: Epilogue<'_>,
-) -> Result<Tensor> {
-    let (len, cin) = x.dims2()?;
-    let (depth, out_ch) = stacked.dims2()?;
-    let out_len =
-        (len + 2 * shape.padding).saturating_sub(shape.dilation * (shape.taps.max(1) - 1));
-    let fits = shape.taps > 0
-        && depth == shape.taps * cin
-        && match epilogue {
-            Epilogue::Residual(r) => r.dims() == [out_len, out_ch],
-            _ => true,
-        };
-    if fits && direct::applies(out_ch) {
-        let dims = (len, cin, out_ch, out_len);
-        return conv1d_direct(
-            x,
-            stacked,
-            shape,
-            dims,
-            bias,
-            Read::Steps { scale, zero },
-            epilogue,
-        );
+impl Read {
+    /// Writes `src` read this way into `dst` (of the same length).
+    fn apply(self, src: &[f32], dst: &mut [f32]) {
+        match self {
+            Self::Plain => dst.copy_from_slice(src),
+            // Indexed loops: this crate's own code may be built unoptimised (the dev
+            // profile), where iterator adapters cost a call per element.
+            Self::LeakyRelu(slope) => {
+                let mut c = 0;
+                while c < dst.len() {
+                    dst[c] = lrelu(src[c], slope);
+                    c += 1;
+                }
+            }
+            Self::Steps { scale, zero } => {
+                let mut c = 0;
+                while c < dst.len() {
+                    dst[c] = step(src[c], scale, -zero, 255.0 - zero);
+                    c += 1;
+                }
+            }
+        }
     }
-    let steps = |v: f32| Tensor::new(&[v], &Device::Cpu);
-    let rounded = round_to_steps(x, &steps(scale)?, &steps(zero)?)?;
-    conv1d_activated(&rounded, stacked, shape, bias, None, epilogue)
 }
 
 /// `x` (`[len, cin]`) with `padding` rows of zeros on each side, each value passed through
@@ -550,20 +562,7 @@ fn padded_input(
                 let Some(i) = (first + r).checked_sub(padding).filter(|&i| i < len) else {
                     continue;
                 };
-                let src = &xs[i * cin..(i + 1) * cin];
-                match read {
-                    Read::Plain => row.copy_from_slice(src),
-                    Read::LeakyRelu(slope) => {
-                        for (d, &s) in row.iter_mut().zip(src) {
-                            *d = lrelu(s, slope);
-                        }
-                    }
-                    Read::Steps { scale, zero } => {
-                        for (d, &s) in row.iter_mut().zip(src) {
-                            *d = step(s, scale, -zero, 255.0 - zero);
-                        }
-                    }
-                }
+                read.apply(&xs[i * cin..(i + 1) * cin], row);
             }
         });
         Ok(())

@@ -166,13 +166,11 @@ mod tests {
     /// arguments to ones far past what an activation reaches.
     #[test]
     fn the_polynomial_sine_squared_is_the_c_librarys() {
-        let mut worst = 0f32;
         let mut x = -2_000f32;
         while x < 2_000.0 {
             let want = x.sin() * x.sin();
             let d = (sin_squared(x) - want).abs();
             assert!(d <= 5e-7, "{x}: {} against {want}", sin_squared(x));
-            worst = worst.max(d);
             x += 0.037;
         }
         use std::f32::consts::{FRAC_PI_2, PI};
@@ -180,7 +178,6 @@ mod tests {
             let want = x.sin() * x.sin();
             assert!((sin_squared(x) - want).abs() <= 2e-7, "{x}");
         }
-        assert!(worst > 0.0);
     }
 
     /// The vector kernel writes what the scalar one does (the same operations lane by lane)

@@ -150,7 +150,7 @@ fn recur(
         } else {
             h_in.copy_from_slice(&h);
         }
-        product.iter_mut().for_each(|p| *p = 0.0);
+        product.fill(0.0);
         for (&a, row) in h_in.iter().zip(recurrent.chunks_exact(width)) {
             if a != 0.0 {
                 for (p, &w) in product.iter_mut().zip(row) {
